@@ -1,0 +1,591 @@
+"""CvT: Convolutional vision Transformers (Wu et al., 2021, arXiv 2103.15808).
+
+One file, top to bottom: the spec, the building blocks, the network, the named variants.
+
+The parameter layout and names equal the published release's state dicts, so official weights load
+with no key conversion. The arithmetic equals the release's in fp32 eval mode to float rounding; the
+speed comes from how it is computed, never from what:
+
+* attention runs through ``scaled_dot_product_attention`` with the published scale (stage width ** -0.5,
+  not head width);
+* QuickGELU ``y * sigmoid(1.702 y)`` equals ``silu(1.702 y) / 1.702``, so the two constants are folded
+  into the weights of the linears around it and the activation is one fused SiLU;
+* in eval mode, BatchNorm is folded into the depthwise convolution in front of it;
+* tokens (B, N, C) and maps (B, C, H, W) are views of one another in channels-last memory layout,
+  so moving between them copies nothing;
+* LayerNorm runs in float32 as published, without a round trip when the input already is float32.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, trunc_normal_
+
+from ..errors import UserError
+
+QUICK_GELU_ALPHA = 1.702
+
+__all__ = [
+    "CvtSpec",
+    "ConvolutionalVisionTransformer",
+    "create_model",
+    "list_models",
+    "model_spec",
+    "checkpoint_filter_fn",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec: the release's MODEL.SPEC, one list entry per stage.
+# --------------------------------------------------------------------------------------------------
+
+PROJECTION_METHODS = ("dw_bn", "avg", "linear")
+
+
+@dataclass(frozen=True)
+class CvtSpec:
+    """The architecture, with the release's MODEL.SPEC keys (lower-cased here, upper-case in YAML)."""
+
+    num_stages: int = 3
+    patch_size: tuple[int, ...] = (7, 3, 3)
+    patch_stride: tuple[int, ...] = (4, 2, 2)
+    patch_padding: tuple[int, ...] = (2, 1, 1)
+    dim_embed: tuple[int, ...] = (64, 192, 384)
+    num_heads: tuple[int, ...] = (1, 3, 6)
+    depth: tuple[int, ...] = (1, 2, 10)
+    mlp_ratio: tuple[float, ...] = (4.0, 4.0, 4.0)
+    attn_drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
+    drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.1)
+    qkv_bias: tuple[bool, ...] = (True, True, True)
+    cls_token: tuple[bool, ...] = (False, False, True)
+    pos_embed: tuple[bool, ...] = (False, False, False)
+    qkv_proj_method: tuple[str, ...] = ("dw_bn", "dw_bn", "dw_bn")
+    kernel_qkv: tuple[int, ...] = (3, 3, 3)
+    padding_kv: tuple[int, ...] = (1, 1, 1)
+    stride_kv: tuple[int, ...] = (2, 2, 2)
+    padding_q: tuple[int, ...] = (1, 1, 1)
+    stride_q: tuple[int, ...] = (1, 1, 1)
+    init: str = "trunc_norm"
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> CvtSpec:
+        """Build from a MODEL.SPEC mapping (upper- or lower-case keys); missing keys keep defaults."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in spec.items():
+            name = key.lower()
+            if name not in known:
+                raise UserError(
+                    f"unknown MODEL.SPEC key {key!r}; valid keys: {', '.join(sorted(k.upper() for k in known))}"
+                )
+            values[name] = value if name in ("num_stages", "init") else tuple(value)
+        return cls(**values).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec with the release's upper-case keys and YAML-friendly lists."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.upper()] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> CvtSpec:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return CvtSpec(**values).validated()
+
+    def validated(self) -> CvtSpec:
+        n = self.num_stages
+        if n < 1:
+            raise UserError(f"MODEL.SPEC.NUM_STAGES must be >= 1, got {n}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and len(value) != n:
+                raise UserError(
+                    f"MODEL.SPEC.{f.name.upper()} has {len(value)} entries but NUM_STAGES is {n}; give one per stage"
+                )
+        for i in range(n):
+            dim, heads = self.dim_embed[i], self.num_heads[i]
+            if heads < 1 or dim % heads:
+                raise UserError(
+                    f"MODEL.SPEC.NUM_HEADS[{i}]={heads} does not divide DIM_EMBED[{i}]={dim}; "
+                    "pick a head count that divides the stage width"
+                )
+            if self.qkv_proj_method[i] not in PROJECTION_METHODS:
+                raise UserError(
+                    f"MODEL.SPEC.QKV_PROJ_METHOD[{i}]={self.qkv_proj_method[i]!r} is not one of {PROJECTION_METHODS}"
+                )
+            if self.pos_embed[i]:
+                raise UserError(
+                    "MODEL.SPEC.POS_EMBED is true but CvT has no positional embedding (the published models "
+                    "set it false everywhere); set POS_EMBED to false"
+                )
+            if self.cls_token[i] and i != n - 1:
+                raise UserError(
+                    f"MODEL.SPEC.CLS_TOKEN[{i}] is true but only the last stage may carry a cls token"
+                )
+            if self.depth[i] < 0 or self.dim_embed[i] < 1:
+                raise UserError(f"MODEL.SPEC DEPTH and DIM_EMBED must be positive (stage {i})")
+        if self.init not in ("trunc_norm", "xavier"):
+            raise UserError(f"MODEL.SPEC.INIT={self.init!r} must be 'trunc_norm' or 'xavier'")
+        return self
+
+    def min_input_size(self) -> int:
+        """The smallest square image for which every stage still has at least one token."""
+        size = 1
+        for k, s, p in reversed(list(zip(self.patch_size, self.patch_stride, self.patch_padding))):
+            size = (size - 1) * s + k - 2 * p
+            size = max(size, 1)
+        return size
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back, as the published model does (eps 1e-5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return out.to(x.dtype)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> dropout -> fc2 -> dropout.
+
+    With the published QuickGELU, ``fc2(y * sigmoid(a y))`` is computed as
+    ``fc2'(silu(fc1'(x)))`` where fc1' is fc1 scaled by ``a`` and fc2' is fc2 scaled by ``1/a``:
+    the same function, one fused activation kernel instead of three elementwise passes. The stored
+    weights stay the published ones; only the (small) weight tensors are rescaled per call.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "quick_gelu", drop: float = 0.0) -> None:
+        super().__init__()
+        if act not in ("quick_gelu", "gelu"):
+            raise UserError(f"activation {act!r} must be 'quick_gelu' (published weights) or 'gelu' (Hugging Face)")
+        self.act = act
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act == "gelu":
+            h = F.gelu(self.fc1(x))
+            return self.drop(self.fc2(self.drop(h)))
+        a = QUICK_GELU_ALPHA
+        h = F.silu(F.linear(x, self.fc1.weight * a, self.fc1.bias * a))
+        return self.drop(F.linear(self.drop(h), self.fc2.weight * (1.0 / a), self.fc2.bias))
+
+
+class ConvProjection(nn.Module):
+    """Depthwise Conv2d + BatchNorm2d ('dw_bn'): the release's ``conv_proj_{q,k,v}``.
+
+    In eval mode the BatchNorm is folded into the convolution (one pass instead of two).
+    """
+
+    def __init__(self, dim: int, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.bn.track_running_stats:
+            return self.bn(self.conv(x))
+        bn = self.bn
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        scale = bn.weight * inv_std if bn.affine else inv_std
+        shift = bn.bias - bn.running_mean * scale if bn.affine else -bn.running_mean * scale
+        weight = self.conv.weight * scale.to(self.conv.weight.dtype).view(-1, 1, 1, 1)
+        return F.conv2d(x, weight, shift.to(weight.dtype), self.conv.stride, self.conv.padding, groups=self.conv.groups)
+
+
+def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padding: int) -> nn.Module | None:
+    if method == "dw_bn":
+        return ConvProjection(dim, kernel_size, stride, padding)
+    if method == "avg":
+        return nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)
+    return None  # 'linear': the tokens go straight to the linear projection
+
+
+def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W) as a view: a contiguous token tensor is a channels-last map."""
+    return x.transpose(1, 2).unflatten(2, (height, width))
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); a view when the map is channels-last."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with convolutional projections of q, k and v.
+
+    Scale is the whole stage width ** -0.5 (as published), not the head width.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        method: str = "dw_bn",
+        kernel_size: int = 3,
+        stride_kv: int = 2,
+        stride_q: int = 1,
+        padding_kv: int = 1,
+        padding_q: int = 1,
+        with_cls_token: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = dim**-0.5
+        self.with_cls_token = with_cls_token
+        self.attn_drop = attn_drop
+        # 'avg' leaves q unprojected, as the release does.
+        self.conv_proj_q = _build_projection("linear" if method == "avg" else method, dim, kernel_size, stride_q, padding_q)
+        self.conv_proj_k = _build_projection(method, dim, kernel_size, stride_kv, padding_kv)
+        self.conv_proj_v = _build_projection(method, dim, kernel_size, stride_kv, padding_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _project(self, projection: nn.Module | None, cls: torch.Tensor | None, x_map: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        out = tokens if projection is None else map_to_tokens(projection(x_map))
+        return out if cls is None else torch.cat((cls, out), dim=1)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.with_cls_token:
+            cls, tokens = x[:, :1], x[:, 1:]
+        else:
+            cls, tokens = None, x
+        if cls is None and self.conv_proj_q is None and self.conv_proj_k is None:
+            q_in = k_in = v_in = x  # all-'linear': no convolution at all (the release crashes here)
+        else:
+            x_map = tokens_to_map(tokens, height, width)
+            q_in = self._project(self.conv_proj_q, cls, x_map, tokens)
+            k_in = self._project(self.conv_proj_k, cls, x_map, tokens)
+            v_in = self._project(self.conv_proj_v, cls, x_map, tokens)
+        q = self._split_heads(self.proj_q(q_in))
+        k = self._split_heads(self.proj_k(k_in))
+        v = self._split_heads(self.proj_v(v_in))
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )
+        out = out.transpose(1, 2).flatten(2)
+        return self.proj_drop(self.proj(out))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop: float,
+        attn_drop: float,
+        drop_path: float,
+        act: str,
+        **attn_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.norm1 = LayerNormFp32(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, **attn_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = LayerNormFp32(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ConvEmbed(nn.Module):
+    """Convolutional token embedding: strided Conv2d, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride, padding)
+        self.norm = LayerNormFp32(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> channels-last (B, C, H', W')."""
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        height, width = x.shape[-2:]
+        tokens = self.norm(map_to_tokens(x).contiguous())
+        return tokens_to_map(tokens, height, width)
+
+
+class Stage(nn.Module):
+    """One CvT stage: token embedding, optional cls token, blocks. Named ``stage{i}`` in the network."""
+
+    def __init__(self, spec: CvtSpec, index: int, in_chans: int, act: str) -> None:
+        super().__init__()
+        i, dim = index, spec.dim_embed[index]
+        self.patch_embed = ConvEmbed(in_chans, dim, spec.patch_size[i], spec.patch_stride[i], spec.patch_padding[i])
+        self.pos_drop = nn.Dropout(spec.drop_rate[i])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.cls_token[i] else None
+        drop_path_rates = torch.linspace(0, spec.drop_path_rate[i], spec.depth[i]).tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                spec.num_heads[i],
+                spec.mlp_ratio[i],
+                spec.qkv_bias[i],
+                spec.drop_rate[i],
+                spec.attn_drop_rate[i],
+                rate,
+                act,
+                method=spec.qkv_proj_method[i],
+                kernel_size=spec.kernel_qkv[i],
+                stride_kv=spec.stride_kv[i],
+                stride_q=spec.stride_q[i],
+                padding_kv=spec.padding_kv[i],
+                padding_q=spec.padding_q[i],
+                with_cls_token=spec.cls_token[i],
+            )
+            for rate in drop_path_rates
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the channels-last feature map and the cls token (B, 1, C), if this stage has one."""
+        x = self.patch_embed(x)
+        height, width = x.shape[-2:]
+        tokens = map_to_tokens(x)
+        if self.cls_token is not None:
+            tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        tokens = self.pos_drop(tokens)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                tokens = checkpoint(block, tokens, height, width, use_reentrant=False)
+            else:
+                tokens = block(tokens, height, width)
+        cls = None
+        if self.cls_token is not None:
+            cls, tokens = tokens[:, :1], tokens[:, 1:]
+        return tokens_to_map(tokens, height, width), cls
+
+
+# --------------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------------
+
+
+class ConvolutionalVisionTransformer(nn.Module):
+    """CvT image classifier.
+
+    Args:
+        spec: the architecture (see :class:`CvtSpec`).
+        num_classes: classes of the head; 0 for no head (``forward`` returns pooled features).
+        in_chans: input image channels.
+        act: ``'quick_gelu'`` for the published weights, ``'gelu'`` for the Hugging Face port's.
+        drop_path_rate: if given, replaces the last stage's DROP_PATH_RATE (the knob the recipes tune).
+        grad_checkpointing: recompute block activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        spec: CvtSpec | None = None,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        act: str = "quick_gelu",
+        drop_path_rate: float | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        spec = (spec or CvtSpec()).validated()
+        if drop_path_rate is not None:
+            spec = spec.replace(drop_path_rate=spec.drop_path_rate[:-1] + (float(drop_path_rate),))
+        self.spec = spec
+        self.num_classes = num_classes
+        self.act = act
+        self.num_stages = spec.num_stages
+        self.num_features = spec.dim_embed[-1]
+        self.feature_info = [
+            {"num_chs": spec.dim_embed[i], "reduction": math.prod(spec.patch_stride[: i + 1]), "module": f"stage{i}"}
+            for i in range(spec.num_stages)
+        ]
+        chans = in_chans
+        for i in range(spec.num_stages):
+            self.add_module(f"stage{i}", Stage(spec, i, chans, act))
+            chans = spec.dim_embed[i]
+        self.norm = LayerNormFp32(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights(spec.init)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [getattr(self, f"stage{i}") for i in range(self.num_stages)]
+
+    # --- init ------------------------------------------------------------------------------------
+
+    def init_weights(self, method: str = "trunc_norm") -> None:
+        """The release's init: Linear trunc-normal(.02) or xavier-uniform, zero biases; norms 1/0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if method == "xavier":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                trunc_normal_(stage.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+
+    # --- timm-style API --------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"stage{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one (trunc-normal .02, zero bias)."""
+        self.num_classes = num_classes
+        if num_classes > 0:
+            device, dtype = self.norm.weight.device, self.norm.weight.dtype
+            self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Every stage's feature map (B, C, H, W) at strides 4, 8, 16 (for the published spec) and
+        the last stage's cls token (B, 1, C) or None. Maps are channels-last views."""
+        maps: list[torch.Tensor] = []
+        cls = None
+        for stage in self.stages:
+            x, cls = stage(x)
+            maps.append(x)
+        return maps, cls
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised features before pooling: (B, 1, C) cls token, or (B, H*W, C) tokens."""
+        maps, cls = self.forward_intermediates(x)
+        return self.norm(cls if cls is not None else map_to_tokens(maps[-1]))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, N, C) normalised features -> (B, num_classes) logits (or pooled (B, C))."""
+        x = x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint filter: foreign layouts -> this model's keys
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Convert a state dict in any supported layout (official release, DataParallel/DDP prefixes,
+    Hugging Face transformers) to this model's keys, which are the official ones."""
+    from ..interop.hf import hf_to_official, is_hf_state_dict
+
+    state_dict = dict(state_dict)
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    if is_hf_state_dict(state_dict):
+        state_dict = hf_to_official(state_dict)
+    return state_dict
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------------
+
+_VARIANTS: dict[str, CvtSpec] = {
+    "cvt-13": CvtSpec(depth=(1, 2, 10)),
+    "cvt-21": CvtSpec(depth=(1, 4, 16)),
+    "cvt-w24": CvtSpec(
+        dim_embed=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20), drop_path_rate=(0.0, 0.0, 0.3)
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_VARIANTS)
+
+
+def model_spec(name: str) -> CvtSpec:
+    key = name.lower().replace("_", "-")
+    if key not in _VARIANTS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(list_models())} or pass a MODEL.SPEC dict")
+    return _VARIANTS[key]
+
+
+def create_model(
+    name_or_spec: str | Mapping[str, Any] | CvtSpec = "cvt-13",
+    num_classes: int = 1000,
+    *,
+    act: str = "quick_gelu",
+    drop_path_rate: float | None = None,
+    grad_checkpointing: bool = False,
+    in_chans: int = 3,
+    **spec_overrides: Any,
+) -> ConvolutionalVisionTransformer:
+    """Build a CvT.
+
+    Args:
+        name_or_spec: ``'cvt-13'``, ``'cvt-21'``, ``'cvt-w24'``, a MODEL.SPEC dict with the release's
+            upper-case keys, or a :class:`CvtSpec`.
+        num_classes: head size (0: no head).
+        act: ``'quick_gelu'`` (published weights) or ``'gelu'`` (Hugging Face weights).
+        drop_path_rate: stochastic depth of the last stage (the release's DROP_PATH_RATE[-1]).
+        grad_checkpointing: trade compute for activation memory in training.
+        spec_overrides: any other spec field, lower-case (e.g. ``drop_rate=(0.1,) * 3``).
+    """
+    if isinstance(name_or_spec, CvtSpec):
+        spec = name_or_spec
+    elif isinstance(name_or_spec, str):
+        spec = model_spec(name_or_spec)
+    elif isinstance(name_or_spec, Mapping):
+        spec = CvtSpec.from_dict(name_or_spec)
+    else:
+        raise TypeError(f"name_or_spec must be a name, a MODEL.SPEC dict or a CvtSpec, not {type(name_or_spec).__name__}")
+    if spec_overrides:
+        spec = spec.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_overrides.items()})
+    return ConvolutionalVisionTransformer(
+        spec, num_classes, in_chans=in_chans, act=act, drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing
+    )
