@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
 from ..errors import UserError
+from ..interop.hf import hf_to_official, is_hf_state_dict
 
 QUICK_GELU_ALPHA = 1.702
 
@@ -473,6 +474,16 @@ class ConvolutionalVisionTransformer(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    def set_activation(self, act: str) -> None:
+        """Switch every MLP between 'quick_gelu' (published) and 'gelu' (Hugging Face port); the
+        weights are the same tensors, only the function between them changes."""
+        if act not in ("quick_gelu", "gelu"):
+            raise UserError(f"activation {act!r} must be 'quick_gelu' or 'gelu'")
+        self.act = act
+        for module in self.modules():
+            if isinstance(module, Mlp):
+                module.act = act
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -519,8 +530,6 @@ class ConvolutionalVisionTransformer(nn.Module):
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Convert a state dict in any supported layout (official release, DataParallel/DDP prefixes,
     Hugging Face transformers) to this model's keys, which are the official ones."""
-    from ..interop.hf import hf_to_official, is_hf_state_dict
-
     state_dict = dict(state_dict)
     for prefix in ("module.", "_orig_mod."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):

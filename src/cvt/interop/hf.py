@@ -1,0 +1,181 @@
+"""Hugging Face transformers' CvT port: key names, config.json, and export.
+
+The port (``CvtForImageClassification`` / ``CvtModel``) has the same tensors as the release under
+other names. It runs exact GELU where the release runs QuickGELU, so a model holding its weights must
+run ``act='gelu'``. This module needs no transformers install: it only renames keys and writes JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from ..io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# (official suffix, Hugging Face suffix) inside one block, stage or the network top.
+_BLOCK_NAMES = [
+    ("norm1.", "layernorm_before."),
+    ("norm2.", "layernorm_after."),
+    ("attn.conv_proj_q.conv.", "attention.attention.convolution_projection_query.convolution_projection.convolution."),
+    ("attn.conv_proj_k.conv.", "attention.attention.convolution_projection_key.convolution_projection.convolution."),
+    ("attn.conv_proj_v.conv.", "attention.attention.convolution_projection_value.convolution_projection.convolution."),
+    ("attn.conv_proj_q.bn.", "attention.attention.convolution_projection_query.convolution_projection.normalization."),
+    ("attn.conv_proj_k.bn.", "attention.attention.convolution_projection_key.convolution_projection.normalization."),
+    ("attn.conv_proj_v.bn.", "attention.attention.convolution_projection_value.convolution_projection.normalization."),
+    ("attn.proj_q.", "attention.attention.projection_query."),
+    ("attn.proj_k.", "attention.attention.projection_key."),
+    ("attn.proj_v.", "attention.attention.projection_value."),
+    ("attn.proj.", "attention.output.dense."),
+    ("mlp.fc1.", "intermediate.dense."),
+    ("mlp.fc2.", "output.dense."),
+]
+_STAGE_NAMES = [
+    ("patch_embed.proj.", "embedding.convolution_embeddings.projection."),
+    ("patch_embed.norm.", "embedding.convolution_embeddings.normalization."),
+    ("cls_token", "cls_token"),
+]
+_TOP_NAMES = [("norm.", "layernorm."), ("head.", "classifier.")]
+
+_OFFICIAL_BLOCK = re.compile(r"^stage(\d+)\.blocks\.(\d+)\.(.+)$")
+_OFFICIAL_STAGE = re.compile(r"^stage(\d+)\.(.+)$")
+_HF_BLOCK = re.compile(r"^(?:cvt\.)?encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)$")
+_HF_STAGE = re.compile(r"^(?:cvt\.)?encoder\.stages\.(\d+)\.(.+)$")
+
+
+def _rename(rest: str, table: Sequence[tuple[str, str]], reverse: bool) -> str | None:
+    for official, hf in table:
+        src, dst = (hf, official) if reverse else (official, hf)
+        if rest.startswith(src):
+            return dst + rest[len(src):]
+    return None
+
+
+def is_hf_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("cvt.encoder.", "encoder.stages.")) for k in state_dict)
+
+
+def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face keys to the release's. Keys it does not know are kept as they are, so a
+    strict load reports them as unexpected rather than losing them silently."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = None
+        if m := _HF_BLOCK.match(key):
+            rest = _rename(m.group(3), _BLOCK_NAMES, reverse=True)
+            new = rest and f"stage{m.group(1)}.blocks.{m.group(2)}.{rest}"
+        elif m := _HF_STAGE.match(key):
+            rest = _rename(m.group(2), _STAGE_NAMES, reverse=True)
+            new = rest and f"stage{m.group(1)}.{rest}"
+        else:
+            new = _rename(key, _TOP_NAMES, reverse=True)
+        out[new or key] = value
+    return out
+
+
+def official_to_hf(state_dict: Mapping[str, torch.Tensor], base_model_prefix: str = "cvt.") -> dict[str, torch.Tensor]:
+    """Rename the release's keys to ``CvtForImageClassification``'s."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = None
+        if m := _OFFICIAL_BLOCK.match(key):
+            rest = _rename(m.group(3), _BLOCK_NAMES, reverse=False)
+            new = rest and f"{base_model_prefix}encoder.stages.{m.group(1)}.layers.{m.group(2)}.{rest}"
+        elif m := _OFFICIAL_STAGE.match(key):
+            rest = _rename(m.group(2), _STAGE_NAMES, reverse=False)
+            new = rest and f"{base_model_prefix}encoder.stages.{m.group(1)}.{rest}"
+        else:
+            new = _rename(key, _TOP_NAMES, reverse=False)
+        if new is None:
+            raise KeyError(f"no Hugging Face name for key {key!r}")
+        out[new] = value
+    return out
+
+
+# config.json <-> MODEL.SPEC --------------------------------------------------------------------
+
+# (MODEL.SPEC key, CvtConfig field)
+_CONFIG_FIELDS = [
+    ("PATCH_SIZE", "patch_sizes"),
+    ("PATCH_STRIDE", "patch_stride"),
+    ("PATCH_PADDING", "patch_padding"),
+    ("DIM_EMBED", "embed_dim"),
+    ("NUM_HEADS", "num_heads"),
+    ("DEPTH", "depth"),
+    ("MLP_RATIO", "mlp_ratio"),
+    ("ATTN_DROP_RATE", "attention_drop_rate"),
+    ("DROP_RATE", "drop_rate"),
+    ("DROP_PATH_RATE", "drop_path_rate"),
+    ("QKV_BIAS", "qkv_bias"),
+    ("CLS_TOKEN", "cls_token"),
+    ("QKV_PROJ_METHOD", "qkv_projection_method"),
+    ("KERNEL_QKV", "kernel_qkv"),
+    ("PADDING_KV", "padding_kv"),
+    ("STRIDE_KV", "stride_kv"),
+    ("PADDING_Q", "padding_q"),
+    ("STRIDE_Q", "stride_q"),
+]
+
+
+def spec_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """MODEL.SPEC (upper-case keys) from a transformers ``CvtConfig`` dict."""
+    spec: dict[str, Any] = {"NUM_STAGES": len(config["embed_dim"])}
+    for ours, theirs in _CONFIG_FIELDS:
+        if theirs in config:
+            spec[ours] = list(config[theirs])
+    return spec
+
+
+def num_labels_from_hf_config(config: Mapping[str, Any]) -> int | None:
+    if "id2label" in config:
+        return len(config["id2label"])
+    return config.get("num_labels")
+
+
+def class_names_from_hf_config(config: Mapping[str, Any]) -> list[str] | None:
+    labels = config.get("id2label")
+    if not labels:
+        return None
+    return [labels[str(i)] if str(i) in labels else labels[i] for i in range(len(labels))]
+
+
+def hf_config_from_spec(spec: Mapping[str, Any], num_classes: int, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architectures": ["CvtForImageClassification"],
+        "model_type": "cvt",
+        "num_channels": 3,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+    }
+    for ours, theirs in _CONFIG_FIELDS:
+        config[theirs] = list(spec[ours])
+    names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(num_classes)]
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    return config
+
+
+def save_hf(model: torch.nn.Module, folder: str | Path, class_names: Sequence[str] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
+    reads. A model running QuickGELU is exported with a warning: the port computes exact GELU."""
+    folder = Path(folder)
+    if getattr(model, "act", "gelu") != "gelu":
+        log.warning(
+            "exporting a QuickGELU model to the Hugging Face layout: transformers' CvT runs exact GELU, "
+            "so its outputs will differ slightly from this model's"
+        )
+    num_classes = model.num_classes
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in official_to_hf(model.state_dict()).items()}
+    config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names)
+    atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    return folder
