@@ -1,2 +1,255 @@
-def main() -> None:  # replaced by the real CLI
-    raise SystemExit("cvt: not implemented yet")
+"""The ``cvt`` command: train, test, predict, info, export, list.
+
+Experiment commands take the release's interface: ``--cfg FILE_OR_NAME`` then ``KEY VALUE`` overrides
+(``cvt train --cfg cvt-13-224x224 TRAIN.LR 0.1``). A user's mistake prints one ``error:`` line and
+exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("cvt")
+
+DEFAULT_EXPERIMENT = "cvt-digits"
+
+
+def _add_cfg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--cfg",
+        default=default,
+        help="experiment YAML file, or the bare name of a packaged one (see `cvt list`)"
+        + (f"; default {default}" if default else ""),
+    )
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. TRAIN.LR 0.1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvt", description="CvT: Convolutional vision Transformers")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or fine-tune) a model from an experiment file")
+    _add_cfg(p, DEFAULT_EXPERIMENT)
+
+    p = sub.add_parser("test", help="evaluate TEST.MODEL_FILE on the test split")
+    _add_cfg(p)
+
+    p = sub.add_parser("predict", help="top-k classes of images")
+    p.add_argument("--cfg", help="experiment file or name (transform, model spec); default: the checkpoint's own")
+    p.add_argument("--weights", required=True, help="checkpoint: any supported format")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+
+    p = sub.add_parser("info", help="parameters and multiply-adds of a model")
+    p.add_argument("--cfg", help="experiment file or name (instead of a model name)")
+    p.add_argument("--img-size", type=int, help="square input size (default: the config's TEST.IMAGE_SIZE, or 224)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("args", nargs="*", metavar="NAME | KEY VALUE", help=f"a model name, or overrides after --cfg")
+
+    p = sub.add_parser("export", help="convert a checkpoint to another format")
+    p.add_argument("--weights", required=True, help="checkpoint: any supported format")
+    p.add_argument("--format", required=True, choices=["official", "hf", "safetensors"])
+    p.add_argument("--cfg", help="experiment file or name, if the checkpoint does not say its architecture")
+    p.add_argument("output", help="output file (official, safetensors) or folder (hf)")
+
+    sub.add_parser("list", help="model names and packaged experiment files")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    train(load_config(args.cfg, args.opts))
+    return 0
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import test
+
+    if not args.cfg:
+        raise UserError("cvt test needs --cfg (the experiment file that defines the data and model)")
+    test(load_config(args.cfg, args.opts))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .models import create_model
+    from .models.complexity import count_gmacs, count_params
+
+    if args.cfg:
+        from .config import load_config
+
+        cfg = load_config(args.cfg, args.args)
+        model = create_model(dict(cfg.MODEL.SPEC), num_classes=cfg.MODEL.NUM_CLASSES)
+        name = cfg.NAME
+        size = (args.img_size, args.img_size) if args.img_size else tuple(cfg.TEST.IMAGE_SIZE[::-1])
+    else:
+        if len(args.args) != 1:
+            raise UserError("cvt info takes one model name (cvt-13, cvt-21, cvt-w24) or --cfg FILE [KEY VALUE ...]")
+        name = args.args[0]
+        model = create_model(name)
+        size = (args.img_size or 224,) * 2
+    min_size = model.spec.min_input_size()
+    if min(size) < min_size:
+        raise UserError(f"--img-size {min(size)} is too small for this model's strides; use at least {min_size}")
+    params, gmacs = count_params(model), count_gmacs(model, size)
+    if args.json:
+        print(json.dumps({"model": name, "image_size": list(size), "params": params, "gmacs": round(gmacs, 3)}))
+        return 0
+    strides = [f["reduction"] for f in model.feature_info]
+    widths = [f["num_chs"] for f in model.feature_info]
+    print(f"model      {name}")
+    print(f"input      {size[0]}x{size[1]}")
+    print(f"params     {params:,} ({params / 1e6:.1f}M)")
+    print(f"GMACs      {gmacs:.2f}")
+    print(f"stages     widths {widths}, depths {list(model.spec.depth)}, strides {strides}")
+    return 0
+
+
+def _image_files(inputs: Sequence[str]) -> list[Path]:
+    from .data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"image {item!r} does not exist; check the path")
+    if not files:
+        raise UserError(f"no images found in {', '.join(inputs)}")
+    return files
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import load_config, spec_from_config
+    from .data import BadImageError, build_transform, load_rgb
+    from .interop.checkpoint import model_from_checkpoint, read_checkpoint
+
+    ckpt = read_checkpoint(args.weights)
+    if args.cfg:
+        cfg = load_config(args.cfg)
+    elif isinstance(ckpt.extra.get("config"), str):  # the project's checkpoints carry their config
+        cfg = load_config(None, _config_text_as_opts(ckpt.extra["config"]))
+    else:
+        cfg = load_config(None)
+    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if args.cfg else None)
+    model.eval()
+    names = ckpt.class_names or [str(i) for i in range(model.num_classes)]
+    transform = build_transform(cfg, is_train=False)
+    topk = max(1, min(args.topk, model.num_classes))
+
+    results, failures = [], 0
+    for path in _image_files(args.images):
+        try:
+            image = transform(load_rgb(path, cfg.DATASET.MAX_IMAGE_PIXELS))
+        except BadImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        with torch.inference_mode():
+            probs = model(image.unsqueeze(0)).softmax(dim=-1)[0]
+        values, indices = probs.topk(topk)
+        preds = [{"index": int(i), "class": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(values, indices)]
+        results.append({"image": str(path), "predictions": preds})
+        if not args.json:
+            shown = ", ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in preds)
+            print(f"{path}: {shown}")
+    if args.json:
+        print(json.dumps(results))
+    return 2 if failures else 0
+
+
+def _config_text_as_opts(config_text: str) -> list[str]:
+    """A stored config (YAML text) as KEY VALUE overrides, so it goes through the same validation."""
+    import yaml
+
+    def flatten(node: dict, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out += flatten(value, f"{prefix}{key}.")
+            else:
+                out += [f"{prefix}{key}", repr(value)]
+        return out
+
+    return flatten(yaml.safe_load(config_text))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .interop.checkpoint import model_from_checkpoint, save_official, save_safetensors
+    from .interop.hf import save_hf
+
+    spec = None
+    if args.cfg:
+        from .config import load_config, spec_from_config
+
+        spec = spec_from_config(load_config(args.cfg))
+    model, ckpt = model_from_checkpoint(args.weights, spec=spec)
+    if args.format == "official":
+        save_official(model, args.output)
+    elif args.format == "safetensors":
+        save_safetensors(model, args.output, ckpt.class_names)
+    else:
+        save_hf(model, args.output, ckpt.class_names)
+    print(f"wrote {args.output} ({args.format} layout, {model.num_classes} classes)")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .config import list_experiments
+    from .models import list_models
+
+    print("models:      " + ", ".join(list_models()))
+    print("experiments: " + ", ".join(sorted(list_experiments())))
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "test": _cmd_test,
+    "predict": _cmd_predict,
+    "info": _cmd_info,
+    "export": _cmd_export,
+    "list": _cmd_list,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["train"]  # the embedded default: `cvt` alone runs the demo
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
