@@ -454,7 +454,11 @@ def _parse_overrides(opts: Sequence[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, raw in zip(opts[0::2], opts[1::2]):
         if key == "BASE":
-            raise UserError("BASE cannot be set on the command line; put it in an experiment file")
+            # Only an empty BASE is accepted (a saved config replayed as overrides carries one): base
+            # files are merged before the file that names them, which the command line comes after.
+            if raw not in ("", "[]", "['']", '[""]', "('',)", [], [""]):
+                raise UserError("BASE cannot be set on the command line; put it in an experiment file")
+            continue
         try:
             value = ast.literal_eval(raw) if isinstance(raw, str) else raw
         except (ValueError, SyntaxError):
