@@ -356,11 +356,18 @@ def _coerce(value: Any, default: Any, full_key: str, source: str) -> Any:
         raise _wrong_type(full_key, source, _TYPE_NAMES[type(default)], value) from None
 
 
-def _free_value(value: Any) -> Any:
-    """A value for a node that accepts new keys (TRAIN.OPTIMIZER_ARGS): kept as given."""
+def _free_value(value: Any, full_key: str, source: str) -> Any:
+    """A value for a node that accepts new keys (TRAIN.OPTIMIZER_ARGS), kept as given.
+
+    Tuples become lists, so a value set on the command line equals the same value read back from YAML.
+    """
     if isinstance(value, Mapping):
-        return CfgNode({str(k): _free_value(v) for k, v in value.items()}, new_allowed=True)
-    return value
+        return CfgNode({str(k): _free_value(v, f"{full_key}.{k}", source) for k, v in value.items()}, new_allowed=True)
+    if isinstance(value, (list, tuple)):
+        return [_free_value(item, full_key, source) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise _wrong_type(full_key, source, "a number, string, boolean or list", value)
 
 
 def _merge(node: CfgNode, data: Mapping[Any, Any], source: str, root: CfgNode, prefix: str = "") -> None:
@@ -368,7 +375,7 @@ def _merge(node: CfgNode, data: Mapping[Any, Any], source: str, root: CfgNode, p
         key = str(raw_key)
         full_key = prefix + key
         if node.is_new_allowed():
-            node[key] = _free_value(value)
+            node[key] = _free_value(value, full_key, source)
             continue
         if key not in node:
             # Name the whole key the user wrote ('train.lr', not 'train') while the path is unambiguous.
@@ -453,16 +460,16 @@ def _parse_overrides(opts: Sequence[str]) -> dict[str, Any]:
         )
     nested: dict[str, Any] = {}
     for key, raw in zip(opts[0::2], opts[1::2]):
-        if key == "BASE":
-            # Only an empty BASE is accepted (a saved config replayed as overrides carries one): base
-            # files are merged before the file that names them, which the command line comes after.
-            if raw not in ("", "[]", "['']", '[""]', "('',)", [], [""]):
-                raise UserError("BASE cannot be set on the command line; put it in an experiment file")
-            continue
         try:
             value = ast.literal_eval(raw) if isinstance(raw, str) else raw
         except (ValueError, SyntaxError):
             value = raw
+        if key == "BASE":
+            # Base files are merged before the file naming them, and the command line comes after all
+            # files, so only an empty BASE (as a saved config replayed as overrides carries) makes sense.
+            if any(value) if isinstance(value, (list, tuple)) else value:
+                raise UserError("BASE cannot be set on the command line; put it in an experiment file")
+            continue
         parts = str(key).split(".")
         node = nested
         for part in parts[:-1]:
