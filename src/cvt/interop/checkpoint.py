@@ -66,10 +66,10 @@ class Checkpoint:
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # not plain tensors and containers: refused before anything runs
         raise UserError(
-            f"checkpoint {str(path)!r} holds Python objects other than tensors and plain containers; "
-            "refused, because loading it could run code (re-save it as a plain state dict or .safetensors)"
+            f"checkpoint {str(path)!r} is corrupt or holds Python objects other than tensors and plain "
+            "containers; refused, because loading it could run code (re-save it as a state dict or .safetensors)"
         ) from e
     except Exception as e:  # truncated zip, bad magic number, EOF: the file is damaged
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,218 @@
+"""Weight formats: official, training checkpoints, Hugging Face, the project's own; strict and safe."""
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import cvt
+from cvt import UserError, create_model, load_checkpoint, read_checkpoint
+from cvt.interop.hf import hf_to_official, official_to_hf
+
+from conftest import TINY_SPEC
+
+transformers = pytest.importorskip("transformers")
+
+
+def _random_bn_stats(model: torch.nn.Module) -> None:
+    for name, buf in model.named_buffers():
+        if name.endswith("running_mean"):
+            buf.normal_()
+        elif name.endswith("running_var"):
+            buf.uniform_(0.5, 2.0)
+
+
+def _hf_model(num_labels: int = 7, **overrides) -> "transformers.CvtForImageClassification":
+    # depth[i] > i: transformers' CvT indexes its drop-path list by stage number.
+    config = transformers.CvtConfig(
+        num_labels=num_labels, embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], **overrides
+    )
+    model = transformers.CvtForImageClassification(config).eval()
+    _random_bn_stats(model)
+    return model
+
+
+# transformers' own CvT crashes on 'avg' projections and without a last-stage cls token, so only
+# the published layout is compared with it.
+def test_hugging_face_folder_gives_the_same_logits(tmp_path):
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path)
+    model, ckpt = cvt.model_from_checkpoint(tmp_path)
+    model.eval()
+    assert ckpt.format == "huggingface" and model.act == "gelu"
+    assert ckpt.class_names == [f"LABEL_{i}" for i in range(7)]
+    x = torch.randn(3, 3, 96, 80)
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() <= 2e-5
+        assert (hf(x[:1]).logits - model(x[:1])).abs().max() <= 2e-5
+
+
+def test_hugging_face_bin_file_switches_the_model_to_gelu(tmp_path, caplog):
+    hf = _hf_model()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    model = create_model(TINY_SPEC, num_classes=7).eval()
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(model, tmp_path / "pytorch_model.bin")
+    assert model.act == "gelu" and "gelu" in caplog.text
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() <= 2e-5
+
+
+def test_export_to_hugging_face_and_back(tmp_path):
+    model = create_model(TINY_SPEC, num_classes=5, act="gelu").eval()
+    _random_bn_stats(model)
+    cvt.save_hf(model, tmp_path, class_names=list("abcde"))
+    hf = transformers.CvtForImageClassification.from_pretrained(tmp_path).eval()
+    assert hf.config.id2label[4] == "e"
+    x = torch.randn(2, 3, 72, 64)
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() <= 2e-5
+    back, ckpt = cvt.model_from_checkpoint(tmp_path)
+    assert ckpt.class_names == list("abcde")
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), model(x))
+
+
+def test_bare_hugging_face_backbone_loads_with_fresh_norm_and_head(caplog):
+    hf = _hf_model()
+    backbone = {k[len("cvt."):]: v for k, v in hf.state_dict().items() if k.startswith("cvt.")}
+    model = create_model(TINY_SPEC, num_classes=3)
+    with caplog.at_level(logging.INFO):
+        load_checkpoint(model, backbone)
+    assert "head" in caplog.text and model.head.out_features == 3
+    assert torch.equal(model.stage2.cls_token, hf.cvt.encoder.stages[2].cls_token)
+
+
+def test_key_mapping_is_a_bijection(official_keys):
+    keys = official_keys["cvt-13-224x224"]
+    state = {k: torch.empty(0) for k in keys}
+    hf_keys = official_to_hf(state)
+    assert len(hf_keys) == len(keys)
+    assert set(hf_to_official(hf_keys)) == set(keys)
+    hf_names = set(transformers.CvtForImageClassification(transformers.CvtConfig(num_labels=1000)).state_dict())
+    assert set(hf_keys) == hf_names
+
+
+def test_official_formats_and_prefixes(tmp_path):
+    source = create_model(TINY_SPEC, num_classes=4)
+    sd = source.state_dict()
+    files = {
+        "zoo.pth": sd,
+        "training.pth": {"state_dict": sd, "optimizer": {}, "epoch": 3, "perf": 80.1},
+        "ddp.pth": {f"module.{k}": v for k, v in sd.items()},
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        model = create_model(TINY_SPEC, num_classes=4)
+        load_checkpoint(model, tmp_path / name)
+        assert torch.equal(model.state_dict()["stage1.blocks.1.mlp.fc2.weight"], sd["stage1.blocks.1.mlp.fc2.weight"]), name
+
+
+def test_official_export_has_exactly_the_release_keys(tmp_path, official_keys):
+    model = create_model("cvt-13")
+    cvt.save_official(model, tmp_path / "model.pth")
+    saved = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert {k: list(v.shape) for k, v in saved.items()} == {k: list(v) for k, v in official_keys["cvt-13-224x224"].items()}
+
+
+def test_safetensors_round_trip_keeps_spec_activation_and_class_names(tmp_path):
+    model = create_model({**TINY_SPEC, "CLS_TOKEN": [False] * 3}, num_classes=3, act="gelu").eval()
+    cvt.save_safetensors(model, tmp_path / "m.safetensors", class_names=["cat", "dog", "eel"])
+    back, ckpt = cvt.model_from_checkpoint(tmp_path / "m.safetensors")
+    assert ckpt.class_names == ["cat", "dog", "eel"] and back.act == "gelu"
+    assert back.spec == model.spec
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), model(x))
+
+
+def test_named_variant_is_recognised_from_shapes(tmp_path):
+    torch.save(create_model("cvt-13", num_classes=10).state_dict(), tmp_path / "zoo.pth")
+    model, _ = cvt.model_from_checkpoint(tmp_path / "zoo.pth")
+    assert model.spec == create_model("cvt-13").spec and model.num_classes == 10
+
+
+def test_mismatch_lists_missing_unexpected_and_misshaped_keys():
+    sd = create_model(TINY_SPEC, num_classes=4).state_dict()
+    del sd["stage0.blocks.0.norm1.weight"]
+    sd["stage9.extra"] = torch.zeros(1)
+    sd["stage1.patch_embed.proj.bias"] = torch.zeros(5)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(create_model(TINY_SPEC, num_classes=4), sd)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "1 missing [stage0.blocks.0.norm1.weight]" in msg
+    assert "1 unexpected [stage9.extra]" in msg
+    assert "stage1.patch_embed.proj.bias: file (5,) vs model (32,)" in msg
+
+
+def test_class_count_mismatch_says_how_to_fix_it():
+    sd = create_model(TINY_SPEC, num_classes=10).state_dict()
+    with pytest.raises(UserError, match="file has 10 classes and the model 4.*NUM_CLASSES"):
+        load_checkpoint(create_model(TINY_SPEC, num_classes=4), sd)
+
+
+def test_long_mismatch_lists_are_cut_with_counts():
+    sd = create_model(TINY_SPEC).state_dict()
+    with pytest.raises(UserError, match=r"missing \[.*\+\d+ more\]"):
+        load_checkpoint(create_model("cvt-13"), {k: v for k, v in sd.items() if not k.startswith("stage2")})
+
+
+def test_backbone_only_reinitialises_the_head(caplog):
+    source = create_model(TINY_SPEC, num_classes=10)
+    model = create_model(TINY_SPEC, num_classes=3)
+    with caplog.at_level(logging.INFO):
+        load_checkpoint(model, source.state_dict(), backbone_only=True)
+    assert "head (3 classes) is freshly initialised" in caplog.text
+    assert torch.equal(model.norm.weight, source.norm.weight)
+    assert torch.equal(model.stage0.patch_embed.proj.weight, source.stage0.patch_embed.proj.weight)
+
+
+def test_selected_layers_only():
+    source = create_model(TINY_SPEC, num_classes=3)
+    model = create_model(TINY_SPEC, num_classes=3)
+    before = model.stage1.patch_embed.proj.weight.clone()
+    load_checkpoint(model, source.state_dict(), layers=["stage0"])
+    assert torch.equal(model.stage0.patch_embed.proj.weight, source.stage0.patch_embed.proj.weight)
+    assert torch.equal(model.stage1.patch_embed.proj.weight, before)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"head.weight": torch.zeros(1), "x": _Payload(marker)}, tmp_path / "evil.pth")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"x": _Payload(marker)}, f)
+    for name in ("evil.pth", "evil.pkl"):
+        with pytest.raises(UserError, match="refused"):
+            read_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_truncated_empty_and_garbage_files_are_user_errors(tmp_path):
+    torch.save(create_model(TINY_SPEC).state_dict(), tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    for name, match in [("cut.pth", "truncated or corrupt"), ("empty.pth", "empty"), ("text.pth", "corrupt"),
+                        ("cut.safetensors", "truncated or corrupt"), ("missing.pth", "does not exist")]:
+        with pytest.raises(UserError, match=match):
+            read_checkpoint(tmp_path / name)
+
+
+def test_non_state_dict_contents_are_rejected(tmp_path):
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "odd.pth")
+    with pytest.raises(UserError, match="not a CvT state dict"):
+        read_checkpoint(tmp_path / "odd.pth")

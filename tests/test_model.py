@@ -1,0 +1,154 @@
+"""The network itself: published layout and sizes, shapes, backbone API, overrides."""
+import pytest
+import torch
+
+import cvt
+from cvt import UserError, create_model
+from cvt.models import CvtSpec
+
+from conftest import TINY_SPEC
+
+PUBLISHED = {"cvt-13-224x224": "cvt-13", "cvt-21-224x224": "cvt-21", "cvt-w24-384x384": "cvt-w24"}
+PARAMS = {"cvt-13": 19_997_480, "cvt-21": 31_622_696, "cvt-w24": 277_196_392}
+
+
+def _state_dict_from_shapes(shapes: dict) -> dict:
+    return {
+        k: torch.zeros((), dtype=torch.long) if k.endswith("num_batches_tracked") else torch.randn(shape)
+        for k, shape in shapes.items()
+    }
+
+
+@pytest.mark.parametrize("file_name", sorted(PUBLISHED))
+def test_every_published_key_and_shape_loads_strictly(file_name, official_keys):
+    shapes = official_keys[file_name]
+    model = create_model(PUBLISHED[file_name])
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert own == {k: list(v) for k, v in shapes.items()}
+    state_dict = _state_dict_from_shapes(shapes)
+    cvt.load_checkpoint(model, state_dict)
+    assert torch.equal(model.state_dict()["head.weight"], state_dict["head.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_parameter_counts_equal_the_paper(name):
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == PARAMS[name]
+
+
+def test_list_models():
+    assert cvt.list_models() == ["cvt-13", "cvt-21", "cvt-w24"]
+
+
+def test_unknown_name_is_a_user_error():
+    with pytest.raises(UserError, match="cvt-13"):
+        create_model("cvt-99")
+
+
+def test_batch_one_keeps_the_batch_dimension():
+    model = create_model(TINY_SPEC, num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80), (97, 61)])
+def test_any_input_size(size):
+    model = create_model(TINY_SPEC, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, *size)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("method", [["dw_bn"] * 3, ["avg"] * 3, ["linear"] * 3, ["linear", "avg", "dw_bn"]])
+@pytest.mark.parametrize("cls_token", [[False, False, True], [False, False, False]])
+def test_projection_methods_and_cls_token(method, cls_token):
+    model = create_model({**TINY_SPEC, "QKV_PROJ_METHOD": method, "CLS_TOKEN": cls_token}, num_classes=3)
+    out = model(torch.randn(2, 3, 64, 48))
+    out.sum().backward()
+    assert out.shape == (2, 3)
+    has_conv = "stage0.blocks.0.attn.conv_proj_q.conv.weight" in model.state_dict()
+    assert has_conv == (method[0] == "dw_bn")
+    assert ("stage2.cls_token" in model.state_dict()) == cls_token[-1]
+
+
+def test_stage_feature_maps_for_dense_prediction():
+    model = create_model("cvt-13").eval()
+    with torch.no_grad():
+        maps, cls = model.forward_intermediates(torch.randn(2, 3, 224, 160))
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 56, 40), (2, 192, 28, 20), (2, 384, 14, 10)]
+    assert cls.shape == (2, 1, 384)
+    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16]
+
+
+def test_forward_is_features_then_head():
+    model = create_model(TINY_SPEC, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 1, 48)
+        assert torch.equal(model.forward_head(feats), model(x))
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 48)
+
+
+def test_mean_pooling_without_cls_token():
+    model = create_model({**TINY_SPEC, "CLS_TOKEN": [False] * 3}, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 16, 48)
+        assert torch.allclose(model(x), model.head(feats.mean(1)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(1)
+        model = create_model(TINY_SPEC, num_classes=3, grad_checkpointing=enabled)
+        model(x).sum().backward()
+        grads.append(model.stage1.blocks[0].mlp.fc1.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_overrides_drop_path_and_activation():
+    model = create_model("cvt-13", drop_path_rate=0.2, act="gelu")
+    assert model.spec.drop_path_rate == (0.0, 0.0, 0.2)
+    assert model.stage2.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    assert model.stage2.blocks[0].mlp.act == "gelu"
+    with pytest.raises(UserError, match="quick_gelu"):
+        create_model(TINY_SPEC, act="relu")
+
+
+def test_published_init():
+    model = create_model(TINY_SPEC, num_classes=10)
+    fc = model.stage2.blocks[0].mlp.fc1
+    assert fc.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert fc.weight.abs().max() <= 2.0 and not fc.bias.any()
+    bn = model.stage0.blocks[0].attn.conv_proj_k.bn
+    assert bn.weight.eq(1).all() and not bn.bias.any()
+    assert model.stage2.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
+    xavier = create_model({**TINY_SPEC, "INIT": "xavier"}, num_classes=10)
+    bound = (6 / (48 + 192)) ** 0.5
+    w = xavier.stage2.blocks[0].mlp.fc1.weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"NUM_HEADS": [3, 2, 3]}, "does not divide"),
+        ({"DEPTH": [1, 1]}, "one per stage"),
+        ({"QKV_PROJ_METHOD": ["dw_bn", "conv", "dw_bn"]}, "not one of"),
+        ({"POS_EMBED": [True, False, False]}, "positional"),
+        ({"KERNEL": [3, 3, 3]}, "unknown MODEL.SPEC key"),
+    ],
+)
+def test_invalid_specs_are_user_errors(bad, message):
+    with pytest.raises(UserError, match=message):
+        create_model({**TINY_SPEC, **bad})
+
+
+def test_spec_round_trips_through_the_release_keys():
+    spec = CvtSpec.from_dict(TINY_SPEC)
+    assert CvtSpec.from_dict(spec.to_dict()) == spec
+    assert spec.to_dict()["DIM_EMBED"] == [16, 32, 48]
+    assert CvtSpec().min_input_size() == 3
