@@ -1,0 +1,285 @@
+"""Folder datasets (ROOT/<split>/<class>/<image>) that survive bad files.
+
+The layout and class order are the release's (torchvision ImageFolder: class index = position of the
+folder name in sorted order). What differs is what happens when something is wrong:
+
+* a missing split, a split with no class folders or with no images stops with one `UserError` line
+  before any training starts;
+* an unreadable image (empty, truncated, not an image, a decompression bomb) never crashes a run that
+  is hours in: with ``bad_files='skip'`` it is reported through the batch and replaced (training) or
+  dropped (evaluation); with ``bad_files='stop'`` it stops the run naming the file.
+
+Every item is ``(image, target, bad)`` with ``bad`` the list of ``(path, reason)`` skipped for it;
+`collate_batch`'s ``(images, targets, bad_files)`` is the batch every loader yields.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, get_worker_info
+
+from ..errors import UserError
+
+__all__ = [
+    "BAD_FILE_POLICIES",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "BadFile",
+    "BadImageError",
+    "ImageFolderDataset",
+    "Item",
+    "check_same_classes",
+    "load_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+)
+BAD_FILE_POLICIES = ("skip", "stop")
+# PIL's own default limit: about 89 megapixels, far above any training image.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+BadFile = tuple[str, str]
+"""(path, reason) of a file that could not be used."""
+Item = tuple[torch.Tensor | None, int, list[BadFile]]
+"""(image or None when dropped, target, bad files skipped for this item)."""
+
+
+class BadImageError(Exception):
+    """A file that cannot be used as an image; `path` and `reason` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        # Both go to args so the exception pickles across DataLoader worker processes.
+        super().__init__(str(path), reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB, or raise `BadImageError` saying why not.
+
+    Truncated files are refused (PIL's LOAD_TRUNCATED_IMAGES is never set: a half-grey image is
+    silent label noise). The pixel count is checked from the header, before decoding, so a
+    decompression bomb costs no memory. PIL's own hard limit (twice its MAX_IMAGE_PIXELS) still
+    applies above ``max_pixels``.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty file")
+        with open(path, "rb") as f:
+            with warnings.catch_warnings():
+                # The pixel limit below is ours; PIL's warning at its lower threshold is noise.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(f)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImageError(
+                    path,
+                    f"{width}x{height} is {width * height:,} pixels, more than the {max_pixels:,} "
+                    "allowed (a decompression bomb?); raise DATASET.MAX_IMAGE_PIXELS if it is genuine",
+                )
+            image.load()  # decode now, while the file is open, so errors surface here
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise BadImageError(path, f"refused by PIL as a decompression bomb: {err}") from err
+    except UnidentifiedImageError as err:
+        raise BadImageError(path, "not an image file PIL can identify") from err
+    except OSError as err:
+        raise BadImageError(path, f"cannot read or decode: {err}") from err
+    except Exception as err:  # PIL's decoders raise many types (SyntaxError, ValueError, struct.error)
+        raise BadImageError(path, f"cannot decode: {type(err).__name__}: {err}") from err
+    return _to_rgb(image, path)
+
+
+def _to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """8-bit RGB from any PIL mode, keeping the full range of 16-bit and float images."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "I" or mode.startswith("I;16"):
+        # PIL's convert("L") clips these at 255, turning most of a 16-bit image white. Mode "I" is
+        # how PIL opens 16-bit PGM/TIFF data, so both are scaled from 0..65535.
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+        return _gray_to_rgb(values)
+    if mode == "F":
+        # Float images (scientific TIFFs) conventionally hold 0..1 intensities.
+        values = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)), 0.0, 1.0) * 255.0
+        return _gray_to_rgb(values)
+    if mode == "P" and "transparency" in image.info:
+        # Through RGBA, as PIL asks for palettes with transparency; the alpha is then dropped, which
+        # gives the same colours as the release's plain convert("RGB").
+        image = image.convert("RGBA")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise BadImageError(path, f"image mode {mode} cannot be converted to RGB") from err
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.rint(values).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing
+# --------------------------------------------------------------------------------------------------
+
+def _is_hidden(name: str) -> bool:
+    # Hidden entries are never data: '.ipynb_checkpoints' would become a class, macOS '._x.jpg'
+    # resource forks would be "images" that fail to decode.
+    return name.startswith(".")
+
+
+def _find_classes(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+
+
+def _list_images(class_dir: Path) -> list[str]:
+    """Image files under one class folder (subfolders included, as torchvision's), sorted."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))  # deterministic walk order
+        found.extend(
+            os.path.join(dirpath, name)
+            for name in sorted(filenames)
+            if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------
+
+class ImageFolderDataset(Dataset):
+    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order.
+
+    ``replace_bad`` chooses what a skipped bad file becomes: True (training) returns the next
+    readable sample instead (following indices, wrapping), so every batch keeps its size, which
+    timm's Mixup needs; False (evaluation, where no sample may count twice) returns
+    ``(None, target, bad)``, which `collate_batch` drops.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        bad_files: str = "skip",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        replace_bad: bool = True,
+    ) -> None:
+        if bad_files not in BAD_FILE_POLICIES:
+            raise UserError(
+                f"DATASET.BAD_FILES: unknown policy {bad_files!r}; use one of {', '.join(BAD_FILE_POLICIES)}"
+            )
+        self.root = Path(root)
+        self.split = split
+        self.split_dir = self.root / split
+        self.transform = transform
+        self.bad_files = bad_files
+        self.max_pixels = max_pixels
+        self.replace_bad = replace_bad
+
+        if not self.split_dir.is_dir():
+            raise UserError(
+                f"{self.split_dir}: dataset split folder not found; expected the layout "
+                f"{self.root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
+            )
+        self.classes: list[str] = _find_classes(self.split_dir)
+        if not self.classes:
+            raise UserError(
+                f"{self.split_dir}: no class folders; put each class's images in its own subfolder, "
+                f"{self.split_dir}/<class>/<image>"
+            )
+        self.samples: list[tuple[str, int]] = []
+        empty: list[str] = []
+        for index, name in enumerate(self.classes):
+            files = _list_images(self.split_dir / name)
+            if not files:
+                empty.append(name)
+            self.samples.extend((path, index) for path in files)
+        if not self.samples:
+            raise UserError(
+                f"{self.split_dir}: no images in its {len(self.classes)} class folders "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)}); put the images in {self.split_dir}/<class>/"
+            )
+        if empty:
+            logger.warning("%s: %d class folder(s) hold no images: %s", self.split_dir, len(empty),
+                           ", ".join(empty))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        bad: list[BadFile] = []
+        for step in range(len(self.samples)):
+            path, target = self.samples[(index + step) % len(self.samples)]
+            try:
+                image = load_rgb(path, self.max_pixels)
+            except BadImageError as err:
+                bad.append((err.path, err.reason))
+                if self.bad_files == "stop":
+                    if get_worker_info() is None:
+                        raise stop_error(bad[0]) from err
+                    # In a worker process a raised UserError would reach the main process wrapped in
+                    # a multi-line traceback; the loader raises it there instead (see loader.py).
+                    return None, target, bad
+                if not self.replace_bad:
+                    return None, target, bad
+                continue
+            return self.transform(image), target, bad
+        raise UserError(
+            f"{self.split_dir}: none of its {len(self.samples)} images can be read "
+            f"(e.g. {bad[0][0]}: {bad[0][1]}); fix or replace the files"
+        )
+
+
+def stop_error(bad: BadFile) -> UserError:
+    """The error for a bad file under the 'stop' policy."""
+    path, reason = bad
+    return UserError(
+        f"{path}: {reason}; fix or remove the file, or set DATASET.BAD_FILES skip to skip unreadable images"
+    )
+
+
+def check_same_classes(train: ImageFolderDataset, val: ImageFolderDataset) -> None:
+    """Raise `UserError` when the two splits do not have the same class folders.
+
+    Different folder sets shift the class indices, so the accuracy would be silently wrong.
+    """
+    if train.classes == val.classes:
+        return
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    raise UserError(
+        f"{train.split_dir} and {val.split_dir} have different class folders "
+        f"(only in {train.split}: {short_list(only_train)}; only in {val.split}: {short_list(only_val)}); "
+        "give both splits the same class folders"
+    )
+
+
+def short_list(names: Sequence[str], limit: int = 10) -> str:
+    """Names for a one-line message: at most `limit`, then how many more."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

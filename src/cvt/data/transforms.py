@@ -1,0 +1,145 @@
+"""Image transforms, as the release builds them from the config.
+
+Training takes one of two paths, chosen as the release does:
+
+* AUG.TIMM_AUG.USE_LOADER or USE_TRANSFORM: timm's `create_transform` (RandAugment, random erasing,
+  colour jitter, flips), the CvT-13 recipe;
+* otherwise the plain path: RandomResizedCrop, horizontal flip, optional colour jitter, grayscale and
+  Gaussian blur, the CvT-21 recipe.
+
+Testing resizes the shorter side to size / 0.875 and centre-crops (TEST.CENTER_CROP true), or resizes
+straight to the test size (the 384 files). IMAGE_SIZE is [width, height], as in the release.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image, ImageFilter
+from timm.data import create_transform
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from yacs.config import CfgNode
+
+from ..errors import UserError
+
+__all__ = ["RandomGaussianBlur", "build_transform", "interpolation_mode", "test_output_size"]
+
+# The release's config stores interpolation as PIL's integer codes.
+_PIL_CODES = {
+    0: InterpolationMode.NEAREST,
+    1: InterpolationMode.LANCZOS,
+    2: InterpolationMode.BILINEAR,
+    3: InterpolationMode.BICUBIC,
+    4: InterpolationMode.BOX,
+    5: InterpolationMode.HAMMING,
+}
+
+# The centre-crop ratio of the release (and of most ImageNet evaluations).
+CROP_PCT = 0.875
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def interpolation_mode(code: int, key: str) -> InterpolationMode:
+    """torchvision's mode for a PIL integer code; `key` names the config key in the error."""
+    try:
+        return _PIL_CODES[int(code)]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(
+            f"{key}: unknown interpolation {code!r}; use a PIL code: 2 bilinear, 3 bicubic "
+            "(0 nearest, 1 lanczos, 4 box, 5 hamming)"
+        ) from None
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with a radius drawn uniformly from `sigma` for each image (the release's)."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        # torch's generator, so DataLoader worker seeding covers it like every other transform.
+        radius = torch.empty(()).uniform_(*self.sigma).item()
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+def test_output_size(cfg: CfgNode) -> tuple[int, int]:
+    """(height, width) of the test transform's images."""
+    width, height = cfg.TEST.IMAGE_SIZE[0], cfg.TEST.IMAGE_SIZE[1]
+    if cfg.TEST.CENTER_CROP:
+        return width, width  # the release crops a square of IMAGE_SIZE[0]
+    return height, width
+
+
+def build_transform(cfg: CfgNode, is_train: bool) -> Transform:
+    """PIL RGB image -> normalised float tensor (3, H, W), for training or for testing."""
+    normalize = T.Normalize(mean=list(cfg.INPUT.MEAN), std=list(cfg.INPUT.STD))
+    if is_train:
+        timm_aug = cfg.AUG.TIMM_AUG
+        if timm_aug.USE_LOADER or timm_aug.USE_TRANSFORM:
+            return _timm_train_transform(cfg)
+        return _plain_train_transform(cfg, normalize)
+
+    interpolation = interpolation_mode(cfg.TEST.INTERPOLATION, "TEST.INTERPOLATION")
+    height, width = test_output_size(cfg)
+    if cfg.TEST.CENTER_CROP:
+        resize = [
+            T.Resize(int(cfg.TEST.IMAGE_SIZE[0] / CROP_PCT), interpolation=interpolation),
+            T.CenterCrop(width),
+        ]
+    else:
+        resize = [T.Resize((height, width), interpolation=interpolation)]
+    return T.Compose([*resize, T.ToTensor(), normalize])
+
+
+def _timm_train_transform(cfg: CfgNode) -> Transform:
+    aug, timm_aug = cfg.AUG, cfg.AUG.TIMM_AUG
+    return create_transform(
+        input_size=cfg.TRAIN.IMAGE_SIZE[0],
+        is_training=True,
+        scale=tuple(aug.SCALE),
+        ratio=tuple(aug.RATIO),
+        hflip=timm_aug.HFLIP,
+        vflip=timm_aug.VFLIP,
+        color_jitter=timm_aug.COLOR_JITTER,
+        auto_augment=timm_aug.AUTO_AUGMENT or None,
+        interpolation=timm_aug.INTERPOLATION,
+        re_prob=timm_aug.RE_PROB,
+        re_mode=timm_aug.RE_MODE,
+        re_count=timm_aug.RE_COUNT,
+        # Split batch-norm augmentation (AugMix splits) is not part of the recipe.
+        re_num_splits=0,
+        mean=tuple(cfg.INPUT.MEAN),
+        std=tuple(cfg.INPUT.STD),
+    )
+
+
+def _plain_train_transform(cfg: CfgNode, normalize: T.Normalize) -> Transform:
+    aug = cfg.AUG
+    steps: list[Callable] = [
+        T.RandomResizedCrop(
+            cfg.TRAIN.IMAGE_SIZE[0],
+            scale=tuple(aug.SCALE),
+            ratio=tuple(aug.RATIO),
+            interpolation=interpolation_mode(aug.INTERPOLATION, "AUG.INTERPOLATION"),
+        ),
+        T.RandomHorizontalFlip(),
+    ]
+    jitter = list(aug.COLOR_JITTER)
+    if len(jitter) != 5:
+        raise UserError(
+            f"AUG.COLOR_JITTER: expected 5 numbers (brightness, contrast, saturation, hue, "
+            f"probability), got {jitter}; e.g. [0.4, 0.4, 0.4, 0.1, 0.0]"
+        )
+    if jitter[4] > 0:
+        steps.append(T.RandomApply([T.ColorJitter(*jitter[:4])], p=jitter[4]))
+    if aug.GRAY_SCALE > 0:
+        steps.append(T.RandomGrayscale(p=aug.GRAY_SCALE))
+    if aug.GAUSSIAN_BLUR > 0:
+        steps.append(T.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=aug.GAUSSIAN_BLUR))
+    steps += [T.ToTensor(), normalize]
+    return T.Compose(steps)
