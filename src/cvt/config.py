@@ -455,8 +455,8 @@ def _parse_overrides(opts: Sequence[str]) -> dict[str, Any]:
     """`KEY VALUE` pairs as a nested mapping; values decoded as yacs does (literal_eval, else the string)."""
     if len(opts) % 2:
         raise UserError(
-            f"config overrides must be KEY VALUE pairs, got {len(opts)} tokens ({' '.join(map(str, opts))}); "
-            "give a value after every key"
+            f"config overrides must be KEY VALUE pairs, got an odd number of tokens ({len(opts)}, the last "
+            f"being {str(opts[-1])!r}); give a value after every key"
         )
     nested: dict[str, Any] = {}
     for key, raw in zip(opts[0::2], opts[1::2]):
@@ -467,7 +467,8 @@ def _parse_overrides(opts: Sequence[str]) -> dict[str, Any]:
         if key == "BASE":
             # Base files are merged before the file naming them, and the command line comes after all
             # files, so only an empty BASE (as a saved config replayed as overrides carries) makes sense.
-            if any(value) if isinstance(value, (list, tuple)) else value:
+            entries = value if isinstance(value, (list, tuple)) else [value]
+            if any(entries):
                 raise UserError("BASE cannot be set on the command line; put it in an experiment file")
             continue
         parts = str(key).split(".")
