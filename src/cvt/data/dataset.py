@@ -10,7 +10,7 @@ folder name in sorted order). What differs is what happens when something is wro
   dropped (evaluation); with ``bad_files='stop'`` it stops the run naming the file.
 
 Every item is ``(image, target, bad)`` with ``bad`` the list of ``(path, reason)`` skipped for it;
-`collate_batch`'s ``(images, targets, bad_files)`` is the batch every loader yields.
+the loaders' ``(images, targets, bad_files)`` is the batch every loader yields.
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ class ImageFolderDataset(Dataset):
     ``replace_bad`` chooses what a skipped bad file becomes: True (training) returns the next
     readable sample instead (following indices, wrapping), so every batch keeps its size, which
     timm's Mixup needs; False (evaluation, where no sample may count twice) returns
-    ``(None, target, bad)``, which `collate_batch` drops.
+    ``(None, target, bad)``, which the loaders' `BatchCollate` drops.
     """
 
     def __init__(
