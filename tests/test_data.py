@@ -371,6 +371,20 @@ def test_train_transform_timm_path() -> None:
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
 
 
+def test_timm_posterize_at_full_magnitude_gives_black_not_an_error() -> None:
+    # 'inc1' posterize at magnitude 10 keeps 0 bits, which Pillow 13 refuses; the recipe's
+    # m9 mstd0.5 reaches magnitude 10 in about 2% of draws.
+    cfg = get_defaults()
+    cfg.AUG.TIMM_AUG.USE_TRANSFORM = True
+    cfg.AUG.TIMM_AUG.AUTO_AUGMENT = "rand-m10-mstd0-inc1"
+    transform = build_transform(cfg, is_train=True)
+    rand_augment = next(t for t in transform.transforms if type(t).__name__ == "RandAugment")
+    posterize = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    posterize.prob = 1.0
+    out = posterize(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert np.asarray(out).max() == 0
+
+
 def test_train_transform_plain_path() -> None:
     cfg = get_defaults()
     cfg.TRAIN.IMAGE_SIZE = [24, 24]
