@@ -85,6 +85,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from .models import create_model
     from .models.complexity import count_gmacs, count_params
 
@@ -92,15 +94,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
         from .config import load_config
 
         cfg = load_config(args.cfg, args.args)
-        model = create_model(dict(cfg.MODEL.SPEC), num_classes=cfg.MODEL.NUM_CLASSES)
-        name = cfg.NAME
+        name, spec, num_classes = cfg.NAME, dict(cfg.MODEL.SPEC), cfg.MODEL.NUM_CLASSES
         size = (args.img_size, args.img_size) if args.img_size else tuple(cfg.TEST.IMAGE_SIZE[::-1])
     else:
         if len(args.args) != 1:
             raise UserError("cvt info takes one model name (cvt-13, cvt-21, cvt-w24) or --cfg FILE [KEY VALUE ...]")
-        name = args.args[0]
-        model = create_model(name)
+        name, spec, num_classes = args.args[0], args.args[0], 1000
         size = (args.img_size or 224,) * 2
+    with torch.device("meta"):  # shapes only: no memory for weights, no arithmetic
+        model = create_model(spec, num_classes=num_classes)
     min_size = model.spec.min_input_size()
     if min(size) < min_size:
         raise UserError(f"--img-size {min(size)} is too small for this model's strides; use at least {min_size}")

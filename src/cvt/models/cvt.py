@@ -348,7 +348,7 @@ class Stage(nn.Module):
         self.patch_embed = ConvEmbed(in_chans, dim, spec.patch_size[i], spec.patch_stride[i], spec.patch_padding[i])
         self.pos_drop = nn.Dropout(spec.drop_rate[i])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.cls_token[i] else None
-        drop_path_rates = torch.linspace(0, spec.drop_path_rate[i], spec.depth[i]).tolist()
+        drop_path_rates = torch.linspace(0, spec.drop_path_rate[i], spec.depth[i], device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
                 dim,

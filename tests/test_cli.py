@@ -1,0 +1,120 @@
+"""The `cvt` command: info, list, export, predict, and the one-line error contract."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import cvt
+import cvt.config
+import cvt.data
+from cvt.cli import main
+
+from conftest import TINY_SPEC
+
+SEED_TABLE = [("cvt-13", 224, 4.5), ("cvt-13", 384, 16.3), ("cvt-21", 224, 7.1), ("cvt-21", 384, 24.9), ("cvt-w24", 384, 193.2)]
+PARAMS = {"cvt-13": 19_997_480, "cvt-21": 31_622_696, "cvt-w24": 277_196_392}
+
+
+def _json_out(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name, size, gmacs", SEED_TABLE)
+def test_info_reproduces_the_paper_table(capsys, name, size, gmacs):
+    out = _json_out(capsys, ["info", name, "--img-size", str(size), "--json"])
+    assert out["params"] == PARAMS[name]
+    assert abs(out["gmacs"] / gmacs - 1) <= 0.02
+
+
+@pytest.mark.parametrize("experiment", sorted(cvt.config.list_experiments()))
+def test_info_reads_every_packaged_experiment(capsys, experiment):
+    out = _json_out(capsys, ["info", "--cfg", experiment, "--json"])
+    assert out["params"] > 0 and out["gmacs"] > 0
+    assert out["image_size"] == list(cvt.config.load_config(experiment).TEST.IMAGE_SIZE)
+
+
+def test_info_with_overrides(capsys):
+    base = _json_out(capsys, ["info", "--cfg", "cvt-13-224x224", "--json"])
+    wider = _json_out(capsys, ["info", "--cfg", "cvt-13-224x224", "MODEL.NUM_CLASSES", "10", "--json"])
+    assert base["params"] - wider["params"] == 990 * 385
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "cvt-w24" in out and "cvt-13-384x384" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "cvt-99"], "unknown model 'cvt-99'"),
+        (["info", "--cfg", "cvt-13-224x224", "TRAIN.LRR", "0.1"], "did you mean 'TRAIN.LR'"),
+        (["info", "--cfg", "no-such-experiment"], "no-such-experiment"),
+        (["export", "--weights", "missing.pth", "--format", "hf", "out"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_errors_carry_no_traceback_from_the_installed_command():
+    proc = subprocess.run([sys.executable, "-m", "cvt.cli", "info", "--cfg", "cvt-13-224x224", "TRAIN.LR", "-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ") and "TRAIN.LR" in proc.stderr
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path):
+    cfg = {"MODEL": {"NUM_CLASSES": 3, "SPEC": TINY_SPEC}, "TEST": {"IMAGE_SIZE": [64, 64]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    model = cvt.create_model(TINY_SPEC, num_classes=3).eval()
+    cvt.save_safetensors(model, tmp_path / "tiny.safetensors", class_names=["ant", "bee", "cat"])
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+    return path, tmp_path / "tiny.safetensors", images, model
+
+
+def test_predict_json(capsys, tiny_experiment):
+    cfg, weights, images, model = tiny_experiment
+    out = _json_out(capsys, ["predict", "--cfg", str(cfg), "--weights", str(weights), str(images), "--topk", "2", "--json"])
+    assert [r["image"].rsplit("/", 1)[-1] for r in out] == ["0.jpg", "1.jpg", "2.jpg"]
+    first = out[0]["predictions"]
+    assert len(first) == 2 and first[0]["prob"] >= first[1]["prob"]
+    assert first[0]["class"] == ["ant", "bee", "cat"][first[0]["index"]]
+    x = cvt.data.build_transform(cvt.config.load_config(cfg), is_train=False)(cvt.data.load_rgb(images / "0.jpg"))
+    with torch.no_grad():
+        probs = model(x[None]).softmax(-1)[0]
+    assert first[0]["prob"] == pytest.approx(probs.max().item(), abs=1e-5)
+
+
+def test_predict_reports_a_broken_image_and_goes_on(capsys, tiny_experiment):
+    cfg, weights, images, _ = tiny_experiment
+    (images / "3.jpg").write_bytes(b"\xff\xd8\xff broken")
+    assert main(["predict", "--cfg", str(cfg), "--weights", str(weights), str(images)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("%") == 3 * 3
+    assert "3.jpg" in captured.err and captured.err.startswith("error: ")
+
+
+def test_export_official_and_hf_round_trip(tmp_path, capsys, tiny_experiment):
+    _, weights, _, model = tiny_experiment
+    assert main(["export", "--weights", str(weights), "--format", "official", str(tmp_path / "o.pth")]) == 0
+    assert set(torch.load(tmp_path / "o.pth", weights_only=True)) == set(model.state_dict())
+    assert main(["export", "--weights", str(weights), "--format", "hf", str(tmp_path / "hf")]) == 0
+    back, ckpt = cvt.model_from_checkpoint(tmp_path / "hf")
+    assert ckpt.class_names == ["ant", "bee", "cat"]
+    assert torch.equal(back.state_dict()["head.weight"], model.state_dict()["head.weight"])
