@@ -1,0 +1,357 @@
+"""The fast model computes the published function.
+
+``cvt.models.cvt`` takes shortcuts for speed (SDPA, QuickGELU folded into the linears, BatchNorm
+folded into the depthwise convolutions in eval mode, channels-last views, oneDNN kernels). This file
+holds a literal, slow transcription of the published semantics (docs: CVT-FACTS.md) and checks that
+both give the same logits and gradients from the same state dict. The reference is deliberately
+naive: explicit ``q @ k^T * scale``, softmax, ``x * sigmoid(1.702 x)``, Conv2d then BatchNorm2d,
+LayerNorm cast to float32 and back.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvt.models.cvt import CvtSpec, create_model
+
+# Logits of the fast model in fp32 eval mode may differ from the reference by float rounding only.
+EVAL_ATOL = 2e-5
+# Train mode: gradients agree to this fraction of each gradient tensor's largest entry (or of 1% of
+# the largest gradient anywhere, for tensors whose true gradient is zero, such as proj_k's bias: a
+# constant added to every key leaves the softmax unchanged).
+GRAD_RTOL = 1e-4
+# bf16 autocast keeps ~8 mantissa bits per matmul input: the logits may move by this fraction of the
+# fp32 logits' range (max - min over the batch). Measured ~1-2% on these models; 5% leaves room.
+BF16_RTOL_OF_RANGE = 0.05
+
+NUM_CLASSES = 7
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference: the published model, written out literally. Module names are the release's, so the
+# fast model's state dict loads into it with strict=True.
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """The release's LayerNorm: computed in float32, cast back to the input dtype."""
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class RefConvBn(nn.Module):
+    def __init__(self, dim: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def ref_projection(method: str, dim: int, kernel: int, stride: int, padding: int) -> nn.Module | None:
+    if method == "dw_bn":
+        return RefConvBn(dim, kernel, stride, padding)
+    if method == "avg":
+        return nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
+    return None
+
+
+class RefAttention(nn.Module):
+    def __init__(self, spec: CvtSpec, i: int) -> None:
+        super().__init__()
+        dim = spec.dim_embed[i]
+        method = spec.qkv_proj_method[i]
+        self.num_heads = spec.num_heads[i]
+        self.scale = dim**-0.5  # the stage width, not the head width
+        self.with_cls_token = spec.cls_token[i]
+        k, skv, pkv = spec.kernel_qkv[i], spec.stride_kv[i], spec.padding_kv[i]
+        self.conv_proj_q = ref_projection("linear" if method == "avg" else method, dim, k, spec.stride_q[i], spec.padding_q[i])
+        self.conv_proj_k = ref_projection(method, dim, k, skv, pkv)
+        self.conv_proj_v = ref_projection(method, dim, k, skv, pkv)
+        self.proj_q = nn.Linear(dim, dim, bias=spec.qkv_bias[i])
+        self.proj_k = nn.Linear(dim, dim, bias=spec.qkv_bias[i])
+        self.proj_v = nn.Linear(dim, dim, bias=spec.qkv_bias[i])
+        self.proj = nn.Linear(dim, dim)
+
+    def _conv_tokens(self, projection: nn.Module | None, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if projection is None:
+            return x
+        b, n, c = x.shape
+        x_map = x.permute(0, 2, 1).reshape(b, c, h, w)
+        out = projection(x_map)
+        return out.reshape(b, c, -1).permute(0, 2, 1)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if self.with_cls_token:
+            cls, x = x[:, :1], x[:, 1:]
+        q = self._conv_tokens(self.conv_proj_q, x, h, w)
+        k = self._conv_tokens(self.conv_proj_k, x, h, w)
+        v = self._conv_tokens(self.conv_proj_v, x, h, w)
+        if self.with_cls_token:
+            q, k, v = (torch.cat((cls, t), dim=1) for t in (q, k, v))
+        b = q.shape[0]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, t.shape[1], self.num_heads, -1).permute(0, 2, 1, 3)
+
+        q, k, v = heads(self.proj_q(q)), heads(self.proj_k(k)), heads(self.proj_v(v))
+        scores = torch.einsum("bhld,bhtd->bhlt", q, k) * self.scale
+        attn = torch.softmax(scores, dim=-1)
+        out = torch.einsum("bhlt,bhtd->bhld", attn, v)
+        out = out.permute(0, 2, 1, 3).reshape(b, out.shape[2], -1)
+        return self.proj(out)
+
+
+class RefMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, spec: CvtSpec, i: int, act: str) -> None:
+        super().__init__()
+        dim = spec.dim_embed[i]
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = RefAttention(spec, i)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = RefMlp(dim, int(dim * spec.mlp_ratio[i]), act)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.attn(ref_layer_norm(self.norm1, x), h, w)
+        return x + self.mlp(ref_layer_norm(self.norm2, x))
+
+
+class RefEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+
+class RefStage(nn.Module):
+    def __init__(self, spec: CvtSpec, i: int, in_chans: int, act: str) -> None:
+        super().__init__()
+        dim = spec.dim_embed[i]
+        self.patch_embed = RefEmbed(in_chans, dim, spec.patch_size[i], spec.patch_stride[i], spec.patch_padding[i])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.cls_token[i] else None
+        self.blocks = nn.ModuleList(RefBlock(spec, i, act) for _ in range(spec.depth[i]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.patch_embed.proj(x)
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h * w).permute(0, 2, 1)
+        x = ref_layer_norm(self.patch_embed.norm, x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        for block in self.blocks:
+            x = block(x, h, w)
+        cls = None
+        if self.cls_token is not None:
+            cls, x = x[:, :1], x[:, 1:]
+        return x.permute(0, 2, 1).reshape(b, c, h, w), cls
+
+
+class RefCvt(nn.Module):
+    def __init__(self, spec: CvtSpec, num_classes: int, act: str = "quick_gelu") -> None:
+        super().__init__()
+        self.num_stages = spec.num_stages
+        chans = 3
+        for i in range(spec.num_stages):
+            self.add_module(f"stage{i}", RefStage(spec, i, chans, act))
+            chans = spec.dim_embed[i]
+        self.norm = nn.LayerNorm(chans, eps=1e-5)
+        self.head = nn.Linear(chans, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = None
+        for i in range(self.num_stages):
+            x, cls = getattr(self, f"stage{i}")(x)
+        if cls is not None:
+            feats = ref_layer_norm(self.norm, cls).squeeze(1)
+        else:
+            b, c = x.shape[:2]
+            feats = ref_layer_norm(self.norm, x.reshape(b, c, -1).permute(0, 2, 1)).mean(dim=1)
+        return self.head(feats)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: a fast model and its reference with one random, non-trivial state dict
+# --------------------------------------------------------------------------------------------------
+
+SMALL = dict(dim_embed=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 1, 2), drop_path_rate=(0.0, 0.0, 0.0))
+
+
+def small_spec(method: str = "dw_bn", cls_token: bool = True) -> CvtSpec:
+    return CvtSpec(**SMALL, qkv_proj_method=(method,) * 3, cls_token=(False, False, cls_token))
+
+
+def randomized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor matters: norms and biases off their init values, BatchNorm running statistics
+    away from 0/1, so a folding or scaling mistake anywhere shows up in the logits."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if not value.is_floating_point():
+            state[key] = value
+        elif key.endswith("running_var"):
+            state[key] = torch.rand_like(value) + 0.5
+        elif key.endswith(("running_mean", "bias")):
+            state[key] = 0.1 * torch.randn_like(value)
+        elif value.dim() == 1:  # LayerNorm / BatchNorm weights
+            state[key] = 1.0 + 0.2 * torch.randn_like(value)
+        else:
+            # Larger than the init's std .02, so attention is far from uniform and a wrong scale
+            # (head width instead of stage width) moves the logits by ~1e-3, 100x the tolerance.
+            state[key] = value + 0.05 * torch.randn_like(value)
+    return state
+
+
+def model_pair(spec: CvtSpec, act: str = "quick_gelu") -> tuple[nn.Module, RefCvt]:
+    fast = create_model(spec, NUM_CLASSES, act=act)
+    state = randomized_state(fast)
+    fast.load_state_dict(state)
+    ref = RefCvt(spec, NUM_CLASSES, act)
+    ref.load_state_dict(state, strict=True)
+    return fast, ref
+
+
+INPUTS = [(1, 224, 224), (3, 224, 224), (1, 160, 208), (3, 160, 208)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Eval mode
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_eval_logits_equal_the_reference(method, cls_token):
+    fast, ref = model_pair(small_spec(method, cls_token))
+    fast.eval()
+    ref.eval()
+    with torch.no_grad():
+        for batch, height, width in INPUTS:
+            x = torch.randn(batch, 3, height, width)
+            expected = ref(x)
+            got = fast(x)
+            assert got.shape == (batch, NUM_CLASSES)
+            torch.testing.assert_close(got, expected, rtol=0, atol=EVAL_ATOL)
+
+
+def test_inference_mode_equals_no_grad():
+    """``torch.inference_mode`` may take other kernels than ``no_grad``; both must be exact."""
+    fast, ref = model_pair(small_spec())
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 3, 160, 208)
+    with torch.no_grad():
+        expected = ref(x)
+    with torch.inference_mode():
+        got = fast(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=EVAL_ATOL)
+
+
+def test_hugging_face_activation_equals_the_reference():
+    fast, ref = model_pair(small_spec(), act="gelu")
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 3, 160, 208)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=EVAL_ATOL)
+
+
+def test_cvt13_eval_logits_equal_the_reference():
+    spec = CvtSpec()  # CvT-13, the published spec
+    fast = create_model(spec, 1000)
+    state = randomized_state(fast)
+    fast.load_state_dict(state)
+    ref = RefCvt(spec, 1000)
+    ref.load_state_dict(state, strict=True)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=EVAL_ATOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# Train mode: batch statistics in BatchNorm, gradients through every shortcut
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_grads_close(fast: nn.Module, ref: nn.Module) -> None:
+    ref_params = dict(ref.named_parameters())
+    floor = 0.01 * max(p.grad.abs().max().item() for p in ref.parameters())
+    for name, param in fast.named_parameters():
+        expected = ref_params[name].grad
+        assert param.grad is not None and expected is not None, name
+        tol = GRAD_RTOL * max(expected.abs().max().item(), floor)
+        torch.testing.assert_close(param.grad, expected, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_train_outputs_and_gradients_equal_the_reference(method, cls_token):
+    fast, ref = model_pair(small_spec(method, cls_token))
+    fast.train()
+    ref.train()
+    x = torch.randn(3, 3, 160, 208)
+    target = torch.randint(0, NUM_CLASSES, (3,))
+    got = fast(x)
+    expected = ref(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=EVAL_ATOL)
+    F.cross_entropy(got, target).backward()
+    F.cross_entropy(expected, target).backward()
+    _assert_grads_close(fast, ref)
+    # Train-mode BatchNorm updated the same running statistics.
+    ref_buffers = dict(ref.named_buffers())
+    for name, buffer in fast.named_buffers():
+        torch.testing.assert_close(buffer, ref_buffers[name], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# bf16 autocast: close to fp32, within a stated tolerance
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_bf16_close(got: torch.Tensor, fp32: torch.Tensor) -> None:
+    assert got.dtype == torch.float32 or got.dtype == torch.bfloat16
+    scale = (fp32.max() - fp32.min()).item()
+    err = (got.float() - fp32).abs().max().item()
+    assert err <= BF16_RTOL_OF_RANGE * scale, f"bf16 logits off by {err:.4g}, fp32 logit range {scale:.4g}"
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "linear"])
+def test_bf16_autocast_eval_is_close_to_fp32(method):
+    fast, ref = model_pair(small_spec(method))
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 3, 160, 208)
+    with torch.no_grad():
+        fp32 = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x)
+    _assert_bf16_close(got, fp32)
+
+
+def test_bf16_autocast_train_is_close_to_fp32():
+    fast, ref = model_pair(small_spec())
+    fast.train()
+    ref.train()
+    x = torch.randn(3, 3, 160, 208)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast(x)
+    _assert_bf16_close(got, ref(x))
+    got.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
