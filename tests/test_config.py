@@ -281,7 +281,7 @@ def test_output_dir_needs_a_name():
         (["MODEL.SPEC.DROP_PATH_RATE", "[0, 0, 1.5]"], "MODEL.SPEC.DROP_PATH_RATE"),
         (["TRAIN.IMAGE_SIZE", "[2, 2]"], r"TRAIN.IMAGE_SIZE=\[2, 2\] is invalid: it must be at least 3x3"),
         (["TEST.IMAGE_SIZE", "[224, 2]"], r"TEST.IMAGE_SIZE=\[224, 2\]"),
-        (["TEST.IMAGE_SIZE", "[224]"], r"TEST.IMAGE_SIZE=\[224\] is invalid: it must be \[height, width\]"),
+        (["TEST.IMAGE_SIZE", "[224]"], r"TEST.IMAGE_SIZE=\[224\] is invalid: it must be \[width, height\]"),
         (["AMP.MEMORY_FORMAT", "nhcw"], "AMP.MEMORY_FORMAT='nhcw' is invalid: it must be one of 'nchw', 'nhwc'"),
         (["AMP.DTYPE", "fp8"], "AMP.DTYPE='fp8'"),
         (["TRAIN.OPTIMIZER", "lamb"], "TRAIN.OPTIMIZER='lamb'"),

@@ -581,7 +581,7 @@ def validate_config(cfg: CfgNode) -> None:
         _require(all(0 <= r < 1 for r in rates), f"MODEL.SPEC.{name}", rates, "rates in [0, 1)")
     smallest = spec.min_input_size()
     for key, size in (("TRAIN.IMAGE_SIZE", train.IMAGE_SIZE), ("TEST.IMAGE_SIZE", test.IMAGE_SIZE)):
-        _require(len(size) == 2, key, size, "[height, width]")
+        _require(len(size) == 2, key, size, "[width, height], as in the release")
         _require(
             min(size) >= smallest, key, size,
             f"at least {smallest}x{smallest}, the smallest size the MODEL.SPEC strides allow",
