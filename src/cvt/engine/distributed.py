@@ -1,0 +1,124 @@
+"""Process group set-up from torchrun's environment, and the few collectives the engine needs.
+
+Without RANK/WORLD_SIZE in the environment (or with WORLD_SIZE 1) everything runs in one process and
+the collectives below are no-ops, so the training code has a single path.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+__all__ = [
+    "DistEnv",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "init_distributed",
+    "is_main_process",
+    "print0",
+    "select_device",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: its rank among `world_size` and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def select_device(local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is available (and made the current device), else the CPU."""
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "start at most that many processes per node (run.sh -g N)"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float) -> DistEnv:
+    """Join the process group torchrun describes (NCCL on CUDA, Gloo on CPU), or run alone.
+
+    `timeout_s` bounds every collective, so a rank that died ends the run with an error instead of
+    leaving the others waiting forever.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = select_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            # NCCL binds the communicator to this rank's GPU up front instead of guessing it later.
+            device_id=device if device.type == "cuda" else None,
+        )
+        log.info("process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    return not _active() or dist.get_rank() == 0
+
+
+def print0(*args: object, **kwargs: object) -> None:
+    """print() on rank 0 only: messages meant for the user once, not once per process."""
+    if is_main_process():
+        print(*args, **kwargs)  # type: ignore[call-overload]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (and return it); unchanged when running alone."""
+    if _active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,299 @@
+"""One training epoch and one evaluation pass: plain functions over a model, a loader and an optimizer."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, unwrap_model
+from torch import nn
+from tqdm import tqdm
+from yacs.config import CfgNode
+
+from ..errors import UserError
+from .distributed import all_reduce_sum, is_main_process
+
+__all__ = [
+    "BadFileLog",
+    "EpochResult",
+    "LoopSettings",
+    "build_criterion",
+    "evaluate",
+    "train_one_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the config says about how to run the steps, resolved for one device."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: autocast off
+    channels_last: bool
+    accum_steps: int
+    clip_grad_norm: float
+    nonfinite_loss: str  # 'stop' | 'skip'
+    print_freq: int
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, device: torch.device) -> LoopSettings:
+        return cls(
+            device=device,
+            amp_dtype=autocast_dtype(cfg, device),
+            channels_last=cfg.AMP.MEMORY_FORMAT == "nhwc",
+            accum_steps=int(cfg.TRAIN.ACCUM_STEPS),
+            clip_grad_norm=float(cfg.TRAIN.CLIP_GRAD_NORM),
+            nonfinite_loss=cfg.TRAIN.NONFINITE_LOSS,
+            print_freq=int(cfg.PRINT_FREQ),
+        )
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        """float16 needs loss scaling against gradient underflow; bfloat16 has float32's range."""
+        return self.amp_dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=fmt)
+        return images, targets.to(self.device, non_blocking=True)
+
+
+def autocast_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype AMP.ENABLED / AMP.DTYPE ask for on `device`, or None for full float32."""
+    if not cfg.AMP.ENABLED:
+        return None
+    wanted = cfg.AMP.DTYPE
+    if device.type != "cuda":
+        if wanted == "float16":
+            raise UserError("AMP.DTYPE float16 needs a CUDA GPU; on the CPU use bfloat16 (or 'auto')")
+        return torch.bfloat16
+    if wanted == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if wanted == "bfloat16" else torch.float16
+
+
+def build_criterion(cfg: CfgNode, mixup: Mixup | None) -> nn.Module:
+    """The training loss the release picks: soft-target CE under mixup (its targets carry the label
+    smoothing), label-smoothing CE when LOSS.LABEL_SMOOTHING > 0, else plain CE."""
+    if cfg.LOSS.LOSS != "softmax":
+        raise UserError(f"LOSS.LOSS={cfg.LOSS.LOSS!r} is not supported; the release's only loss is 'softmax'")
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.LOSS.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=float(cfg.LOSS.LABEL_SMOOTHING))
+    return nn.CrossEntropyLoss()
+
+
+class BadFileLog:
+    """Reports files the loader skipped: the first few by name, then only a running count."""
+
+    def __init__(self, show: int = 10) -> None:
+        self.show = show
+        self.count = 0
+
+    def add(self, bad_files: Iterable[tuple[str, str]]) -> None:
+        for path, reason in bad_files:
+            self.count += 1
+            if self.count <= self.show:
+                log.warning("skipped unreadable file %s (%s)", path, reason)
+            elif self.count == self.show + 1 or self.count % 1000 == 0:
+                log.warning("%d unreadable files skipped so far (only the first %d are named)", self.count, self.show)
+
+
+@dataclass
+class EpochResult:
+    loss: float  # mean training loss per image over all ranks (skipped steps left out)
+    images: int  # images trained on, all ranks
+    time_s: float
+    steps: int  # optimizer steps taken
+    skipped_steps: int  # steps dropped for a non-finite loss
+    interrupted: bool  # a stop was requested; the epoch ended early
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.time_s if self.time_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    settings: LoopSettings,
+    *,
+    epoch: int,
+    scaler: torch.amp.GradScaler,
+    ema: ModelEmaV3 | None = None,
+    mixup: Mixup | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    bad_files: BadFileLog | None = None,
+    world_size: int = 1,
+) -> EpochResult:
+    """Train `model` for one pass over `loader`.
+
+    Every ACCUM_STEPS batches make one optimizer step (DDP synchronises gradients only on the last
+    of them). After each step the ranks agree, in one small all-reduce, on whether any saw a
+    non-finite loss and whether any was asked to stop, so they all take the same decision.
+    """
+    model.train()
+    bad_files = bad_files or BadFileLog()
+    num_batches = len(loader)  # type: ignore[arg-type]
+    accum = settings.accum_steps
+    device = settings.device
+    no_sync = getattr(model, "no_sync", None)  # present on DistributedDataParallel only
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images_done = steps = skipped = 0
+    group_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    group_images = 0
+    group_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    interrupted = False
+
+    show_bar = is_main_process() and sys.stdout.isatty()
+    bar = tqdm(total=num_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not show_bar)
+    _sync(device)
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for index, (images, targets, skipped_files) in enumerate(loader):
+        bad_files.add(skipped_files)
+        first_of_group = index - index % accum
+        group_size = min(accum, num_batches - first_of_group)
+        last_in_group = index == first_of_group + group_size - 1
+
+        images, targets = settings.to_device(images, targets)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        sync_context = no_sync() if no_sync is not None and not last_in_group else contextlib.nullcontext()
+        with sync_context:
+            with settings.autocast():
+                output = model(images)
+                loss = criterion(output, targets)
+            loss = loss.float()
+            # Mean over the group: `group_size` micro-batches of one size give the full batch's gradient.
+            scaler.scale(loss / group_size).backward()
+        batch = images.shape[0]
+        group_loss_sum += loss.detach().double() * batch
+        group_images += batch
+        group_nonfinite |= ~torch.isfinite(loss.detach())
+        bar.update(1)
+        if not last_in_group:
+            continue
+
+        # One collective per optimizer step carries both decisions every rank must share.
+        flags = torch.stack([group_nonfinite.float(), torch.tensor(float(stop_requested()), device=device)])
+        nonfinite_ranks, stop_ranks = all_reduce_sum(flags).tolist()
+        if nonfinite_ranks:
+            if settings.nonfinite_loss == "stop":
+                raise UserError(
+                    f"non-finite loss at epoch {epoch}, step {steps} (batch {index}); stopped, and the last "
+                    "checkpoint is kept as it was; lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or set "
+                    "TRAIN.NONFINITE_LOSS skip"
+                )
+            skipped += 1
+            log.warning("non-finite loss at epoch %d, step %d: step skipped (%d this epoch)", epoch, steps, skipped)
+        else:
+            if settings.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(unwrap_model(model))
+            loss_sum += group_loss_sum
+            images_done += group_images
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        group_loss_sum.zero_()
+        group_nonfinite.zero_()
+        group_images = 0
+
+        lr = optimizer.param_groups[0]["lr"]
+        if show_bar or (is_main_process() and (steps % settings.print_freq == 0 or index == num_batches - 1)):
+            elapsed = time.perf_counter() - start
+            mean_loss = loss_sum.item() / max(images_done, 1)
+            rate = images_done * world_size / elapsed if elapsed > 0 else 0.0
+            if show_bar:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            else:
+                log.info(
+                    "epoch %d [%d/%d] loss %.4f lr %.3e %.0f img/s",
+                    epoch, index + 1, num_batches, mean_loss, lr, rate,
+                )
+        if stop_ranks:
+            interrupted = True
+            break
+    bar.close()
+
+    totals = torch.stack([loss_sum, torch.tensor(float(images_done), dtype=torch.float64, device=device)])
+    total_loss, total_images = all_reduce_sum(totals).tolist()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return EpochResult(
+        loss=total_loss / total_images if total_images else math.nan,
+        images=int(total_images),
+        time_s=elapsed,
+        steps=steps,
+        skipped_steps=skipped,
+        interrupted=interrupted,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    settings: LoopSettings,
+    *,
+    bad_files: BadFileLog | None = None,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of `model` over `loader`.
+
+    Every rank sums its per-image losses and correct counts; the sums are all-reduced and divided
+    once. Per-image float32 losses summed in float64 lose nothing to rounding, so the totals do not
+    depend on how the images were split over ranks and batches: distributed numbers equal
+    single-process ones. Pass the bare model, not a DDP wrapper: ranks may hold different numbers
+    of batches, and a collective inside DDP's forward would then wait forever.
+    """
+    model.eval()
+    bad_files = bad_files or BadFileLog()
+    # loss sum, top-1 correct, top-5 correct, images
+    sums = torch.zeros(4, dtype=torch.float64, device=settings.device)
+    for images, targets, skipped_files in loader:
+        bad_files.add(skipped_files)
+        if images.shape[0] == 0:  # every file of this batch was unreadable
+            continue
+        images, targets = settings.to_device(images, targets)
+        with settings.autocast():
+            output = model(images)
+        output = output.float()
+        losses = F.cross_entropy(output, targets, reduction="none")
+        k = min(5, output.shape[1])
+        top = output.topk(k, dim=1).indices
+        hits = top.eq(targets.unsqueeze(1))
+        sums[0] += losses.double().sum()
+        sums[1] += hits[:, :1].sum()
+        sums[2] += hits.sum()
+        sums[3] += targets.shape[0]
+    loss_sum, top1, top5, count = all_reduce_sum(sums).tolist()
+    if count == 0:
+        raise UserError("evaluation saw no readable image; check the test split's folder and files")
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "images": int(count)}
