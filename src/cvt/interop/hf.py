@@ -62,41 +62,39 @@ def is_hf_state_dict(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith(("cvt.encoder.", "encoder.stages.")) for k in state_dict)
 
 
-def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename Hugging Face keys to the release's. Keys it does not know are kept as they are, so a
-    strict load reports them as unexpected rather than losing them silently."""
+def _convert(state_dict: Mapping[str, torch.Tensor], to_hf: bool, base_model_prefix: str = "cvt.") -> dict[str, torch.Tensor]:
+    if to_hf:
+        block, stage = _OFFICIAL_BLOCK, _OFFICIAL_STAGE
+        block_key, stage_key = f"{base_model_prefix}encoder.stages.{{}}.layers.{{}}.{{}}", f"{base_model_prefix}encoder.stages.{{}}.{{}}"
+    else:
+        block, stage = _HF_BLOCK, _HF_STAGE
+        block_key, stage_key = "stage{}.blocks.{}.{}", "stage{}.{}"
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         new = None
-        if m := _HF_BLOCK.match(key):
-            rest = _rename(m.group(3), _BLOCK_NAMES, reverse=True)
-            new = rest and f"stage{m.group(1)}.blocks.{m.group(2)}.{rest}"
-        elif m := _HF_STAGE.match(key):
-            rest = _rename(m.group(2), _STAGE_NAMES, reverse=True)
-            new = rest and f"stage{m.group(1)}.{rest}"
+        if m := block.match(key):
+            rest = _rename(m.group(3), _BLOCK_NAMES, reverse=not to_hf)
+            new = rest and block_key.format(m.group(1), m.group(2), rest)
+        elif m := stage.match(key):
+            rest = _rename(m.group(2), _STAGE_NAMES, reverse=not to_hf)
+            new = rest and stage_key.format(m.group(1), rest)
         else:
-            new = _rename(key, _TOP_NAMES, reverse=True)
+            new = _rename(key, _TOP_NAMES, reverse=not to_hf)
+        if new is None and to_hf:
+            raise KeyError(f"no Hugging Face name for key {key!r}")
         out[new or key] = value
     return out
 
 
+def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face keys to the release's. Keys it does not know are kept as they are, so a
+    strict load reports them as unexpected rather than losing them silently."""
+    return _convert(state_dict, to_hf=False)
+
+
 def official_to_hf(state_dict: Mapping[str, torch.Tensor], base_model_prefix: str = "cvt.") -> dict[str, torch.Tensor]:
     """Rename the release's keys to ``CvtForImageClassification``'s."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new = None
-        if m := _OFFICIAL_BLOCK.match(key):
-            rest = _rename(m.group(3), _BLOCK_NAMES, reverse=False)
-            new = rest and f"{base_model_prefix}encoder.stages.{m.group(1)}.layers.{m.group(2)}.{rest}"
-        elif m := _OFFICIAL_STAGE.match(key):
-            rest = _rename(m.group(2), _STAGE_NAMES, reverse=False)
-            new = rest and f"{base_model_prefix}encoder.stages.{m.group(1)}.{rest}"
-        else:
-            new = _rename(key, _TOP_NAMES, reverse=False)
-        if new is None:
-            raise KeyError(f"no Hugging Face name for key {key!r}")
-        out[new] = value
-    return out
+    return _convert(state_dict, to_hf=True, base_model_prefix=base_model_prefix)
 
 
 # config.json <-> MODEL.SPEC --------------------------------------------------------------------
