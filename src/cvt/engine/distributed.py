@@ -5,6 +5,7 @@ the collectives below are no-ops, so the training code has a single path.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -74,7 +75,9 @@ def init_distributed(timeout_s: float) -> DistEnv:
     """Join the process group torchrun describes (NCCL on CUDA, Gloo on CPU), or run alone.
 
     `timeout_s` bounds every collective, so a rank that died ends the run with an error instead of
-    leaving the others waiting forever.
+    leaving the others waiting forever. The group is joined once per process and left at exit, so
+    a script may call train() and then test(): re-creating the default group after destroying it
+    would reuse its rendezvous keys in torchrun's store and can connect to stale addresses.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -88,6 +91,7 @@ def init_distributed(timeout_s: float) -> DistEnv:
             # NCCL binds the communicator to this rank's GPU up front instead of guessing it later.
             device_id=device if device.type == "cuda" else None,
         )
+        atexit.register(cleanup)
         log.info("process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
@@ -119,6 +123,6 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one (run at exit by `init_distributed`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -49,7 +49,7 @@ from ..interop.checkpoint import load_checkpoint, read_checkpoint, save_official
 from ..io import append_jsonl, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from .checkpoint import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
-from .distributed import DistEnv, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .loop import BadFileLog, LoopSettings, build_criterion, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -168,15 +168,6 @@ def _reproducibility(cfg: CfgNode, rank: int) -> Iterator[None]:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.enabled = previous[1:]
 
 
-@contextlib.contextmanager
-def _process_group(cfg: CfgNode) -> Iterator[DistEnv]:
-    env = init_distributed(float(cfg.DIST_TIMEOUT_S))
-    try:
-        yield env
-    finally:
-        cleanup()
-
-
 def build_model(cfg: CfgNode) -> ConvolutionalVisionTransformer:
     """The network MODEL.SPEC, MODEL.NUM_CLASSES and MODEL.ACTIVATION describe."""
     return create_model(
@@ -264,8 +255,9 @@ def train(cfg: CfgNode) -> dict[str, Any]:
     Raises UserError for a mistake in the config or data, TrainingInterrupted on SIGINT/SIGTERM.
     """
     folder = output_dir(cfg)
-    with _process_group(cfg) as env, _run_logging(folder if env.is_main else None, env.is_main), \
-            _reproducibility(cfg, env.rank), _StopSignals() as stop:
+    env = init_distributed(float(cfg.DIST_TIMEOUT_S))
+    with _run_logging(folder if env.is_main else None, env.is_main), _reproducibility(cfg, env.rank), \
+            _StopSignals() as stop:
         return _train(cfg, env, folder, stop)
 
 
@@ -426,8 +418,8 @@ def test(cfg: CfgNode) -> dict[str, Any]:
     the same for any number of processes.
     """
     folder = output_dir(cfg)
-    with _process_group(cfg) as env, _run_logging(folder if env.is_main else None, env.is_main), \
-            _reproducibility(cfg, env.rank):
+    env = init_distributed(float(cfg.DIST_TIMEOUT_S))
+    with _run_logging(folder if env.is_main else None, env.is_main), _reproducibility(cfg, env.rank):
         return _test(cfg, env, folder)
 
 

@@ -1,0 +1,276 @@
+"""Engine pieces in isolation: optimizer groups, LR scaling and schedule, the epoch loop, evaluation,
+RNG and metrics bookkeeping. Tiny models on random tensors; no files except where a test needs one."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cvt.config import load_config
+from cvt.engine.checkpoint import capture_rng, restore_rng, truncate_metrics
+from cvt.engine.distributed import all_reduce_sum, init_distributed
+from cvt.engine.loop import LoopSettings, autocast_dtype, build_criterion, evaluate, train_one_epoch
+from cvt.engine.optim import build_optimizer, build_scheduler, no_decay_names, param_groups, scaled_lr
+from cvt.errors import UserError
+from cvt.models import create_model
+
+from conftest import TINY_SPEC
+
+CPU = torch.device("cpu")
+
+
+def _cfg(*opts: object):
+    return load_config(None, [str(o) for o in ("NAME", "unit", *opts)])
+
+
+def _tiny(method: str = "dw_bn", num_classes: int = 3) -> nn.Module:
+    spec = dict(TINY_SPEC, QKV_PROJ_METHOD=[method] * 3, DROP_PATH_RATE=[0.0, 0.0, 0.0])
+    return create_model(spec, num_classes=num_classes)
+
+
+def _settings(**changes) -> LoopSettings:
+    base = LoopSettings(device=CPU, amp_dtype=None, channels_last=False, accum_steps=1,
+                        clip_grad_norm=0.0, nonfinite_loss="stop", print_freq=1000)
+    return LoopSettings(**{**base.__dict__, **changes})
+
+
+def _batches(n: int, size: int, num_classes: int = 3, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, num_classes, (size,), generator=g), [])
+            for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------------
+
+
+def test_no_decay_groups_follow_the_release_list():
+    model = _tiny()
+    names = no_decay_names(model, ["bn", "bias", "ln"])
+    all_names = {n for n, _ in model.named_parameters()}
+    assert "stage2.cls_token" in names  # model.no_weight_decay()
+    assert "stage0.blocks.0.attn.conv_proj_q.bn.weight" in names  # 'bn' by module type
+    assert {"stage0.blocks.0.norm1.weight", "stage1.patch_embed.norm.weight", "norm.weight"} <= names  # 'ln'
+    assert {n for n in all_names if n.endswith(".bias")} <= names  # 'bias'
+    decayed = all_names - names
+    assert "stage0.blocks.0.attn.conv_proj_k.conv.weight" in decayed  # depthwise: only with 'dw'
+    assert {"stage0.patch_embed.proj.weight", "head.weight", "stage1.blocks.0.mlp.fc1.weight"} <= decayed
+    assert all(n.endswith(".weight") for n in decayed)
+
+    with_dw = no_decay_names(model, ["dw"])
+    assert {n for n in all_names if ".conv_proj_" in n and n.endswith("conv.weight")} == with_dw - {"stage2.cls_token"}
+    # Any other entry matches as a piece of the name.
+    assert no_decay_names(model, ["head"]) == {"stage2.cls_token", "head.weight", "head.bias"}
+
+
+def test_param_groups_carry_the_decay():
+    model = _tiny()
+    decay, no_decay = param_groups(model, 0.05, ["bn", "bias", "ln"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    exempt = no_decay_names(model, ["bn", "bias", "ln"])
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert {by_id[id(p)] for p in no_decay["params"]} == exempt
+
+
+@pytest.mark.parametrize("scale, world, accum, expected", [(True, 1, 1, 1e-3), (True, 8, 1, 8e-3),
+                                                           (True, 4, 2, 8e-3), (False, 8, 2, 1e-3)])
+def test_lr_scaling(scale, world, accum, expected):
+    cfg = _cfg("TRAIN.LR", 1e-3, "TRAIN.SCALE_LR", scale, "TRAIN.ACCUM_STEPS", accum)
+    assert scaled_lr(cfg, world) == pytest.approx(expected)
+
+
+def test_optimizers_from_config():
+    model = _tiny()
+    sgd = build_optimizer(_cfg("TRAIN.OPTIMIZER", "sgd", "TRAIN.MOMENTUM", 0.8, "TRAIN.NESTEROV", True), model, 0.1, CPU)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"]
+    adamw = build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW", "TRAIN.WD", 0.05, "TRAIN.OPTIMIZER_ARGS.betas", (0.8, 0.9)),
+                            model, 0.1, CPU)
+    assert isinstance(adamw, torch.optim.AdamW) and not adamw.param_groups[0]["fused"]
+    assert tuple(adamw.param_groups[0]["betas"]) == (0.8, 0.9)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert isinstance(build_optimizer(_cfg("TRAIN.OPTIMIZER", "adam"), model, 0.1, CPU), torch.optim.Adam)
+    with pytest.raises(UserError, match="OPTIMIZER_ARGS"):
+        build_optimizer(_cfg("TRAIN.OPTIMIZER", "sgd", "TRAIN.OPTIMIZER_ARGS.bogus", 1), model, 0.1, CPU)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = _cfg(
+        "TRAIN.END_EPOCH", 100, "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", 5,
+        "TRAIN.LR_SCHEDULER.ARGS.warmup_lr", 1e-6, "TRAIN.LR_SCHEDULER.ARGS.min_lr", 1e-5,
+    )
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    def lr_at(epoch: int) -> float:
+        scheduler.step(epoch)
+        return optimizer.param_groups[0]["lr"]
+
+    assert lr_at(0) == pytest.approx(1e-6)
+    assert lr_at(1) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 5)  # linear warmup
+    assert lr_at(5) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 5 / 100)))
+    assert lr_at(50) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at(100) == pytest.approx(1e-5)
+    with pytest.raises(UserError, match="TRAIN.LR_SCHEDULER.METHOD"):
+        build_scheduler(_cfg("TRAIN.LR_SCHEDULER.METHOD", "MultiStep"), optimizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop
+# --------------------------------------------------------------------------------------------------
+
+
+def test_accumulation_equals_one_full_batch():
+    """Two half batches accumulated give the full batch's mean gradient, hence the same SGD step.
+
+    The 'linear' projection has no BatchNorm, whose batch statistics would differ between a batch
+    of 8 and two of 4; with it the two runs differ only by float summation order."""
+    torch.manual_seed(0)
+    full_model = _tiny("linear")
+    accum_model = copy.deepcopy(full_model)
+    full = _batches(2, 8)
+    halves = [(x[i:i + 4], y[i:i + 4], []) for x, y, _ in full for i in (0, 4)]
+    for model, batches, accum in ((full_model, full, 1), (accum_model, halves, 2)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        result = train_one_epoch(model, batches, nn.CrossEntropyLoss(), opt, _settings(accum_steps=accum),
+                                 epoch=0, scaler=torch.amp.GradScaler("cpu", enabled=False))
+        assert result.steps == 2 and result.images == 16
+    for (name, a), b in zip(full_model.state_dict().items(), accum_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _NanOnBatch(nn.Module):
+    def __init__(self, bad_call: int) -> None:
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, output, target):
+        loss = nn.functional.cross_entropy(output, target)
+        self.calls += 1
+        return loss * float("nan") if self.calls == self.bad_call else loss
+
+
+def test_nonfinite_loss_stop_names_epoch_and_step():
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError, match=r"epoch 4, step 1"):
+        train_one_epoch(model, _batches(3, 4), _NanOnBatch(2), opt, _settings(), epoch=4,
+                        scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_nonfinite_loss_skip_leaves_weights_alone():
+    model = _tiny()
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = train_one_epoch(model, _batches(1, 4), _NanOnBatch(1), opt, _settings(nonfinite_loss="skip"), epoch=0,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert result.skipped_steps == 1 and result.images == 0
+    params = dict(model.named_parameters())
+    for name, value in before.items():
+        if name in params:  # BatchNorm running stats move in the forward pass; weights must not
+            assert torch.equal(value, params[name]), name
+
+
+def test_stop_request_ends_the_epoch_after_the_current_step():
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = train_one_epoch(model, _batches(5, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=0,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), stop_requested=lambda: True)
+    assert result.interrupted and result.steps == 1 and result.images == 4
+
+
+def test_ema_follows_each_step_and_clipping_runs():
+    from timm.utils import ModelEmaV3
+
+    model = _tiny()
+    ema = ModelEmaV3(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, _batches(2, 4), nn.CrossEntropyLoss(), opt, _settings(clip_grad_norm=0.01), epoch=0,
+                    scaler=torch.amp.GradScaler("cpu", enabled=False), ema=ema)
+    weight = "head.weight"
+    assert not torch.equal(ema.module.state_dict()[weight], model.state_dict()[weight])
+
+
+def test_bfloat16_autocast_trains_on_cpu():
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    result = train_one_epoch(model, _batches(2, 4), nn.CrossEntropyLoss(), opt, _settings(amp_dtype=torch.bfloat16,
+                             channels_last=True), epoch=0, scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert math.isfinite(result.loss)
+    assert model.head.weight.dtype == torch.float32
+
+
+def test_evaluate_counts_every_image_and_skips_empty_batches():
+    model = _tiny(num_classes=7).eval()
+    batches = _batches(3, 5, num_classes=7)
+    batches.insert(1, (torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long), [("x.png", "truncated")]))
+    metrics = evaluate(model, batches, _settings())
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _, _ in batches if len(x)])
+    targets = torch.cat([y for _, y, _ in batches])
+    top5 = logits.topk(5, dim=1).indices
+    assert metrics["images"] == 15
+    assert metrics["top1"] == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
+    assert metrics["top5"] == pytest.approx(100 * (top5 == targets[:, None]).any(1).float().mean().item())
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
+
+
+def test_autocast_dtype_and_criterion_choice():
+    assert autocast_dtype(_cfg("AMP.ENABLED", False), CPU) is None
+    assert autocast_dtype(_cfg("AMP.ENABLED", True), CPU) == torch.bfloat16
+    with pytest.raises(UserError, match="float16"):
+        autocast_dtype(_cfg("AMP.ENABLED", True, "AMP.DTYPE", "float16"), CPU)
+
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    assert isinstance(build_criterion(_cfg(), None), nn.CrossEntropyLoss)
+    assert isinstance(build_criterion(_cfg("LOSS.LABEL_SMOOTHING", 0.1), None), LabelSmoothingCrossEntropy)
+    assert isinstance(build_criterion(_cfg("LOSS.LABEL_SMOOTHING", 0.1), object()), SoftTargetCrossEntropy)
+    with pytest.raises(UserError, match="LOSS.LOSS"):
+        build_criterion(_cfg("LOSS.LOSS", "bce"), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bookkeeping
+# --------------------------------------------------------------------------------------------------
+
+
+def test_rng_states_survive_a_weights_only_round_trip():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    buffer = io.BytesIO()
+    torch.save({"rng": capture_rng()}, buffer)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    buffer.seek(0)
+    states = torch.load(buffer, weights_only=True)["rng"]
+    assert restore_rng(states, rank=0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert not restore_rng(states, rank=1)  # no state saved for that rank
+
+
+def test_truncate_metrics_keeps_earlier_epochs_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"epoch": e, "val_top1": e}) for e in range(4)]
+    path.write_text("\n".join(lines) + '\n{"epoch": 4, "val_t')
+    truncate_metrics(path, 2)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+    truncate_metrics(tmp_path / "absent.jsonl", 0)
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_single_process_without_torchrun_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = init_distributed(60)
+    assert (env.rank, env.world_size, env.is_main, env.distributed, env.device) == (0, 1, True, False, CPU)
+    t = torch.ones(2)
+    assert torch.equal(all_reduce_sum(t), torch.ones(2))

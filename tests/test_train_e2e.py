@@ -1,0 +1,255 @@
+"""train(cfg) and test(cfg) end to end on a generated 3-class image folder with a tiny CvT: the run
+folder's files, resume (plain, after a crash, after a signal, and bit-exact under DETERMINISTIC),
+fine-tuning, and the class checks."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvt.config import load_config
+from cvt.engine import TrainingInterrupted, train
+from cvt.engine import test as run_test  # not named test_*: pytest would collect it
+from cvt.errors import UserError
+from cvt.interop.checkpoint import read_checkpoint
+from cvt.models import create_model
+
+from conftest import TINY_SPEC
+
+# The module, not the function `cvt.engine.train` that the package exports under the same name.
+engine_train = importlib.import_module("cvt.engine.train")
+
+CLASSES = ("circle", "cross", "square")
+TRAIN_PER_CLASS = (8, 8, 8)
+VAL_PER_CLASS = (4, 3, 4)  # 11 images: an odd count, so two ranks get unequal shards
+
+
+def _draw(kind: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A noisy left-right symmetric picture of class `kind`, so horizontal flips change nothing."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    shape = [np.hypot(x, y) < size / 3, (np.abs(x) < 3) | (np.abs(y) < 3), np.maximum(np.abs(x), np.abs(y)) < size / 3][kind]
+    image = shape[..., None] * np.array([200, 120 + 40 * kind, 60]) + rng.integers(0, 50, (size, size, 3))
+    image = (image + image[:, ::-1]) / 2
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_image_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for kind, (name, count) in enumerate(zip(CLASSES, counts)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(_draw(kind, rng)).save(folder / f"{i}.png")
+    return root
+
+
+def run_opts(data: Path, out: Path, *extra: object) -> list[str]:
+    """Overrides for a tiny, fast, CPU run on the generated folder."""
+    opts: list[object] = [
+        "NAME", "tiny", "OUTPUT_DIR", out, "DATASET.DATASET", "shapes", "DATASET.ROOT", data,
+        "MODEL.NUM_CLASSES", len(CLASSES),
+        "MODEL.SPEC.DIM_EMBED", TINY_SPEC["DIM_EMBED"], "MODEL.SPEC.NUM_HEADS", TINY_SPEC["NUM_HEADS"],
+        "MODEL.SPEC.DEPTH", [1, 1, 1],
+        "TRAIN.IMAGE_SIZE", [32, 32], "TEST.IMAGE_SIZE", [32, 32], "TEST.CENTER_CROP", False,
+        "AUG.SCALE", (0.8, 1.0),
+        "TRAIN.BATCH_SIZE_PER_GPU", 8, "TEST.BATCH_SIZE_PER_GPU", 4, "WORKERS", 0,
+        "TRAIN.OPTIMIZER", "adamW", "TRAIN.LR", 2e-3, "TRAIN.WD", 0.05, "TRAIN.WITHOUT_WD_LIST", ["bn", "bias", "ln"],
+        "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", 1, "TRAIN.LR_SCHEDULER.ARGS.warmup_lr", 1e-4,
+        "TRAIN.END_EPOCH", 2, "PRINT_FREQ", 1, "TENSORBOARD", True,
+        *extra,
+    ]
+    return [str(o) for o in opts]
+
+
+def config(data: Path, out: Path, *extra: object):
+    return load_config(None, run_opts(data, out, *extra))
+
+
+def epochs_in(folder: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> dict:
+    """One 2-epoch run with EMA, shared by the tests that only read its folder."""
+    out = tmp_path_factory.mktemp("run")
+    return train(config(data, out, "TRAIN.EMA.ENABLED", True, "TRAIN.EMA.DECAY", 0.9))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_writes_every_output(run):
+    folder = Path(run["output_dir"])
+    assert folder.name == "tiny" and folder.parent.name == "shapes"
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "checkpoint.pth", "model_best.pth", "final_state.pth"):
+        assert (folder / name).is_file(), name
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(folder / "config.yaml").TRAIN.EMA.ENABLED  # the saved config reloads
+
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for r in records:
+        for key in ("lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_sec", "epoch_time_s",
+                    "val_top1_ema"):
+            assert isinstance(r[key], float), key
+    assert records[0]["lr"] == pytest.approx(1e-4)  # warmup start
+    assert run["metrics"] == records[-1]
+    assert run["best_top1"] == max(r["val_top1"] for r in records)
+
+    ckpt = torch.load(folder / "checkpoint.pth", weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "best_top1", "class_names",
+                         "spec", "act", "config", "rng"}
+    assert ckpt["epoch"] == 2 and ckpt["class_names"] == list(CLASSES) and ckpt["act"] == "quick_gelu"
+    assert ckpt["ema"] is not None and ckpt["ema"].keys() == ckpt["model"].keys()
+    assert not all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
+
+    model = create_model(dict(ckpt["spec"]), num_classes=3)
+    for name in ("model_best.pth", "final_state.pth"):
+        state = torch.load(folder / name, weights_only=True)
+        assert list(state) == list(model.state_dict())  # the official layout, nothing else
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in torch.load(folder / "final_state.pth").items())
+    log = (folder / "log.txt").read_text()
+    assert "epoch 1:" in log and "cvt predict --cfg" in log
+
+
+@pytest.mark.slow
+def test_test_reports_the_same_numbers_as_training(run, data):
+    folder = Path(run["output_dir"])
+    for weights in ("final_state.pth", "checkpoint.pth"):
+        result = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", folder / weights))
+        written = json.loads((folder / "test_metrics.json").read_text())
+        assert written["model_file"] == str(folder / weights)
+        for key in ("top1", "top5", "loss"):
+            assert result[key] == written[key] == run["metrics"][f"val_{key}"]
+        assert written["images"] == sum(VAL_PER_CLASS)
+
+
+@pytest.mark.slow
+def test_auto_resume_after_a_crash_runs_each_epoch_once(run, data, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(Path(run["output_dir"]), out / "shapes" / "tiny")
+    folder = out / "shapes" / "tiny"
+    # A crash after epoch 2's record was written but before its checkpoint: a record and a torn line.
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "val_top1": 0.0}) + '\n{"epoch": 3, "lr')
+    result = train(config(data, out, "TRAIN.END_EPOCH", 3))
+    assert epochs_in(folder) == [0, 1, 2]
+    assert torch.load(folder / "checkpoint.pth", weights_only=True)["epoch"] == 3
+    assert "resumed from" in (folder / "log.txt").read_text()
+    assert result["metrics"]["epoch"] == 2
+
+
+def _stop_in_epoch(monkeypatch, epoch: int, *, real_signal: bool) -> None:
+    """Make training stop during `epoch`: by a real SIGINT to this process, or by a stop request."""
+    real = engine_train.train_one_epoch
+
+    def wrapped(*args, **kwargs):
+        if kwargs["epoch"] == epoch:
+            if real_signal:
+                os.kill(os.getpid(), signal.SIGINT)  # handled by train(): finish the step, then stop
+            else:
+                kwargs["stop_requested"] = lambda: True
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_train, "train_one_epoch", wrapped)
+
+
+@pytest.mark.slow
+def test_deterministic_resume_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    # Mixup (NumPy's generator), drop path (torch's) and random crops (torch's, in-process) all draw
+    # random numbers, so only a full restore of every generator makes the runs equal.
+    extra = ("DETERMINISTIC", True, "TRAIN.END_EPOCH", 3, "AUG.MIXUP_PROB", 1.0, "AUG.MIXUP", 0.8,
+             "MODEL.SPEC.DROP_PATH_RATE", [0.0, 0.0, 0.2], "TRAIN.EMA.ENABLED", True, "TENSORBOARD", False)
+    straight = train(config(data, tmp_path / "a", *extra))
+
+    with monkeypatch.context() as patch:
+        _stop_in_epoch(patch, 1, real_signal=False)
+        with pytest.raises(TrainingInterrupted):
+            train(config(data, tmp_path / "b", *extra))
+    folder = tmp_path / "b" / "shapes" / "tiny"
+    # Under DETERMINISTIC the partial epoch is dropped: the checkpoint is still epoch 1's start.
+    assert torch.load(folder / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    resumed = train(config(data, tmp_path / "b", *extra))
+
+    a = torch.load(straight["final_state"], weights_only=True)
+    b = torch.load(resumed["final_state"], weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = torch.load(straight["checkpoint"], weights_only=True)["ema"]
+    ema_b = torch.load(resumed["checkpoint"], weights_only=True)["ema"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert epochs_in(folder) == [0, 1, 2]
+    assert resumed["metrics"] == {**straight["metrics"], "images_per_sec": resumed["metrics"]["images_per_sec"],
+                                  "epoch_time_s": resumed["metrics"]["epoch_time_s"]}
+
+
+@pytest.mark.slow
+def test_sigint_saves_mid_epoch_progress_and_resume_redoes_the_epoch(data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _stop_in_epoch(patch, 1, real_signal=True)
+        with pytest.raises(TrainingInterrupted) as info:
+            train(config(data, out, "TENSORBOARD", False))
+    assert info.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    folder = out / "shapes" / "tiny"
+    saved = torch.load(folder / "checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == 1  # epoch 1 is not completed...
+    after_epoch0 = read_checkpoint(folder / "model_best.pth").state_dict
+    assert not all(torch.equal(saved["model"][k], after_epoch0[k]) for k in after_epoch0)  # ...but its progress is kept
+    assert epochs_in(folder) == [0]
+    train(config(data, out, "TENSORBOARD", False))
+    assert epochs_in(folder) == [0, 1]
+
+
+@pytest.mark.slow
+def test_class_count_mismatches_are_user_errors(run, data, tmp_path):
+    with pytest.raises(UserError, match=r"MODEL.NUM_CLASSES is 5 but .* has 3 class folders; set MODEL.NUM_CLASSES 3"):
+        train(config(data, tmp_path, "MODEL.NUM_CLASSES", 5))
+    with pytest.raises(UserError, match=r"3-class head but MODEL.NUM_CLASSES is 4"):
+        run_test(config(data, tmp_path, "MODEL.NUM_CLASSES", 4, "TEST.MODEL_FILE", run["final_state"]))
+    with pytest.raises(UserError, match="TEST.MODEL_FILE"):
+        run_test(config(data, tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_test_refuses_class_folders_the_checkpoint_does_not_know(run, data, tmp_path):
+    shutil.copytree(data, tmp_path / "data")
+    (tmp_path / "data" / "val" / "square").rename(tmp_path / "data" / "val" / "squares")
+    with pytest.raises(UserError, match="class folders differ from the checkpoint"):
+        run_test(config(tmp_path / "data", tmp_path, "TEST.MODEL_FILE", run["checkpoint"]))
+
+
+@pytest.mark.slow
+def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
+    two = tmp_path / "two"
+    for split in ("train", "val"):
+        for name in CLASSES[:2]:
+            shutil.copytree(data / split / name, two / split / name)
+    result = train(config(two, tmp_path, "MODEL.NUM_CLASSES", 2, "MODEL.PRETRAINED", run["final_state"],
+                          "TRAIN.END_EPOCH", 1, "TENSORBOARD", False))
+    assert "its head is dropped" in (Path(result["output_dir"]) / "log.txt").read_text()
+
+    # Only the named top-level layers are taken from the file.
+    cfg = config(data, tmp_path, "MODEL.PRETRAINED", run["final_state"], "MODEL.PRETRAINED_LAYERS", ["stage0"])
+    model = engine_train.build_model(cfg)
+    engine_train._load_pretrained(cfg, model)
+    pretrained = torch.load(run["final_state"], weights_only=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], pretrained[k]) for k in state if k.startswith("stage0."))
+    assert not torch.equal(state["head.weight"], pretrained["head.weight"])
