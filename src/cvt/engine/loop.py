@@ -268,9 +268,9 @@ def evaluate(
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of `model` over `loader`.
 
     Every rank sums its per-image losses and correct counts; the sums are all-reduced and divided
-    once. Per-image float32 losses summed in float64 lose nothing to rounding, so the totals do not
-    depend on how the images were split over ranks and batches: distributed numbers equal
-    single-process ones. Pass the bare model, not a DDP wrapper: ranks may hold different numbers
+    once. The correct counts are integers, so top-1 and top-5 do not depend on how the images were
+    split over ranks and batches; the loss is a float64 sum of float32 values, whose 29 spare bits
+    make its order practically irrelevant (any difference is at the 1e-15 level). Pass the bare model, not a DDP wrapper: ranks may hold different numbers
     of batches, and a collective inside DDP's forward would then wait forever.
     """
     model.eval()

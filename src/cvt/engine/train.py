@@ -50,7 +50,7 @@ from ..io import append_jsonl, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from .checkpoint import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
-from .loop import BadFileLog, LoopSettings, build_criterion, evaluate, train_one_epoch
+from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
 __all__ = ["TrainingInterrupted", "build_model", "test", "train"]
@@ -83,20 +83,30 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class _StopSignals:
     """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second one
-    aborts immediately. Installed only in the main thread (Python delivers signals only there)."""
+    aborts immediately. Installed only in the main thread (Python delivers signals only there).
+
+    Under torchrun a Ctrl-C reaches every worker twice, from the terminal and forwarded by the agent,
+    so there repeats are ignored: the agent itself escalates to SIGKILL after its shutdown timeout.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._repeat_aborts = "TORCHELASTIC_RUN_ID" not in os.environ
 
     def requested(self) -> bool:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if self._repeat_aborts:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
-        log.warning("%s received: stopping after the current step (send it again to abort now)", signal.Signals(signum).name)
+        log.warning(
+            "%s received: stopping after the current step%s", signal.Signals(signum).name,
+            " (send it again to abort now)" if self._repeat_aborts else "",
+        )
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -224,7 +234,7 @@ def _wrap(model: torch.nn.Module, cfg: CfgNode, env: DistEnv) -> tuple[torch.nn.
     return train_model, model
 
 
-def _epoch_record(epoch: int, lr: float, result: Any, val: dict[str, float] | None,
+def _epoch_record(epoch: int, lr: float, result: EpochResult, val: dict[str, float] | None,
                   ema_val: dict[str, float] | None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -377,7 +387,8 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
                 if cfg.TRAIN.SAVE_ALL_MODELS:
                     save_official(model, folder / f"model_{epoch}.pth")
 
-            stop_flag = torch.tensor([float(stop.requested())], device=device)
+            # After the last epoch only final_state.pth is left to write: finish instead of stopping.
+            stop_flag = torch.tensor([float(stop.requested() and epoch + 1 < end_epoch)], device=device)
             if all_reduce_sum(stop_flag).item():
                 log.warning("stopped after epoch %d; a resume continues at epoch %d", epoch, epoch + 1)
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint_path)
@@ -395,7 +406,7 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
     weights = best_path if best_path.exists() else final_path
     log.info("done: best val top-1 %s", f"{best_top1:.2f}%" if best_top1 is not None else "n/a")
     log.info("checkpoint: %s", checkpoint_path)
-    log.info("try it: cvt predict --cfg %s --weights %s <image>", folder / "config.yaml", weights)
+    log.info("try it: cvt predict --cfg %s --weights %s %s", folder / "config.yaml", weights, val_set.samples[0][0])
     return {
         "output_dir": str(folder),
         "checkpoint": str(checkpoint_path),
