@@ -355,3 +355,30 @@ def test_bf16_autocast_train_is_close_to_fp32():
     _assert_bf16_close(got, ref(x))
     got.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile: one graph, no breaks, in train and eval mode
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compiles_to_one_graph_in_train_and_eval():
+    """fullgraph=True fails on any graph break. The 'aot_eager' backend traces forward and backward
+    like inductor does but skips code generation, so this takes seconds; benchmarks/bench_model.py
+    runs the real compiler (inductor) with fullgraph=True."""
+    fast, ref = model_pair(small_spec())
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 96, 96)
+    fast.train()
+    ref.train()
+    out, expected = compiled(x), ref(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=EVAL_ATOL)
+    out.sum().backward()
+    expected.sum().backward()
+    _assert_grads_close(fast, ref)
+    fast.eval()
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=EVAL_ATOL)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _assert_bf16_close(compiled(x), ref(x))

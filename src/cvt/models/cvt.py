@@ -7,13 +7,18 @@ with no key conversion. The arithmetic equals the release's in fp32 eval mode to
 speed comes from how it is computed, never from what:
 
 * attention runs through ``scaled_dot_product_attention`` with the published scale (stage width ** -0.5,
-  not head width);
+  not head width), except in eager bf16 inference on CPU, where plain matmuls a few images at a time
+  are faster;
 * QuickGELU ``y * sigmoid(1.702 y)`` equals ``silu(1.702 y) / 1.702``, so the two constants are folded
   into the weights of the linears around it and the activation is one fused SiLU;
+* on CPU the token linears run as 1x1 convolutions of channels-last maps (oneDNN, with the bias and, in
+  inference, the activation inside the kernel);
 * in eval mode, BatchNorm is folded into the depthwise convolution in front of it;
 * tokens (B, N, C) and maps (B, C, H, W) are views of one another in channels-last memory layout,
   so moving between them copies nothing;
 * LayerNorm runs in float32 as published, without a round trip when the input already is float32.
+
+benchmarks/RESULTS.md has the measured effect of each of these.
 """
 from __future__ import annotations
 
@@ -164,6 +169,62 @@ class LayerNormFp32(nn.LayerNorm):
         return out.to(x.dtype)
 
 
+# Activations ``token_linear`` applies, and their names as oneDNN post-ops (attr, algorithm).
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+_ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
+
+
+def token_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
+) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens.
+
+    On CPU it runs as a 1x1 convolution of the tokens seen as a channels-last (B, C, 1, N) map (a view,
+    no copy): the same sums through oneDNN, whose kernels were 1.3-2x faster than the MKL sgemm behind
+    ``F.linear`` on the benchmark machine, forward and backward, and add the bias inside the kernel
+    (benchmarks/RESULTS.md). In inference the activation runs inside the kernel too, which saves a
+    pass over, and an allocation of, the widest tensor of the MLP. Elsewhere (CUDA) ``F.linear`` is
+    the fast path.
+    """
+    if x.device.type != "cpu" or x.dim() != 3:
+        out = F.linear(x, weight, bias)
+        return out if activation is None else _ACTIVATIONS[activation](out)
+    x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
+    dtype = None if activation is None else _fused_inference_dtype(x)
+    if dtype is not None:
+        attr, algorithm = _ONEDNN_POST_OPS[activation]
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x_map.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+            [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm,
+        )
+    else:
+        out = F.conv2d(x_map, weight, bias)
+        out = out if activation is None else _ACTIVATIONS[activation](out)
+    return out.squeeze(2).transpose(1, 2)
+
+
+def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which oneDNN's inference-only kernels with fused epilogues may run, or None.
+
+    They have no backward, so they need autograd off; they run on CPU in fp32 or bf16. Autocast does
+    not know them, so under autocast the caller casts their inputs to the autocast dtype by hand, as
+    autocast would for ``F.linear``. Under ``torch.compile`` the compiler fuses by itself.
+    """
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cast to the autocast dtype when autocast is on: done once for a tensor that feeds several
+    autocast ops, instead of once per op."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class Mlp(nn.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout.
 
@@ -184,11 +245,11 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act == "gelu":
-            h = F.gelu(self.fc1(x))
-            return self.drop(self.fc2(self.drop(h)))
+            h = token_linear(x, self.fc1.weight, self.fc1.bias, "gelu")
+            return self.drop(token_linear(self.drop(h), self.fc2.weight, self.fc2.bias))
         a = QUICK_GELU_ALPHA
-        h = F.silu(F.linear(x, self.fc1.weight * a, self.fc1.bias * a))
-        return self.drop(F.linear(self.drop(h), self.fc2.weight * (1.0 / a), self.fc2.bias))
+        h = token_linear(x, self.fc1.weight * a, self.fc1.bias * a, "silu")
+        return self.drop(token_linear(self.drop(h), self.fc2.weight * (1.0 / a), self.fc2.bias))
 
 
 class ConvProjection(nn.Module):
@@ -229,6 +290,36 @@ def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C); a view when the map is channels-last."""
     return x.flatten(2).transpose(1, 2)
+
+
+# The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
+# are reused by the allocator, where the whole batch's (79 MiB in CvT-13's first stage) would not.
+_SCORE_CHUNK_BYTES = 8 * 2**20
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
+
+    ``scaled_dot_product_attention`` everywhere, except in eager bf16 inference on CPU: there its fused
+    kernel ran at half the speed of two plain oneDNN bf16 matmuls around a vectorised softmax, done a
+    few images at a time (benchmarks/RESULTS.md). That is also the published model's arithmetic under
+    autocast (bf16 scores, bf16 probabilities).
+    """
+    if (
+        q.device.type != "cpu"
+        or q.dtype != torch.bfloat16
+        or torch.is_grad_enabled()
+        or dropout_p > 0.0
+        or torch.compiler.is_compiling()
+    ):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+    chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
+    out = []
+    for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
+        scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
+        out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
+    return torch.cat(out)
 
 
 class Attention(nn.Module):
@@ -275,6 +366,7 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = _to_autocast_dtype(x)  # one cast for the three projections below, not one each
         if self.with_cls_token:
             cls, tokens = x[:, :1], x[:, 1:]
         else:
@@ -282,18 +374,18 @@ class Attention(nn.Module):
         if cls is None and self.conv_proj_q is None and self.conv_proj_k is None:
             q_in = k_in = v_in = x  # all-'linear': no convolution at all (the release crashes here)
         else:
-            x_map = tokens_to_map(tokens, height, width)
+            # The convolutions want a dense channels-last map: a view of the tokens without a cls
+            # token; with one, a single copy here rather than one inside each of the three convolutions.
+            x_map = tokens_to_map(tokens, height, width).contiguous(memory_format=torch.channels_last)
             q_in = self._project(self.conv_proj_q, cls, x_map, tokens)
             k_in = self._project(self.conv_proj_k, cls, x_map, tokens)
             v_in = self._project(self.conv_proj_v, cls, x_map, tokens)
-        q = self._split_heads(self.proj_q(q_in))
-        k = self._split_heads(self.proj_k(k_in))
-        v = self._split_heads(self.proj_v(v_in))
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
+        q = self._split_heads(token_linear(q_in, self.proj_q.weight, self.proj_q.bias))
+        k = self._split_heads(token_linear(k_in, self.proj_k.weight, self.proj_k.bias))
+        v = self._split_heads(token_linear(v_in, self.proj_v.weight, self.proj_v.bias))
+        out = attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).flatten(2)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(token_linear(out, self.proj.weight, self.proj.bias))
 
 
 class Block(nn.Module):
