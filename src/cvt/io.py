@@ -1,6 +1,7 @@
 """Atomic file writes: a crash mid-write never leaves a half-written file in place of a good one."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -24,14 +25,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    The old file stays intact until the new one is complete on disk.
+    The old file stays intact until the new one is complete on disk. A process killed mid-write
+    (SIGKILL, a lost node) leaves its temporary file behind, as big as the file itself; the next
+    successful write of `path` removes such leftovers, so one writer per path is assumed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -42,6 +49,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
