@@ -316,6 +316,8 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
             log.warning("%s holds no generator state for rank %d: continuing with fresh seeds", resume_from, env.rank)
         log.info("resumed from %s at epoch %d (best top-1 so far %s)", resume_from, start_epoch, best_top1)
     end_epoch = int(cfg.TRAIN.END_EPOCH)
+    if start_epoch >= end_epoch:
+        log.info("all %d epochs (TRAIN.END_EPOCH) are done already; raise TRAIN.END_EPOCH to train on", end_epoch)
     if env.is_main:
         truncate_metrics(folder / METRICS, start_epoch)
     scheduler.step(start_epoch)
@@ -380,12 +382,12 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
                         if key != "epoch" and value is not None:
                             writer.add_scalar(key, value, epoch)
                     writer.flush()
-            save(epoch + 1)
-            if env.is_main:
+                # Before the checkpoint, which records best_top1: model_best.pth is never older.
                 if is_best:
                     save_official(model, folder / MODEL_BEST)
                 if cfg.TRAIN.SAVE_ALL_MODELS:
                     save_official(model, folder / f"model_{epoch}.pth")
+            save(epoch + 1)
 
             # After the last epoch only final_state.pth is left to write: finish instead of stopping.
             stop_flag = torch.tensor([float(stop.requested() and epoch + 1 < end_epoch)], device=device)
