@@ -8,13 +8,23 @@ Every loader yields the batch contract ``(images, targets, bad_files)``:
 * ``bad_files``: list of ``(path, reason)`` skipped while making this batch, for the engine to report.
 
 Order is reproducible: the training sampler is torch's DistributedSampler even for one process, so
-``loader.sampler.set_epoch(epoch)`` makes an epoch's order a function of SEED and the epoch alone and
-a resumed run sees the same batches. Testing shards indices as rank::world_size with no padding and
-no dropping, so a distributed evaluation counts every image exactly once.
+``loader.set_epoch(epoch)`` makes an epoch's order a function of SEED and the epoch alone and a
+resumed run sees the same batches. It also reseeds the worker processes, so with WORKERS > 0 an
+epoch's augmentation is a function of SEED, the rank and the epoch; under DETERMINISTIC the workers
+are started afresh every epoch for that (persistent ones would carry their generators on from
+epochs a resumed run never ran). Testing shards indices as rank::world_size with no padding and no
+dropping, so a distributed evaluation counts every image exactly once.
+
+Worker processes run in a process group of their own: a signal to the training process's group
+(Ctrl-C in a terminal, torchrun stopping its workers) then reaches only the training process, which
+finishes the current step, saves and shuts its workers down. A worker that died of it would crash
+the run instead.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -85,15 +95,25 @@ class ShardSampler(Sampler[int]):
 
 
 class FolderLoader(DataLoader):
-    """A DataLoader that raises the 'stop' policy's bad-file error in the main process.
+    """A DataLoader with per-epoch seeding that raises the 'stop' policy's bad-file error in the main
+    process.
 
     A `UserError` raised inside a worker process arrives wrapped in a multi-line traceback; under
     'stop' the dataset returns the bad file as data instead and this raises the one-line error here.
+    `seed` (a list of ints) with the epoch seeds the generator the worker processes are seeded from.
     """
 
-    def __init__(self, dataset: ImageFolderDataset, **kwargs) -> None:
+    def __init__(self, dataset: ImageFolderDataset, *, seed: list[int], **kwargs) -> None:
         self.stop_on_bad = dataset.bad_files == "stop"
-        super().__init__(dataset, **kwargs)
+        self.seed = seed
+        super().__init__(dataset, generator=torch.Generator(), worker_init_fn=_detach_from_stop_signals, **kwargs)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the coming pass's order and worker seeds those of `epoch`; call before iterating."""
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        seed = np.random.SeedSequence([*self.seed, epoch]).generate_state(1)[0]
+        self.generator.manual_seed(int(seed))
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in super().__iter__():
@@ -173,10 +193,10 @@ def build_loader(
         # Training batches keep one size: timm's Mixup needs an even batch, and the LR and
         # BatchNorm statistics assume a full one.
         drop_last=is_train,
-        persistent_workers=workers > 0,
-        # Worker processes seed Python, NumPy and torch from this generator, so augmentation is a
-        # function of SEED, the rank and the split.
-        generator=torch.Generator().manual_seed(_worker_seed(int(cfg.SEED), rank, split)),
+        persistent_workers=workers > 0 and not cfg.DETERMINISTIC,
+        # Worker processes seed Python, NumPy and torch from the loader's generator: distinct,
+        # well-mixed seeds per (SEED, rank, split, epoch), so ranks do not augment alike.
+        seed=[int(cfg.SEED), rank, SPLITS.index(split)],
     )
     logger.info("%s: %d images in %d classes, %d batches of %d per process", dataset.split_dir,
                 len(dataset), len(dataset.classes), len(loader), batch_size)
@@ -199,9 +219,14 @@ def _train_sampler(cfg: CfgNode, dataset: ImageFolderDataset, rank: int, world_s
     raise UserError(f"DATASET.SAMPLER: unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
 
 
-def _worker_seed(seed: int, rank: int, split: str) -> int:
-    # Distinct, well-mixed seeds per (seed, rank, split), so ranks do not augment alike.
-    return int(np.random.SeedSequence([seed, rank, SPLITS.index(split)]).generate_state(1)[0])
+def _detach_from_stop_signals(worker_id: int) -> None:
+    """A worker's own process group (see the module docstring), and the default handlers back: a
+    forked worker inherits the training process's SIGINT/SIGTERM handler, which would log a stop
+    request it cannot act on and keep the DataLoader from terminating a stuck worker."""
+    if hasattr(os, "setpgid"):  # POSIX
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _check_class_names(dataset: ImageFolderDataset, expected: list[str]) -> None:
