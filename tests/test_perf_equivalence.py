@@ -357,6 +357,27 @@ def test_bf16_autocast_train_is_close_to_fp32():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters())
 
 
+def test_bf16_strided_projection_trains_like_the_strided_convolution():
+    """In bf16 training the strided depthwise convolution runs as a stride-1 one, subsampled (a faster
+    backward on CPU): the same outputs and gradients bit for bit, the same BatchNorm running statistics
+    to float rounding (the batch variance is summed in another order)."""
+    fast = create_model(small_spec(), NUM_CLASSES).stage1.blocks[0].attn.conv_proj_k.train()
+    ref = RefConvBn(32, 3, 2, 1).train()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 32, 13, 10, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = fast(x_fast), ref(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(fast.conv.weight.grad, ref.conv.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(fast.bn.running_mean, ref.bn.running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var, rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.compile: one graph, no breaks, in train and eval mode
 # --------------------------------------------------------------------------------------------------
