@@ -219,8 +219,9 @@ def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 def _to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     """``x`` cast to the autocast dtype when autocast is on: done once for a tensor that feeds several
-    autocast ops, instead of once per op."""
-    if torch.is_autocast_enabled(x.device.type):
+    autocast ops, instead of once per op. Devices autocast does not know (meta: shape-only runs such
+    as `cvt info`) pass through."""
+    if x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
 
