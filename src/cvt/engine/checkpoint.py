@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from timm.scheduler import PlateauLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
@@ -29,6 +28,7 @@ from ..errors import UserError
 from ..interop.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
 from ..io import atomic_torch_save, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer
+from .distributed import all_gather
 
 __all__ = [
     "ResumeState",
@@ -63,13 +63,8 @@ def _local_rng() -> dict[str, Any]:
 
 
 def capture_rng() -> list[dict[str, Any]]:
-    """Every rank's generator states, indexed by rank (gathered on all ranks; rank 0 saves them)."""
-    local = _local_rng()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return [_to_cpu(state) for state in gathered]
+    """Every rank's generator states, indexed by rank (a collective; rank 0 saves them)."""
+    return [_to_cpu(state) for state in all_gather(_local_rng())]
 
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:

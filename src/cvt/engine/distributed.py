@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from ..errors import UserError
 
 __all__ = [
     "DistEnv",
+    "all_gather",
     "all_reduce_sum",
     "barrier",
     "cleanup",
@@ -85,15 +87,37 @@ def init_distributed(timeout_s: float) -> DistEnv:
     device = select_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            # NCCL binds the communicator to this rank's GPU up front instead of guessing it later.
-            device_id=device if device.type == "cuda" else None,
-        )
+        _join(backend, rank, world_size, device, timeout_s)
         atexit.register(cleanup)
         log.info("process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _join(backend: str, rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        # torchrun keeps one store for all restarts of a worker group: without a prefix per attempt a
+        # restarted group would read the addresses its dead predecessor published there.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend=backend,
+            store=dist.PrefixStore(f"cvt/attempt_{attempt}/", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            # NCCL binds the communicator to this rank's GPU up front instead of guessing it later.
+            device_id=device if device.type == "cuda" else None,
+        )
+    except ValueError as e:  # a variable of the env:// rendezvous is missing or malformed
+        raise UserError(f"rank {rank} of {world_size}: {e}; launch with torchrun (run.sh)") from None
+    except (dist.DistError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"rank {rank} of {world_size}: the processes did not all meet at {where} within "
+            f"DIST_TIMEOUT_S={timeout_s:g} s ({reason}); check that every process was started and can reach it"
+        ) from None
 
 
 def _active() -> bool:
@@ -115,6 +139,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (any picklable value), indexed by rank; `[obj]` when running alone."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:

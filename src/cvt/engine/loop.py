@@ -98,15 +98,22 @@ def build_criterion(cfg: CfgNode, mixup: Mixup | None) -> nn.Module:
 
 
 class BadFileLog:
-    """Reports files the loader skipped: the first few by name, then only a running count."""
+    """Reports the files the loader skipped: each distinct file once, by name for the first few,
+    then only a running count (a bad training file comes round again every epoch)."""
 
     def __init__(self, show: int = 10) -> None:
         self.show = show
-        self.count = 0
+        self.paths: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self.paths)
 
     def add(self, bad_files: Iterable[tuple[str, str]]) -> None:
         for path, reason in bad_files:
-            self.count += 1
+            if str(path) in self.paths:
+                continue
+            self.paths.add(str(path))
             if self.count <= self.show:
                 log.warning("skipped unreadable file %s (%s)", path, reason)
             elif self.count == self.show + 1 or self.count % 1000 == 0:

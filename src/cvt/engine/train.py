@@ -49,7 +49,7 @@ from ..interop.checkpoint import load_checkpoint, read_checkpoint, save_official
 from ..io import append_jsonl, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from .checkpoint import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from .distributed import DistEnv, all_gather, all_reduce_sum, barrier, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -343,7 +343,7 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
 
     try:
         for epoch in range(start_epoch, end_epoch):
-            train_loader.sampler.set_epoch(epoch)
+            train_loader.set_epoch(epoch)  # the epoch's order and worker seeds: resumes see the same data
             epoch_lr = optimizer.param_groups[0]["lr"]
             with torch.autograd.set_detect_anomaly(bool(cfg.TRAIN.DETECT_ANOMALY)):
                 result = train_one_epoch(
@@ -402,8 +402,10 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
     if env.is_main:
         save_official(model, final_path)
     barrier()
-    if bad_train.count or bad_val.count:
-        log.warning("unreadable files skipped: %d in training, %d in evaluation", bad_train.count, bad_val.count)
+    # Each rank saw its own share of the files; a file is one file whichever ranks met it.
+    skipped = [len(set().union(*all_gather(report.paths))) for report in (bad_train, bad_val)]
+    if any(skipped):
+        log.warning("unreadable files skipped: %d in training, %d in evaluation", *skipped)
     best_path = folder / MODEL_BEST
     weights = best_path if best_path.exists() else final_path
     log.info("done: best val top-1 %s", f"{best_top1:.2f}%" if best_top1 is not None else "n/a")
@@ -465,7 +467,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
         "top5": metrics["top5"],
         "loss": metrics["loss"],
         "images": metrics["images"],
-        "skipped_files": int(all_reduce_sum(torch.tensor([bad_files.count], device=env.device)).item()),
+        "skipped_files": len(set().union(*all_gather(bad_files.paths))),
         "processes": env.world_size,
         "time_s": round(elapsed, 3),
     }
