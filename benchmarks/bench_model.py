@@ -1,0 +1,431 @@
+"""Speed of this project's CvT-13 against transformers' ``CvtForImageClassification``.
+
+Both models are timed in one process, interleaved (A B, B A, ...), after warmup, with the same
+architecture (the peer's ``CvtConfig`` is built from our spec), the same weights (copied through the
+key mapping, and checked: our model switched to exact GELU gives the peer's logits), the same inputs,
+the same thread count and the same optimizer. Reported: the median per call and the ratio
+``peer time / our time`` (above 1: we are faster).
+
+    python benchmarks/bench_model.py                       # CPU: eager + compile + memory, 224 and 384
+    python benchmarks/bench_model.py --sizes 224 --no-compile --no-memory
+    python benchmarks/bench_model.py --device cuda --batch 64 --memory-size 384 --memory-batch 64
+
+Peak memory of a training step: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the
+resident set over one step (VmHWM after resetting it through /proc/self/clear_refs, minus the RSS
+before the step), each model in a fresh subprocess, with glibc told to serve every block over 64 KiB
+by mmap so that freed memory leaves the process at once and the RSS follows live tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import RESULTS, append_to_section, interleaved, load_average, machine_info, markdown_table, median, synchronizer
+
+from cvt.interop.hf import hf_config_from_spec, official_to_hf
+from cvt.models.cvt import create_model
+
+NUM_CLASSES = 1000
+
+# The targets of the performance issue: minimum ``peer / ours`` time ratios (batch 16 on CPU), or for
+# memory the maximum ``ours / peer`` peak ratio. Keys: (device, size, dtype, mode, our variant).
+SPEED_TARGETS: dict[tuple[str, int, str, str, str], float] = {
+    ("cpu", 224, "fp32", "infer", "eager"): 1.25,
+    ("cpu", 224, "fp32", "train", "eager"): 1.05,
+    ("cpu", 224, "fp32", "train", "compiled"): 1.3,
+    ("cpu", 224, "bf16", "infer", "eager"): 1.25,
+    ("cuda", 224, "bf16", "train", "eager"): 2.0,
+    ("cuda", 224, "bf16", "infer", "eager"): 2.0,
+}
+MEMORY_TARGETS: dict[tuple[str, int, int], float] = {("cuda", 384, 64): 0.6}
+
+
+# --------------------------------------------------------------------------------------------------
+# The two models
+# --------------------------------------------------------------------------------------------------
+
+
+def build_models(device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Our CvT-13 and the transformers port with the same config and weights."""
+    from transformers import CvtConfig, CvtForImageClassification
+
+    ours = create_model("cvt-13", NUM_CLASSES)
+    config = hf_config_from_spec(ours.spec.to_dict(), NUM_CLASSES)
+    config.pop("architectures")
+    peer = CvtForImageClassification(CvtConfig(**config))
+    peer.load_state_dict(official_to_hf(ours.state_dict()), strict=True)
+    return ours.to(device), peer.to(device)
+
+
+class PeerLogits(nn.Module):
+    """The port returns an output object; unwrap the logits so both models are called alike."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def check_same_function(ours: nn.Module, peer: nn.Module, device: torch.device) -> float:
+    """The architectures match: with exact GELU (the port's activation) our model gives the peer's
+    logits from the copied weights. Returns the largest difference."""
+    ours.eval().set_activation("gelu")
+    peer.eval()
+    x = torch.randn(2, 3, 224, 224, device=device)
+    with torch.inference_mode():
+        diff = (ours(x) - peer(pixel_values=x).logits).abs().max().item()
+    ours.set_activation("quick_gelu")
+    if diff > 1e-3:
+        raise SystemExit(f"our model with GELU differs from the peer by {diff:.3g}: the comparison would not be fair")
+    return diff
+
+
+# --------------------------------------------------------------------------------------------------
+# Timed steps
+# --------------------------------------------------------------------------------------------------
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: nn.Module, implementation: str) -> torch.optim.Optimizer:
+    """AdamW as the recipe has it (weight decay .05), one implementation for both models. A tiny
+    learning rate: the weights barely move over the timed steps, so the work stays the same."""
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[implementation]
+    return torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05, **flags)
+
+
+def inference_step(model: nn.Module, x: torch.Tensor, device: torch.device, dtype: str) -> Callable[[], object]:
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return model(x)
+
+    return step
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str
+) -> Callable[[], object]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+@dataclass
+class Row:
+    device: str
+    size: int
+    dtype: str
+    mode: str
+    variant: str  # how our model ran: "eager" or "compiled"
+    peer_variant: str
+    ours_s: float
+    peer_s: float
+    batch: int
+    ours_min_s: float
+    peer_min_s: float
+    clock: str  # "wall" or "cpu": images/s only mean something for wall time
+
+    @property
+    def ratio(self) -> float:
+        return self.peer_s / self.ours_s
+
+    @property
+    def target(self) -> float | None:
+        if self.peer_variant != "eager":
+            return None
+        return SPEED_TARGETS.get((self.device, self.size, self.dtype, self.mode, self.variant))
+
+    def _time(self, seconds: float) -> str:
+        if self.clock == "cpu":
+            return f"{seconds * 1e3:.0f} ms CPU"
+        return f"{seconds * 1e3:.0f} ms ({self.batch / seconds:.1f} img/s)"
+
+    def cells(self) -> list[str]:
+        target = self.target
+        verdict = "—" if target is None else ("pass" if self.ratio >= target else "FAIL")
+        return [
+            f"{self.mode} {self.dtype} {self.size}px",
+            f"ours {self.variant} vs peer {self.peer_variant}",
+            self._time(self.ours_s),
+            self._time(self.peer_s),
+            f"{self.ratio:.2f}x",
+            f"{self.peer_min_s / self.ours_min_s:.2f}x",
+            "—" if target is None else f">= {target}x",
+            verdict,
+        ]
+
+
+def compare(
+    name: str,
+    fns: dict[str, Callable[[], object]],
+    args: argparse.Namespace,
+    sync: Callable[[], None],
+) -> dict[str, float]:
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = interleaved(fns, args.rounds, args.warmup, sync, clock)
+    medians = {k: median(v) for k, v in times.items()}
+    spread = ", ".join(f"{k} {min(v) * 1e3:.0f}-{max(v) * 1e3:.0f} ms" for k, v in times.items())
+    print(f"  {name}: " + ", ".join(f"{k} {s * 1e3:.0f} ms" for k, s in medians.items()) + f"  (range: {spread})", flush=True)
+    return {**medians, **{f"{k} min": min(v) for k, v in times.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory of one training step, each model in a fresh process
+# --------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: one warmup step, then the measured step. Prints JSON."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, peer = build_models(device)
+    model = ours if args.memory_child == "ours" else PeerLogits(peer)
+    del ours, peer
+    model.train()
+    optimizer = make_optimizer(model, args.adamw)
+    x = torch.randn(args.memory_batch, 3, args.memory_size, args.memory_size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (args.memory_batch,), device=device)
+    step = train_step(model, optimizer, x, y, device, args.memory_dtype)
+    step()  # optimizer state and allocator pools exist from here on
+    optimizer.zero_grad(set_to_none=True)
+    result: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["step_bytes"] = result["peak_bytes"] - base
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _rss_bytes("VmRSS")
+        step()
+        result["peak_bytes"] = _rss_bytes("VmHWM")
+        result["step_bytes"] = result["peak_bytes"] - base
+    print(json.dumps(result))
+
+
+def measure_memory(which: str, args: argparse.Namespace) -> dict[str, float]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    command = [
+        sys.executable, __file__, "--memory-child", which, "--device", args.device, "--threads", str(args.threads),
+        "--memory-size", str(args.memory_size), "--memory-batch", str(args.memory_batch),
+        "--memory-dtype", args.memory_dtype, "--adamw", args.adamw,
+    ]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"memory measurement of {which} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--sizes", type=int, nargs="*", default=[224, 384], help="eager runs at these sizes (none: skip)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds per comparison")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each model first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"],
+        help="wall time, or process CPU time (all threads; steadier on a shared machine, same ratios at one thread)",
+    )
+    p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "for-loop"], help="AdamW implementation, for both models")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile runs")
+    p.add_argument("--compile-size", type=int, default=224)
+    p.add_argument("--compile-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--compile-peer", action="store_true", help="also time the peer compiled (slow to compile)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory measurement")
+    p.add_argument("--memory-size", type=int, default=224)
+    p.add_argument("--memory-batch", type=int, default=16)
+    p.add_argument("--memory-dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-write", dest="write", action="store_false", help=f"print only, do not append to {RESULTS.name}")
+    p.add_argument("--note", default="", help="a line to record with the results")
+    p.add_argument("--memory-child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = machine_info(device, torch.get_num_threads())
+    print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    sync = synchronizer(device)
+
+    ours, peer_model = build_models(device)
+    diff = check_same_function(ours, peer_model, device)
+    print(f"same architecture and weights: our model with GELU matches the peer to {diff:.2g}", flush=True)
+    peer = PeerLogits(peer_model)
+    rows: list[Row] = []
+    compile_lines: list[str] = []
+
+    for size in args.sizes:
+        x = torch.randn(args.batch, 3, size, size, device=device)
+        y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+        for mode in args.modes:
+            for dtype in args.dtypes:
+                ours.train(mode == "train")
+                peer.train(mode == "train")
+                if mode == "infer":
+                    fns = {"ours": inference_step(ours, x, device, dtype), "peer": inference_step(peer, x, device, dtype)}
+                else:
+                    fns = {
+                        "ours": train_step(ours, make_optimizer(ours, args.adamw), x, y, device, dtype),
+                        "peer": train_step(peer, make_optimizer(peer, args.adamw), x, y, device, dtype),
+                    }
+                m = compare(f"{mode} {dtype} {size}px eager", fns, args, sync)
+                rows.append(
+                    Row(device.type, size, dtype, mode, "eager", "eager", m["ours"], m["peer"], args.batch,
+                        m["ours min"], m["peer min"], args.clock)
+                )
+
+    if args.compile:
+        # Cold compilation, as a user's first run sees it: an empty cache folder, so no compiled
+        # graph or kernel of an earlier run is reused.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cvt-bench-inductor-")
+        size = args.compile_size
+        x = torch.randn(args.batch, 3, size, size, device=device)
+        y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+        # fullgraph=True: a graph break anywhere in our model is an error, not a silent slowdown.
+        ours_c = torch.compile(ours, fullgraph=True)
+        peer_c = torch.compile(peer) if args.compile_peer else None
+        for mode in args.modes:
+            for dtype in args.compile_dtypes:
+                train = mode == "train"
+                ours.train(train)
+                peer.train(train)
+                if train:
+                    fns = {
+                        "ours compiled": train_step(ours_c, make_optimizer(ours, args.adamw), x, y, device, dtype),
+                        "peer eager": train_step(peer, make_optimizer(peer, args.adamw), x, y, device, dtype),
+                    }
+                    if peer_c is not None:
+                        fns["peer compiled"] = train_step(peer_c, make_optimizer(peer, args.adamw), x, y, device, dtype)
+                else:
+                    fns = {"ours compiled": inference_step(ours_c, x, device, dtype), "peer eager": inference_step(peer, x, device, dtype)}
+                    if peer_c is not None:
+                        fns["peer compiled"] = inference_step(peer_c, x, device, dtype)
+                # The first call compiles (forward, and backward in training); time it on its own.
+                for name in [n for n in fns if n.endswith("compiled")]:
+                    sync()
+                    start = time.perf_counter()
+                    fns[name]()
+                    sync()
+                    first = time.perf_counter() - start
+                    compile_lines.append(f"{name.replace(' compiled', '')} {mode} {dtype} {size}px: first call {first:.1f} s")
+                    print(f"  {compile_lines[-1]}", flush=True)
+                m = compare(f"{mode} {dtype} {size}px compiled", fns, args, sync)
+                rows.append(
+                    Row(device.type, size, dtype, mode, "compiled", "eager", m["ours compiled"], m["peer eager"], args.batch,
+                        m["ours compiled min"], m["peer eager min"], args.clock)
+                )
+                if "peer compiled" in m:
+                    rows.append(
+                        Row(device.type, size, dtype, mode, "compiled", "compiled", m["ours compiled"], m["peer compiled"],
+                            args.batch, m["ours compiled min"], m["peer compiled min"], args.clock)
+                    )
+        del ours_c, peer_c
+
+    memory: dict[str, dict[str, float]] = {}
+    if args.memory:
+        del ours, peer, peer_model
+        for which in ("ours", "peer"):
+            memory[which] = measure_memory(which, args)
+            print(f"  memory {which}: {memory[which]}", flush=True)
+
+    info["load average at end"] = load_average()
+    report = render(args, info, rows, compile_lines, memory)
+    print("\n" + report)
+    if args.write:
+        append_to_section("Model speed", report)
+        print(f"\nappended to {RESULTS}")
+
+
+def render(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    rows: list[Row],
+    compile_lines: list[str],
+    memory: dict[str, dict[str, float]],
+) -> str:
+    lines = [f"### Run {info['date (UTC)']}, {args.device}, batch {args.batch}", ""]
+    lines.append("; ".join(f"{k}: {v}" for k, v in info.items() if k != "date (UTC)"))
+    lines.append("")
+    lines.append(
+        f"Median of {args.rounds} interleaved rounds after {args.warmup} warmup calls, "
+        f"{'process CPU time' if args.clock == 'cpu' else 'wall time'}; ratio = peer time / our time "
+        "(the verdict uses the ratio of medians). "
+        f"AdamW ({args.adamw}) for both."
+        + (f" Note: {args.note}" if args.note else "")
+    )
+    lines.append("")
+    header = ["measurement", "variants", "ours (median)", "peer (median)", "ratio", "ratio of minima", "target", "result"]
+    lines.append(markdown_table(header, [row.cells() for row in rows]))
+    if compile_lines:
+        lines += ["", "torch.compile (fullgraph=True for ours), first call including compilation: " + "; ".join(compile_lines) + "."]
+    if memory:
+        ours_b, peer_b = memory["ours"]["step_bytes"], memory["peer"]["step_bytes"]
+        ratio = ours_b / peer_b
+        target = MEMORY_TARGETS.get((args.device, args.memory_size, args.memory_batch))
+        verdict = "" if target is None else f", target <= {target}x: {'pass' if ratio <= target else 'FAIL'}"
+        how = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS growth over the step"
+        lines += [
+            "",
+            f"Peak memory of one {args.memory_dtype} training step at {args.memory_size}px, batch {args.memory_batch} "
+            f"({how}, fresh process per model): ours {ours_b / 2**20:.0f} MiB, peer {peer_b / 2**20:.0f} MiB, "
+            f"ours/peer {ratio:.2f}x{verdict}. Peak totals incl. weights and optimizer state: "
+            f"ours {memory['ours']['peak_bytes'] / 2**20:.0f} MiB, peer {memory['peer']['peak_bytes'] / 2**20:.0f} MiB.",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Shared by the benchmark scripts: machine description, interleaved timing, RESULTS.md sections.
+
+Benchmarks are scripts, never tests: speed depends on the machine and its load, so the numbers are
+recorded with both (see ``machine_info``) instead of being asserted.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from cvt.io import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, plus family/model numbers when the name is generic (VMs often
+    report just "AMD EPYC"; family 26 is Zen 5, 25 Zen 3/4, 23 Zen 1/2)."""
+    name, family, model = "unknown CPU", "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and name == "unknown CPU":
+                name = value
+            elif key == "cpu family" and not family:
+                family = value
+            elif key == "model" and not model:
+                model = value
+    except OSError:
+        name = platform.processor() or name
+    return f"{name} (family {family}, model {model})" if family else name
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{rev}{' + uncommitted src changes' if dirty else ''}"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def machine_info(device: torch.device, threads: int) -> dict[str, str]:
+    """Everything a reader needs to judge the numbers. The load average matters: on a shared
+    machine other processes compete for the same cores, which slows both models alike (the runs are
+    interleaved) but moves the absolute times."""
+    import timm
+    import transformers
+
+    info = {
+        "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "CPU": cpu_model(),
+        "logical CPUs": str(os.cpu_count()),
+        "torch threads": str(threads),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "repo": git_revision(),
+        "load average at start": load_average(),
+    }
+    if device.type == "cuda":
+        info["GPU"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int,
+    sync: Callable[[], None],
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed in rounds: every round runs each function once.
+
+    The order rotates from round to round (A B, B A, ...), so slow drifts of the machine (thermal,
+    other processes) fall on every contender alike. Warmup calls (allocator pools, oneDNN primitive
+    caches, lazy initialisation) are not timed. ``clock`` is wall time by default; process CPU time
+    (``time.process_time``) is less disturbed by other processes on a shared machine.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            sync()
+            start = clock()
+            fns[name]()
+            sync()
+            times[name].append(clock() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_to_section(heading: str, text: str, path: Path = RESULTS) -> None:
+    """Append ``text`` at the end of the ``## heading`` section of RESULTS.md, creating the file or
+    the section if missing. Other sections (other people's results) are left as they are."""
+    content = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    title = f"## {heading}"
+    match = re.search(rf"^{re.escape(title)}\s*$", content, flags=re.MULTILINE)
+    if match is None:
+        content = content.rstrip("\n") + f"\n\n{title}\n\n{text.strip()}\n"
+    else:
+        following = re.search(r"^## ", content[match.end():], flags=re.MULTILINE)
+        end = match.end() + following.start() if following else len(content)
+        section = content[:end].rstrip("\n")
+        rest = content[end:]
+        content = f"{section}\n\n{text.strip()}\n" + (f"\n{rest}" if rest else "")
+    atomic_write_text(path, content)
