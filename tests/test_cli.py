@@ -118,3 +118,18 @@ def test_export_official_and_hf_round_trip(tmp_path, capsys, tiny_experiment):
     back, ckpt = cvt.model_from_checkpoint(tmp_path / "hf")
     assert ckpt.class_names == ["ant", "bee", "cat"]
     assert torch.equal(back.state_dict()["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_predict_from_a_training_checkpoint_uses_its_config_and_class_names(capsys, tmp_path):
+    from test_train_e2e import CLASSES, config, make_image_folder
+
+    from cvt.engine import train
+
+    data = make_image_folder(tmp_path / "shapes")
+    result = train(config(data, tmp_path / "out", "TRAIN.END_EPOCH", 1))
+    image = next((data / "val" / "cross").iterdir())
+    out = _json_out(capsys, ["predict", "--weights", result["checkpoint"], str(image), "--topk", "3", "--json"])
+    assert sorted(p["class"] for p in out[0]["predictions"]) == sorted(CLASSES)
+    same = _json_out(capsys, ["predict", "--cfg", str(tmp_path / "out" / "shapes" / "tiny" / "config.yaml"),
+                              "--weights", result["final_state"], str(image), "--topk", "3", "--json"])
+    assert [p["prob"] for p in same[0]["predictions"]] == pytest.approx([p["prob"] for p in out[0]["predictions"]], abs=1e-6)
