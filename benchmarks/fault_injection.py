@@ -4,10 +4,11 @@ The demo (`cvt train`: the digits experiment) runs under DETERMINISTIC with TRAI
 packaged demo starts afresh by default) twice, in separate run folders:
 
 1. once, uninterrupted;
-2. started, SIGKILLed after a random delay, restarted with the same command, killed again, ... `--kills`
-   times, then run to the end. Each delay is drawn uniformly over the time the run still needs (its
-   start-up included), so a kill can land anywhere: while importing, mid-step, in evaluation, while a
-   checkpoint is being written.
+2. started, SIGKILLed at a random moment, restarted with the same command, killed again, ... `--kills`
+   times, then run to the end. The moments are `--kills` points drawn uniformly over the uninterrupted
+   run's duration; each attempt is killed after the gap between its point and the previous one. So
+   the kills spread over the whole run and can land anywhere: while importing, mid-step, in
+   evaluation, while a checkpoint is being written.
 
 Then: metrics.jsonl must hold every epoch exactly once, every epoch's metrics (timings aside) and the
 final val top-1 must equal the uninterrupted run's, and final_state.pth / model_best.pth must be equal
@@ -88,21 +89,13 @@ class Demo:
         return [json.loads(line) for line in (self.folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def measure_startup() -> float:
-    """Seconds until `cvt` has imported what training needs: the window before any training starts."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import cvt.cli, cvt.engine"], check=True)
-    return time.perf_counter() - start
-
-
-def kill_repeatedly(demo: Demo, kills: int, epochs: int, straight_s: float, startup_s: float,
-                    rng: random.Random) -> list[Kill]:
-    """Start the run, SIGKILL it at a random moment, restart, ... `kills` times. An attempt that ends
-    by itself before its kill time finishes the run early (fewer kills)."""
+def kill_repeatedly(demo: Demo, kills: int, straight_s: float, rng: random.Random) -> list[Kill]:
+    """Start the run, SIGKILL it, restart, ... `kills` times, as the module docstring says. An attempt
+    that ends by itself before its kill time finishes the run early (fewer kills)."""
+    moments = sorted(rng.uniform(0.0, straight_s) for _ in range(kills))
     done: list[Kill] = []
-    for _ in range(kills):
+    for delay in (b - a for a, b in zip([0.0, *moments], moments)):
         before = demo.epochs_done()
-        delay = rng.uniform(0.0, startup_s + (straight_s - startup_s) * (1 - before / epochs))
         proc = demo.start()
         try:
             proc.wait(timeout=delay)
@@ -143,12 +136,11 @@ def main() -> int:
         straight = Demo(scratch / "straight", scratch / "cache", args.overrides)
         killed = Demo(scratch / "killed", scratch / "cache", args.overrides)
         straight_s = straight.run()  # also writes the digits dataset into the shared cache
-        startup_s = measure_startup()
         epochs = len(straight.records())
-        print(f"uninterrupted: {epochs} epochs in {straight_s:.1f} s; start-up {startup_s:.1f} s", flush=True)
+        print(f"uninterrupted: {epochs} epochs in {straight_s:.1f} s", flush=True)
 
         start = time.perf_counter()
-        kills = kill_repeatedly(killed, args.kills, epochs, straight_s, startup_s, random.Random(args.seed))
+        kills = kill_repeatedly(killed, args.kills, straight_s, random.Random(args.seed))
         final_attempt_s = killed.run()
         killed_s = time.perf_counter() - start
 

@@ -1,6 +1,6 @@
-"""`python tests/faulty_cvt.py ARGS` is `cvt ARGS` with faults injected, for the reliability tests and
-benchmarks/fault_injection.py. The faults are chosen by environment variables, so the same script
-runs alone, under torchrun and as the target of a kill:
+"""`python tests/faulty_cvt.py ARGS` is `cvt ARGS` with faults injected at chosen moments, for
+tests/test_reliability.py. The faults are chosen by environment variables, so the same script runs
+alone and under torchrun:
 
 * ``CVT_FAULT_KILL_AFTER_STEPS=N``: SIGKILL this process right after its N-th optimizer step;
 * ``CVT_FAULT_KILL_IN_SAVE=N``: SIGKILL this process while it writes its N-th ``checkpoint.pth``, after the

@@ -192,7 +192,6 @@ def test_bad_files_are_skipped_named_and_counted_and_the_run_finishes(experiment
         assert str(path) not in log
 
 
-@pytest.mark.slow
 def test_bad_file_policy_stop_names_the_file(experiment, data, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(data, root)
@@ -432,7 +431,7 @@ def test_a_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(e
     ids=["SIGTERM", "Ctrl-C with workers"],
 )
 def test_a_stop_signal_saves_a_resumable_checkpoint(experiment, data, tmp_path, signum, to_group, workers):
-    argv = train_argv(experiment, data, tmp_path, "TRAIN.END_EPOCH", 4, "TRAIN.BATCH_SIZE_PER_GPU", 4,
+    argv = train_argv(experiment, data, tmp_path, "TRAIN.END_EPOCH", 3, "TRAIN.BATCH_SIZE_PER_GPU", 4,
                       "WORKERS", workers)
     folder = run_folder(tmp_path)
     log = folder / "log.txt"
@@ -453,10 +452,10 @@ def test_a_stop_signal_saves_a_resumable_checkpoint(experiment, data, tmp_path, 
     assert log.read_text().count(f"{signal.Signals(signum).name} received") == 1  # the training process's only
 
     ckpt = read_checkpoint(folder / "checkpoint.pth")
-    assert 1 <= ckpt.extra["epoch"] < 4
+    assert ckpt.extra["epoch"] in (1, 2)
     rerun = run_cvt(argv)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert epochs_in(folder) == [0, 1, 2, 3]
+    assert epochs_in(folder) == [0, 1, 2]
     assert f"resumed from {folder / 'checkpoint.pth'} at epoch {ckpt.extra['epoch']}" in log.read_text()
 
 
@@ -514,7 +513,7 @@ def test_a_rank_that_never_starts_is_a_clear_error_not_a_hang(experiment, data, 
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        argv = train_argv(experiment, data, tmp_path / f"rank{rank}", "DIST_TIMEOUT_S", 5)
+        argv = train_argv(experiment, data, tmp_path / f"rank{rank}", "DIST_TIMEOUT_S", 2)
         procs[rank] = subprocess.Popen(command(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                        text=True)
     for rank, proc in procs.items():
