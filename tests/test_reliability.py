@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from cvt.cli import main
+from cvt.engine.loop import BadFileLog
 from cvt.interop.checkpoint import read_checkpoint
 from cvt.io import atomic_torch_save
 
@@ -190,6 +191,17 @@ def test_bad_files_are_skipped_named_and_counted_and_the_run_finishes(experiment
     assert "unreadable files skipped: 4 in training, 1 in evaluation" in log
     for path in awkward:  # converted to RGB and trained on, not skipped
         assert str(path) not in log
+
+
+def test_many_bad_files_name_the_first_few_then_count(caplog):
+    report = BadFileLog(show=2)
+    with caplog.at_level("WARNING", logger="cvt"):
+        for epoch in range(2):  # the same files every epoch
+            report.add([(f"bad{i}.jpg", "truncated") for i in range(5)])
+    assert report.count == 5
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped unreadable file")]
+    assert named == ["skipped unreadable file bad0.jpg (truncated)", "skipped unreadable file bad1.jpg (truncated)"]
+    assert "3 unreadable files skipped so far (only the first 2 are named)" in caplog.text
 
 
 def test_bad_file_policy_stop_names_the_file(experiment, data, tmp_path, capsys):
