@@ -33,6 +33,7 @@ from .distributed import all_gather
 __all__ = [
     "ResumeState",
     "capture_rng",
+    "read_training",
     "restore_rng",
     "restore_training",
     "save_training",

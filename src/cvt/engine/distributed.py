@@ -77,9 +77,10 @@ def init_distributed(timeout_s: float) -> DistEnv:
     """Join the process group torchrun describes (NCCL on CUDA, Gloo on CPU), or run alone.
 
     `timeout_s` bounds every collective, so a rank that died ends the run with an error instead of
-    leaving the others waiting forever. The group is joined once per process and left at exit, so
-    a script may call train() and then test(): re-creating the default group after destroying it
-    would reuse its rendezvous keys in torchrun's store and can connect to stale addresses.
+    leaving the others waiting forever; ranks that do not all meet within it are a UserError. The
+    group is joined once per process and left at exit, so a script may call train() and then
+    test(): re-creating the default group after destroying it would reuse its rendezvous keys in
+    torchrun's store and could connect to stale addresses.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
