@@ -331,6 +331,10 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
         writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_epoch)
     bad_train, bad_val = BadFileLog(), BadFileLog()
     checkpoint_path = folder / CHECKPOINT
+    how_to_resume = (
+        "run the same command again" if cfg.TRAIN.AUTO_RESUME and not cfg.TRAIN.CHECKPOINT
+        else "run the same command with TRAIN.AUTO_RESUME True TRAIN.CHECKPOINT ''"
+    )
     record: dict[str, Any] = {}
 
     def save(epochs_completed: int) -> None:
@@ -357,6 +361,7 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
                 else:
                     save(epoch)
                     log.warning("epoch %d interrupted: saved its progress; a resume redoes epoch %d", epoch, epoch)
+                log.warning("to resume: %s", how_to_resume)
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint_path if checkpoint_path.exists() else None)
 
             due = epoch >= cfg.TRAIN.EVAL_BEGIN_EPOCH and ((epoch + 1) % cfg.TRAIN.EVAL_EVERY == 0 or epoch + 1 == end_epoch)
@@ -393,6 +398,7 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
             stop_flag = torch.tensor([float(stop.requested() and epoch + 1 < end_epoch)], device=device)
             if all_reduce_sum(stop_flag).item():
                 log.warning("stopped after epoch %d; a resume continues at epoch %d", epoch, epoch + 1)
+                log.warning("to resume: %s", how_to_resume)
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint_path)
     finally:
         if writer is not None:
