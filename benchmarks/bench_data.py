@@ -160,7 +160,7 @@ def main() -> None:
     info["load average at end"] = load_average()
     rows = [[name, f"{statistics.median(rates[name]):.1f}", f"{first[name]:.1f}"] for name in rates]
     lines = [
-        f"### Run {info['date (UTC)']}, {args.images} JPEGs (~400x350, {size_kib:.0f} KiB), batch {args.batch}",
+        f"#### Run {info['date (UTC)']}, {args.images} JPEGs (~400x350, {size_kib:.0f} KiB), batch {args.batch}",
         "",
         "; ".join(f"{k}: {v}" for k, v in info.items() if k != "date (UTC)"),
         "",

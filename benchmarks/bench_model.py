@@ -286,27 +286,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    if args.memory_child:
-        memory_child(args)
-        return
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    info = machine_info(device, torch.get_num_threads())
-    print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+def eager_rows(ours: nn.Module, peer: nn.Module, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Both models eager, every size x mode x dtype asked."""
     sync = synchronizer(device)
-
-    ours, peer_model = build_models(device)
-    diff = check_same_function(ours, peer_model, device)
-    print(f"same architecture and weights: our model with GELU matches the peer to {diff:.2g}", flush=True)
-    peer = PeerLogits(peer_model)
     rows: list[Row] = []
-    compile_lines: list[str] = []
-
     for size in args.sizes:
         x = torch.randn(args.batch, 3, size, size, device=device)
         y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
@@ -326,57 +309,82 @@ def main() -> None:
                     Row(device.type, size, dtype, mode, "eager", "eager", m["ours"], m["peer"], args.batch,
                         m["ours min"], m["peer min"], args.clock)
                 )
+    return rows
 
-    if args.compile:
-        # Cold compilation, as a user's first run sees it: an empty cache folder, so no compiled
-        # graph or kernel of an earlier run is reused.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cvt-bench-inductor-")
-        size = args.compile_size
-        x = torch.randn(args.batch, 3, size, size, device=device)
-        y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
-        # fullgraph=True: a graph break anywhere in our model is an error, not a silent slowdown.
-        ours_c = torch.compile(ours, fullgraph=True)
-        peer_c = torch.compile(peer) if args.compile_peer else None
-        for mode in args.modes:
-            for dtype in args.compile_dtypes:
-                train = mode == "train"
-                ours.train(train)
-                peer.train(train)
-                if train:
-                    fns = {
-                        "ours compiled": train_step(ours_c, make_optimizer(ours, args.adamw), x, y, device, dtype),
-                        "peer eager": train_step(peer, make_optimizer(peer, args.adamw), x, y, device, dtype),
-                    }
-                    if peer_c is not None:
-                        fns["peer compiled"] = train_step(peer_c, make_optimizer(peer, args.adamw), x, y, device, dtype)
+
+def compiled_rows(
+    ours: nn.Module, peer: nn.Module, args: argparse.Namespace, device: torch.device
+) -> tuple[list[Row], list[str]]:
+    """Ours compiled (fullgraph=True) against the peer eager (and compiled, if asked), at the compile
+    size; also returns how long each first (compiling) call took."""
+    # Cold compilation, as a user's first run sees it: an empty cache folder, so no compiled graph or
+    # kernel of an earlier run is reused.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cvt-bench-inductor-")
+    sync = synchronizer(device)
+    size = args.compile_size
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+    # fullgraph=True: a graph break anywhere in our model is an error, not a silent slowdown.
+    contenders = {"ours compiled": torch.compile(ours, fullgraph=True), "peer eager": peer}
+    if args.compile_peer:
+        contenders["peer compiled"] = torch.compile(peer)
+    rows: list[Row] = []
+    compile_lines: list[str] = []
+    for mode in args.modes:
+        for dtype in args.compile_dtypes:
+            ours.train(mode == "train")
+            peer.train(mode == "train")
+            fns: dict[str, Callable[[], object]] = {}
+            for name, model in contenders.items():
+                if mode == "train":
+                    # The optimizer holds the parameters of the module under the compiled wrapper.
+                    plain = ours if name.startswith("ours") else peer
+                    fns[name] = train_step(model, make_optimizer(plain, args.adamw), x, y, device, dtype)
                 else:
-                    fns = {"ours compiled": inference_step(ours_c, x, device, dtype), "peer eager": inference_step(peer, x, device, dtype)}
-                    if peer_c is not None:
-                        fns["peer compiled"] = inference_step(peer_c, x, device, dtype)
-                # The first call compiles (forward, and backward in training); time it on its own.
-                for name in [n for n in fns if n.endswith("compiled")]:
-                    sync()
-                    start = time.perf_counter()
-                    fns[name]()
-                    sync()
-                    first = time.perf_counter() - start
-                    compile_lines.append(f"{name.replace(' compiled', '')} {mode} {dtype} {size}px: first call {first:.1f} s")
-                    print(f"  {compile_lines[-1]}", flush=True)
-                m = compare(f"{mode} {dtype} {size}px compiled", fns, args, sync)
+                    fns[name] = inference_step(model, x, device, dtype)
+            # The first call compiles (forward, and backward in training); time it on its own.
+            for name in [n for n in fns if n.endswith("compiled")]:
+                sync()
+                start = time.perf_counter()
+                fns[name]()
+                sync()
+                compile_lines.append(f"{name.replace(' compiled', '')} {mode} {dtype} {size}px: first call {time.perf_counter() - start:.1f} s")
+                print(f"  {compile_lines[-1]}", flush=True)
+            m = compare(f"{mode} {dtype} {size}px compiled", fns, args, sync)
+            for peer_name in [n for n in fns if n.startswith("peer")]:
                 rows.append(
-                    Row(device.type, size, dtype, mode, "compiled", "eager", m["ours compiled"], m["peer eager"], args.batch,
-                        m["ours compiled min"], m["peer eager min"], args.clock)
+                    Row(device.type, size, dtype, mode, "compiled", peer_name.split()[1], m["ours compiled"], m[peer_name],
+                        args.batch, m["ours compiled min"], m[f"{peer_name} min"], args.clock)
                 )
-                if "peer compiled" in m:
-                    rows.append(
-                        Row(device.type, size, dtype, mode, "compiled", "compiled", m["ours compiled"], m["peer compiled"],
-                            args.batch, m["ours compiled min"], m["peer compiled min"], args.clock)
-                    )
-        del ours_c, peer_c
+    return rows, compile_lines
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = machine_info(device, torch.get_num_threads())
+    print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+
+    ours, peer_model = build_models(device)
+    diff = check_same_function(ours, peer_model, device)
+    print(f"same architecture and weights: our model with GELU matches the peer to {diff:.2g}", flush=True)
+    peer = PeerLogits(peer_model)
+    rows = eager_rows(ours, peer, args, device)
+    compile_lines: list[str] = []
+    if args.compile:
+        compiled, compile_lines = compiled_rows(ours, peer, args, device)
+        rows += compiled
+    del ours, peer, peer_model  # the memory runs use fresh processes; free this one's memory first
 
     memory: dict[str, dict[str, float]] = {}
     if args.memory:
-        del ours, peer, peer_model
         for which in ("ours", "peer"):
             memory[which] = measure_memory(which, args)
             print(f"  memory {which}: {memory[which]}", flush=True)
@@ -396,7 +404,7 @@ def render(
     compile_lines: list[str],
     memory: dict[str, dict[str, float]],
 ) -> str:
-    lines = [f"### Run {info['date (UTC)']}, {args.device}, batch {args.batch}", ""]
+    lines = [f"#### Run {info['date (UTC)']}, {args.device}, batch {args.batch}", ""]
     lines.append("; ".join(f"{k}: {v}" for k, v in info.items() if k != "date (UTC)"))
     lines.append("")
     lines.append(

@@ -262,6 +262,24 @@ def test_inference_mode_equals_no_grad():
     torch.testing.assert_close(got, expected, rtol=0, atol=EVAL_ATOL)
 
 
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_without_the_private_onednn_op_eval_logits_are_unchanged(monkeypatch, act):
+    """The fused oneDNN kernels are a private torch op; a torch without it takes the public path."""
+    import cvt.models.cvt as cvt_module
+
+    fast, ref = model_pair(small_spec(), act=act)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 3, 160, 208)
+    with torch.no_grad():
+        fused = fast(x)
+        monkeypatch.setattr(cvt_module, "_HAS_ONEDNN_POINTWISE", False)
+        public = fast(x)
+        expected = ref(x)
+    torch.testing.assert_close(public, expected, rtol=0, atol=EVAL_ATOL)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=EVAL_ATOL)
+
+
 def test_hugging_face_activation_equals_the_reference():
     fast, ref = model_pair(small_spec(), act="gelu")
     fast.eval()
