@@ -229,6 +229,17 @@ def model_pair(spec: CvtSpec, act: str = "quick_gelu") -> tuple[nn.Module, RefCv
 INPUTS = [(1, 224, 224), (3, 224, 224), (1, 160, 208), (3, 160, 208)]
 
 
+@pytest.fixture(params=["cpu", "portable"])
+def kernels(request, monkeypatch):
+    """Both kernel paths of the fast model: the CPU one (oneDNN layouts and fused ops) and the portable
+    one CUDA takes (F.linear, SDPA), forced here on CPU so its arithmetic is tested without a GPU."""
+    if request.param == "portable":
+        import cvt.models.cvt as cvt_module
+
+        monkeypatch.setattr(cvt_module, "uses_cpu_kernels", lambda x: False)
+    return request.param
+
+
 # --------------------------------------------------------------------------------------------------
 # Eval mode
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +247,7 @@ INPUTS = [(1, 224, 224), (3, 224, 224), (1, 160, 208), (3, 160, 208)]
 
 @pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
 @pytest.mark.parametrize("cls_token", [True, False])
-def test_eval_logits_equal_the_reference(method, cls_token):
+def test_eval_logits_equal_the_reference(method, cls_token, kernels):
     fast, ref = model_pair(small_spec(method, cls_token))
     fast.eval()
     ref.eval()
@@ -320,7 +331,7 @@ def _assert_grads_close(fast: nn.Module, ref: nn.Module) -> None:
 
 @pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
 @pytest.mark.parametrize("cls_token", [True, False])
-def test_train_outputs_and_gradients_equal_the_reference(method, cls_token):
+def test_train_outputs_and_gradients_equal_the_reference(method, cls_token, kernels):
     fast, ref = model_pair(small_spec(method, cls_token))
     fast.train()
     ref.train()
@@ -351,7 +362,7 @@ def _assert_bf16_close(got: torch.Tensor, fp32: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("method", ["dw_bn", "linear"])
-def test_bf16_autocast_eval_is_close_to_fp32(method):
+def test_bf16_autocast_eval_is_close_to_fp32(method, kernels):
     fast, ref = model_pair(small_spec(method))
     fast.eval()
     ref.eval()
@@ -363,7 +374,7 @@ def test_bf16_autocast_eval_is_close_to_fp32(method):
     _assert_bf16_close(got, fp32)
 
 
-def test_bf16_autocast_train_is_close_to_fp32():
+def test_bf16_autocast_train_is_close_to_fp32(kernels):
     fast, ref = model_pair(small_spec())
     fast.train()
     ref.train()

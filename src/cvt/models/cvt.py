@@ -169,6 +169,13 @@ class LayerNormFp32(nn.LayerNorm):
         return out.to(x.dtype)
 
 
+def uses_cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the CPU kernel choices below apply to ``x`` (oneDNN layouts and fused ops, chunked bf16
+    attention). Elsewhere, on CUDA, the portable ops (``F.linear``, SDPA) are the fast path; the tests
+    switch this off on CPU to check that path's arithmetic too."""
+    return x.device.type == "cpu"
+
+
 # Activations ``token_linear`` applies, and their names as oneDNN post-ops (attr, algorithm).
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 _ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
@@ -189,7 +196,7 @@ def token_linear(
     pass over, and an allocation of, the widest tensor of the MLP. Elsewhere (CUDA) ``F.linear`` is
     the fast path.
     """
-    if x.device.type != "cpu" or x.dim() != 3:
+    if not uses_cpu_kernels(x) or x.dim() != 3:
         out = F.linear(x, weight, bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
     x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
@@ -213,7 +220,7 @@ def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
     not know them, so under autocast the caller casts their inputs to the autocast dtype by hand, as
     autocast would for ``F.linear``. Under ``torch.compile`` the compiler fuses by itself.
     """
-    if not _HAS_ONEDNN_POINTWISE or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not _HAS_ONEDNN_POINTWISE or not uses_cpu_kernels(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
@@ -279,7 +286,7 @@ class ConvProjection(nn.Module):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
+        if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
             # oneDNN's bf16 depthwise backward is ~25x slower strided than not (38 ms against 1.5 ms for
             # CvT-13's k/v projections at batch 16). Every stride-th output of the stride-1
             # convolution is the same sum, and its backward gives the same gradients.
@@ -320,7 +327,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     autocast (bf16 scores, bf16 probabilities).
     """
     if (
-        q.device.type != "cpu"
+        not uses_cpu_kernels(q)
         or q.dtype != torch.bfloat16
         or torch.is_grad_enabled()
         or dropout_p > 0.0
