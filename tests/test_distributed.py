@@ -31,6 +31,9 @@ COMPARABLE = (
     "MODEL.SPEC.QKV_PROJ_METHOD", ["linear"] * 3, "MODEL.SPEC.DROP_PATH_RATE", [0.0, 0.0, 0.0],
     "AUG.SCALE", (1.0, 1.0), "AUG.RATIO", (1.0, 1.0), "TRAIN.OPTIMIZER", "sgd", "TRAIN.LR", 0.05,
     "TRAIN.SCALE_LR", False, "TENSORBOARD", False, "TRAIN.END_EPOCH", 2,
+    # The EMA copies the model before DDP makes the ranks' weights equal: every rank must build the
+    # same initial weights, or the ranks' EMA models (evaluated together) differ.
+    "TRAIN.EMA.ENABLED", True, "TRAIN.EMA.DECAY", 0.9,
 )
 BATCH = 8
 
@@ -77,12 +80,39 @@ def test_two_processes_match_one(tmp_path):
     records = [json.loads(line) for line in (dist_folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[-1]["train_loss"] == pytest.approx(single["metrics"]["train_loss"], rel=1e-4)
+    single_records = [json.loads(line) for line in (Path(single["final_state"]).parent / "metrics.jsonl").read_text().splitlines()]
+    for got, expected in zip(records, single_records):
+        assert got["val_loss_ema"] == pytest.approx(expected["val_loss_ema"], rel=1e-4)
 
     # (b) the same evaluation, exactly, over unequal shards (11 images: 6 on rank 0, 5 on rank 1).
     written = json.loads((tmp_path / "dist_test" / "shapes" / "tiny" / "test_metrics.json").read_text())
     assert written["processes"] == 2 and written["images"] == sum(VAL_PER_CLASS) == 11
     for key in ("top1", "top5", "loss"):
         assert written[key] == single_test[key], key
+
+
+def _broadcast_buffers_worker(rank: int, port: int, out: Path) -> None:
+    import torch.distributed as dist
+
+    from cvt.engine.distributed import broadcast_buffers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        norm = torch.nn.BatchNorm2d(3)
+        norm.running_mean.fill_(rank + 1.0)  # each rank's own batch statistics
+        norm.num_batches_tracked.fill_(10 + rank)
+        broadcast_buffers(norm)
+        torch.save({"mean": norm.running_mean, "count": norm.num_batches_tracked}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_evaluate_with_rank_0_batchnorm_statistics(tmp_path):
+    torch.multiprocessing.spawn(_broadcast_buffers_worker, args=(_free_port(), tmp_path), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["mean"], torch.ones(3)) and int(got["count"]) == 10
 
 
 def test_run_sh_usage_and_mistakes():

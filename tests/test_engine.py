@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from cvt.config import load_config
-from cvt.engine.checkpoint import capture_rng, restore_rng, truncate_metrics
-from cvt.engine.distributed import all_reduce_sum, init_distributed
+from cvt.engine.checkpoint import _load_optimizer_state, capture_rng, restore_rng, truncate_metrics
+from cvt.engine.distributed import all_reduce_sum, init_distributed, select_device
 from cvt.engine.loop import LoopSettings, autocast_dtype, build_criterion, evaluate, train_one_epoch
 from cvt.engine.optim import build_optimizer, build_scheduler, no_decay_names, param_groups, scaled_lr
 from cvt.errors import UserError
@@ -101,6 +101,49 @@ def test_optimizers_from_config():
     assert isinstance(build_optimizer(_cfg("TRAIN.OPTIMIZER", "adam"), model, 0.1, CPU), torch.optim.Adam)
     with pytest.raises(UserError, match="OPTIMIZER_ARGS"):
         build_optimizer(_cfg("TRAIN.OPTIMIZER", "sgd", "TRAIN.OPTIMIZER_ARGS.bogus", 1), model, 0.1, CPU)
+
+
+def test_fused_adamw_default_gives_way_to_a_foreach_choice():
+    model = _tiny()
+    cuda = torch.device("cuda")  # only its type is read: fused AdamW is the CUDA default
+    adamw = build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW", "TRAIN.OPTIMIZER_ARGS.foreach", True), model, 0.1, cuda)
+    assert adamw.param_groups[0]["foreach"] and not adamw.param_groups[0]["fused"]
+    assert build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW"), model, 0.1, cuda).param_groups[0]["fused"]
+    with pytest.raises(UserError, match="OPTIMIZER_ARGS"):  # torch's RuntimeError, as one line
+        build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW", "TRAIN.OPTIMIZER_ARGS.foreach", True,
+                             "TRAIN.OPTIMIZER_ARGS.fused", True), model, 0.1, CPU)
+
+
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_resumed_optimizer_keeps_this_devices_kernel_choice(saved_fused):
+    """A checkpoint written on a GPU (fused AdamW) resumed on a CPU, and the reverse."""
+    model = _tiny()
+    x = torch.randn(2, 3, 64, 64)
+
+    def adamw(fused: bool) -> torch.optim.AdamW:
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
+
+    saved = adamw(saved_fused)
+    model(x).sum().backward()
+    saved.step()
+    resumed = adamw(not saved_fused)
+    _load_optimizer_state(resumed, saved.state_dict())
+    assert bool(resumed.param_groups[0]["fused"]) == (not saved_fused)
+    assert resumed.state_dict()["state"][0]["step"] == 1
+    resumed.step()  # the loaded state suits the kernel
+    assert resumed.state_dict()["state"][0]["step"] == 2
+
+
+def test_one_visible_gpu_serves_any_local_rank(monkeypatch):
+    """Clusters that bind one GPU per process show each process its own as cuda:0."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert select_device(3) == torch.device("cuda", 0) and chosen == [0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="LOCAL_RANK 3 but only 2 GPU"):
+        select_device(3)
 
 
 def test_cosine_schedule_with_warmup():

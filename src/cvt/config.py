@@ -38,6 +38,7 @@ COMMAND_LINE = "the command line"
 
 MEMORY_FORMATS = ("nchw", "nhwc")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
+DIST_BACKENDS = ("nccl", "gloo")  # for CUDA; CPU processes always use gloo
 OPTIMIZERS = ("sgd", "adam", "adamw")  # compared case-insensitively: the release writes 'adamW'
 SAMPLERS = ("default", "repeated_aug")
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -559,6 +560,7 @@ def validate_config(cfg: CfgNode) -> None:
 
     _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)
     _require_choice("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES)
+    _require_choice("DIST_BACKEND", cfg.DIST_BACKEND, DIST_BACKENDS)
     _require_choice("TRAIN.OPTIMIZER", train.OPTIMIZER, OPTIMIZERS, ignore_case=True)
     _require_choice("DATASET.SAMPLER", cfg.DATASET.SAMPLER, SAMPLERS)
     _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATIONS)

@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved optimizer state, computed with this run's kernels: `fused` / `foreach` were chosen
+    for the device the checkpoint was written on (fused AdamW on CUDA only), and a run resumed on
+    another device keeps its own choice. Set before loading, so the step counters land where the
+    chosen kernel wants them."""
+    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    groups = [{**saved_group, **kernel} for saved_group, kernel in zip(saved["param_groups"], kernels)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
 def _local_rng() -> dict[str, Any]:
     """This process's generators: Python, NumPy (timm's Mixup draws from it), torch CPU and CUDA."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -59,7 +69,7 @@ def _local_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (the current one)
     return state
 
 
@@ -71,7 +81,7 @@ def capture_rng() -> list[dict[str, Any]]:
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
     out = dict(state)
     if "cuda" in out:
-        out["cuda"] = [t.cpu() for t in out["cuda"]]
+        out["cuda"] = out["cuda"].cpu()
     return out
 
 
@@ -90,8 +100,8 @@ def restore_rng(states: Sequence[dict[str, Any]] | None, rank: int) -> bool:
         numpy_state["cached_gaussian"],
     ))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # into this rank's device, whichever index it has
     return True
 
 
@@ -190,7 +200,7 @@ def restore_training(
         raise UserError(f"cannot resume from {where}: its {len(ckpt.class_names)} class names differ from the training folder's {len(class_names)}; {fix}")
 
     load_checkpoint(model, ckpt)
-    optimizer.load_state_dict(extra["optimizer"])
+    _load_optimizer_state(optimizer, extra["optimizer"])
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
         scheduler.load_state_dict(extra["scheduler"])
     if extra.get("scaler"):

@@ -22,6 +22,7 @@ __all__ = [
     "all_gather",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "cleanup",
     "init_distributed",
     "is_main_process",
@@ -61,9 +62,15 @@ def _env_int(name: str, default: int) -> int:
 
 
 def select_device(local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is available (and made the current device), else the CPU."""
+    """cuda:LOCAL_RANK when CUDA is available (and made the current device), else the CPU.
+
+    A process that sees a single GPU uses it whatever its LOCAL_RANK: clusters that bind one GPU per
+    process (SLURM, Kubernetes) show each process only its own, as cuda:0.
+    """
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
+        if torch.cuda.device_count() == 1:
+            local_rank = 0
+        elif local_rank >= torch.cuda.device_count():
             raise UserError(
                 f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
                 "start at most that many processes per node (run.sh -g N)"
@@ -73,8 +80,9 @@ def select_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float) -> DistEnv:
-    """Join the process group torchrun describes (NCCL on CUDA, Gloo on CPU), or run alone.
+def init_distributed(timeout_s: float, cuda_backend: str = "nccl") -> DistEnv:
+    """Join the process group torchrun describes (`cuda_backend`, the config's DIST_BACKEND, on CUDA;
+    Gloo on CPU, where NCCL cannot run), or run alone.
 
     `timeout_s` bounds every collective, so a rank that died ends the run with an error instead of
     leaving the others waiting forever; ranks that do not all meet within it are a UserError. The
@@ -87,7 +95,7 @@ def init_distributed(timeout_s: float) -> DistEnv:
     local_rank = _env_int("LOCAL_RANK", 0)
     device = select_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = cuda_backend if device.type == "cuda" else "gloo"
         _join(backend, rank, world_size, device, timeout_s)
         atexit.register(cleanup)
         log.info("process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
@@ -149,6 +157,15 @@ def all_gather(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Each rank updates them from its
+    own batches between DDP's per-forward broadcasts, so without this each rank would evaluate a
+    slightly different model, and the combined score would be no saved model's score."""
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def barrier() -> None:

@@ -277,8 +277,9 @@ def evaluate(
     Every rank sums its per-image losses and correct counts; the sums are all-reduced and divided
     once. The correct counts are integers, so top-1 and top-5 do not depend on how the images were
     split over ranks and batches; the loss is a float64 sum of float32 values, whose 29 spare bits
-    make its order practically irrelevant (any difference is at the 1e-15 level). Pass the bare model, not a DDP wrapper: ranks may hold different numbers
-    of batches, and a collective inside DDP's forward would then wait forever.
+    make its order practically irrelevant (any difference is at the 1e-15 level). Pass the bare model,
+    not a DDP wrapper: ranks may hold different numbers of batches, and a collective inside DDP's
+    forward would then wait forever.
     """
     model.eval()
     bad_files = bad_files or BadFileLog()

@@ -94,9 +94,10 @@ def build_optimizer(cfg: CfgNode, model: nn.Module, lr: float, device: torch.dev
         if name == "adam":
             return torch.optim.Adam(groups, lr=lr, **extra)
         if name == "adamw":
-            extra.setdefault("fused", device.type == "cuda")
+            if "foreach" not in extra:  # torch refuses fused and foreach together
+                extra.setdefault("fused", device.type == "cuda")
             return torch.optim.AdamW(groups, lr=lr, **extra)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"TRAIN.OPTIMIZER_ARGS {extra} do not suit {cfg.TRAIN.OPTIMIZER}: {e}") from None
     raise UserError(f"TRAIN.OPTIMIZER={cfg.TRAIN.OPTIMIZER!r} is not one of 'sgd', 'adam', 'adamW'")
 

@@ -49,7 +49,7 @@ from ..interop.checkpoint import load_checkpoint, read_checkpoint, save_official
 from ..io import append_jsonl, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from .checkpoint import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
-from .distributed import DistEnv, all_gather, all_reduce_sum, barrier, init_distributed
+from .distributed import DistEnv, all_gather, all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -265,7 +265,7 @@ def train(cfg: CfgNode) -> dict[str, Any]:
     Raises UserError for a mistake in the config or data, TrainingInterrupted on SIGINT/SIGTERM.
     """
     folder = output_dir(cfg)
-    env = init_distributed(float(cfg.DIST_TIMEOUT_S))
+    env = init_distributed(float(cfg.DIST_TIMEOUT_S), cfg.DIST_BACKEND)
     with _run_logging(folder if env.is_main else None, env.is_main), _reproducibility(cfg, env.rank), \
             _StopSignals() as stop:
         return _train(cfg, env, folder, stop)
@@ -284,7 +284,11 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
     classes = list(train_set.classes)
     _check_num_classes(cfg, classes, train_set.split_dir)
 
-    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):
+        # The same initial weights on every rank: DDP would copy rank 0's later anyway, but the EMA
+        # copies the model before that.
+        torch.manual_seed(int(cfg.SEED))
+        model = build_model(cfg)
     resume_from = _resume_path(cfg, folder)
     if cfg.MODEL.PRETRAINED and resume_from is None:
         _load_pretrained(cfg, model)
@@ -365,6 +369,10 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
                 raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint_path if checkpoint_path.exists() else None)
 
             due = epoch >= cfg.TRAIN.EVAL_BEGIN_EPOCH and ((epoch + 1) % cfg.TRAIN.EVAL_EVERY == 0 or epoch + 1 == end_epoch)
+            if due:
+                broadcast_buffers(eval_model)
+                if ema is not None:
+                    broadcast_buffers(ema.module)
             val = evaluate(eval_model, val_loader, settings, bad_files=bad_val) if due else None
             ema_val = evaluate(ema.module, val_loader, settings, bad_files=bad_val) if due and ema is not None else None
             is_best = val is not None and (best_top1 is None or val["top1"] > best_top1)
@@ -439,7 +447,7 @@ def test(cfg: CfgNode) -> dict[str, Any]:
     the same for any number of processes.
     """
     folder = output_dir(cfg)
-    env = init_distributed(float(cfg.DIST_TIMEOUT_S))
+    env = init_distributed(float(cfg.DIST_TIMEOUT_S), cfg.DIST_BACKEND)
     with _run_logging(folder if env.is_main else None, env.is_main), _reproducibility(cfg, env.rank):
         return _test(cfg, env, folder)
 
