@@ -24,4 +24,9 @@ def _deterministic():
 
 @pytest.fixture(scope="session")
 def official_keys() -> dict:
-    return json.loads((REFERENCE / "official_keys.json").read_text())
+    """Every key and shape of the published state dicts, from the reference folder beside the repo
+    (not shipped with the project); the tests that need it skip, saying so, where it is absent."""
+    path = REFERENCE / "official_keys.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not beside the repo")
+    return json.loads(path.read_text())

@@ -18,7 +18,8 @@ from cvt.config import (
 from cvt.errors import UserError
 from cvt.models import CvtSpec
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+from conftest import REFERENCE
+
 OFFICIAL = sorted((REFERENCE / "official-configs").glob("*.yaml"))
 PUBLISHED = ["cvt-13-224x224", "cvt-13-384x384", "cvt-21-224x224", "cvt-21-384x384", "cvt-w24-384x384"]
 needs_reference = pytest.mark.skipif(len(OFFICIAL) != 5, reason="shared/reference/official-configs not beside the repo")
