@@ -8,7 +8,8 @@ the same thread count and the same optimizer. Reported: the median per call and 
 
     python benchmarks/bench_model.py                       # CPU: eager + compile + memory, 224 and 384
     python benchmarks/bench_model.py --sizes 224 --no-compile --no-memory
-    python benchmarks/bench_model.py --device cuda --batch 64 --memory-size 384 --memory-batch 64
+    python benchmarks/bench_model.py --device cuda --batch 64 --memory-size 384 --memory-batch 64 \
+        --memory-dtype bf16 --compile-dtypes bf16       # the CUDA targets (AMP: bf16 autocast)
 
 Peak memory of a training step: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the
 resident set over one step (VmHWM after resetting it through /proc/self/clear_refs, minus the RSS
