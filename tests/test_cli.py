@@ -101,13 +101,39 @@ def test_predict_json(capsys, tiny_experiment):
     assert first[0]["prob"] == pytest.approx(probs.max().item(), abs=1e-5)
 
 
-def test_predict_reports_a_broken_image_and_goes_on(capsys, tiny_experiment):
+def test_predict_skips_a_broken_image_names_it_and_goes_on(capsys, tiny_experiment):
     cfg, weights, images, _ = tiny_experiment
     (images / "3.jpg").write_bytes(b"\xff\xd8\xff broken")
-    assert main(["predict", "--cfg", str(cfg), "--weights", str(weights), str(images)]) == 2
+    assert main(["predict", "--cfg", str(cfg), "--weights", str(weights), str(images)]) == 0  # as training does
     captured = capsys.readouterr()
     assert captured.out.count("%") == 3 * 3
-    assert "3.jpg" in captured.err and captured.err.startswith("error: ")
+    assert captured.err.splitlines()[0].startswith("skipped ") and "3.jpg" in captured.err
+    assert "1 of 4 image(s) skipped" in captured.err
+    # Nothing readable at all is an error.
+    assert main(["predict", "--cfg", str(cfg), "--weights", str(weights), str(images / "3.jpg")]) == 2
+
+
+def test_cli_basics(capsys):
+    assert main([]) == 2  # `cvt` alone shows the commands; it does not start a training
+    assert "train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("cvt ")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--weights", "w.pth", "--topk", "0", "x.png"])
+    assert exit_info.value.code == 2 and "not a positive integer" in capsys.readouterr().err
+
+
+def test_an_output_path_under_a_file_is_one_line(tmp_path, capsys, tiny_experiment):
+    cfg, weights, _, _ = tiny_experiment
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    assert main(["train", "--cfg", str(cfg), "OUTPUT_DIR", str(blocker / "runs")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot create folder '{blocker / 'runs'}")
+    for fmt, out in (("official", blocker / "o.pth"), ("hf", blocker / "hf"), ("safetensors", blocker / "m.safetensors")):
+        assert main(["export", "--weights", str(weights), "--format", fmt, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot create folder") and str(blocker) in err and len(err.splitlines()) == 1
 
 
 def test_export_official_and_hf_round_trip(tmp_path, capsys, tiny_experiment):

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
 log = logging.getLogger("cvt")
@@ -20,30 +21,38 @@ log = logging.getLogger("cvt")
 DEFAULT_EXPERIMENT = "cvt-digits"
 
 
-def _add_cfg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _add_cfg(parser: argparse.ArgumentParser, default: str | None = None, example: str = "TRAIN.LR 0.1") -> None:
     parser.add_argument(
         "--cfg",
         default=default,
         help="experiment YAML file, or the bare name of a packaged one (see `cvt list`)"
         + (f"; default {default}" if default else ""),
     )
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. TRAIN.LR 0.1")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help=f"config overrides, e.g. {example}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvt", description="CvT: Convolutional vision Transformers")
+    parser.add_argument("--version", action="version", version=f"cvt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train (or fine-tune) a model from an experiment file")
     _add_cfg(p, DEFAULT_EXPERIMENT)
 
     p = sub.add_parser("test", help="evaluate TEST.MODEL_FILE on the test split")
-    _add_cfg(p)
+    _add_cfg(p, example="TEST.MODEL_FILE model.pth")
 
     p = sub.add_parser("predict", help="top-k classes of images")
     p.add_argument("--cfg", help="experiment file or name (transform, model spec); default: the checkpoint's own")
     p.add_argument("--weights", required=True, help="checkpoint: any supported format")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
 
@@ -157,13 +166,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     transform = build_transform(cfg, is_train=False)
     topk = max(1, min(args.topk, model.num_classes))
 
-    results, failures = [], 0
-    for path in _image_files(args.images):
+    results, skipped = [], 0
+    files = _image_files(args.images)
+    for path in files:
         try:
             image = transform(load_rgb(path, cfg.DATASET.MAX_IMAGE_PIXELS))
         except BadImageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failures += 1
+            print(f"skipped {e}", file=sys.stderr)
+            skipped += 1
             continue
         with torch.inference_mode():
             probs = model(image.unsqueeze(0)).softmax(dim=-1)[0]
@@ -175,7 +185,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"{path}: {shown}")
     if args.json:
         print(json.dumps(results))
-    return 2 if failures else 0
+    if skipped:
+        print(f"{skipped} of {len(files)} image(s) skipped: unreadable", file=sys.stderr)
+    return 0 if results else 2
 
 
 def _config_text_as_opts(config_text: str) -> list[str]:
@@ -235,10 +247,7 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["train"]  # the embedded default: `cvt` alone runs the demo
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -251,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the system refused (permissions, disk full, a file in the way)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path and its permissions", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,18 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """Create `path` and its parents, or raise `UserError` naming what stands in the way."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create folder {str(path)!r}: {e.strerror or e}; choose a writable location") from None
+    return path
+
 
 def _fsync_dir(directory: Path) -> None:
     try:
@@ -37,16 +49,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     successful write of `path` removes such leftovers, so one writer per path is assumed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    ensure_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}; choose a writable location") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, quota, a folder in the way: the old file is intact
+            raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}; the previous file, if any, is unchanged") from None
         raise
     _fsync_dir(path.parent)
     for stale in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):

@@ -46,7 +46,7 @@ from ..config import output_dir, save_config
 from ..data import build_loader, build_mixup, check_same_classes
 from ..errors import UserError
 from ..interop.checkpoint import load_checkpoint, read_checkpoint, save_official
-from ..io import append_jsonl, atomic_write_text
+from ..io import append_jsonl, atomic_write_text, ensure_folder
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from .checkpoint import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
 from .distributed import DistEnv, all_gather, all_reduce_sum, barrier, broadcast_buffers, init_distributed
@@ -130,7 +130,7 @@ def _run_logging(folder: Path | None, is_main: bool) -> Iterator[None]:
         if not logger.hasHandlers():  # called as a library: nobody prints to the console yet
             handlers.append(logging.StreamHandler())
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+            ensure_folder(folder)
             file_handler = logging.FileHandler(folder / "log.txt", encoding="utf-8")
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             handlers.append(file_handler)
@@ -318,7 +318,8 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
         start_epoch, best_top1 = state.epoch, state.best_top1
         if not restore_rng(state.rng, env.rank):
             log.warning("%s holds no generator state for rank %d: continuing with fresh seeds", resume_from, env.rank)
-        log.info("resumed from %s at epoch %d (best top-1 so far %s)", resume_from, start_epoch, best_top1)
+        log.info("resumed from %s at epoch %d (best top-1 so far %s)", resume_from, start_epoch,
+                 "-" if best_top1 is None else f"{best_top1:.2f}")
     end_epoch = int(cfg.TRAIN.END_EPOCH)
     if start_epoch >= end_epoch:
         log.info("all %d epochs (TRAIN.END_EPOCH) are done already; raise TRAIN.END_EPOCH to train on", end_epoch)
@@ -337,7 +338,8 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
     checkpoint_path = folder / CHECKPOINT
     how_to_resume = (
         "run the same command again" if cfg.TRAIN.AUTO_RESUME and not cfg.TRAIN.CHECKPOINT
-        else "run the same command with TRAIN.AUTO_RESUME True TRAIN.CHECKPOINT ''"
+        else "run the same command with TRAIN.AUTO_RESUME True"
+        + (" TRAIN.CHECKPOINT ''" if cfg.TRAIN.CHECKPOINT else "")
     )
     record: dict[str, Any] = {}
 
