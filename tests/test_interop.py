@@ -206,7 +206,7 @@ def test_truncated_empty_and_garbage_files_are_user_errors(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-    for name, match in [("cut.pth", "truncated or corrupt"), ("empty.pth", "empty"), ("text.pth", "corrupt"),
+    for name, match in [("cut.pth", "truncated or corrupt"), ("empty.pth", "empty"), ("text.pth", "not a PyTorch checkpoint"),
                         ("cut.safetensors", "truncated or corrupt"), ("missing.pth", "does not exist")]:
         with pytest.raises(UserError, match=match):
             read_checkpoint(tmp_path / name)

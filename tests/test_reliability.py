@@ -28,6 +28,7 @@ from PIL import Image
 
 from cvt.cli import main
 from cvt.engine.loop import BadFileLog
+from cvt.errors import UserError
 from cvt.interop.checkpoint import read_checkpoint
 from cvt.io import atomic_torch_save
 
@@ -320,7 +321,7 @@ def two_classes(data, tmp_path_factory) -> Path:
         ("resume another architecture", "it was trained with another MODEL.SPEC (differs in DEPTH)"),
         ("resume other classes", "its 3 class names differ from the training folder's 2"),
         ("resume a truncated file", "cannot resume: checkpoint"),
-        ("auto-resume a garbage checkpoint.pth", "cannot resume: checkpoint"),
+        ("auto-resume a garbage checkpoint.pth", "is not a PyTorch checkpoint"),
         ("test another class count", "has a 3-class head but MODEL.NUM_CLASSES is 4"),
         ("test a truncated file", "is truncated or corrupt"),
         ("fine-tune from another architecture", "does not fit the model"),
@@ -384,7 +385,7 @@ def test_a_failed_save_keeps_the_previous_file_whole(tmp_path, monkeypatch):
     for name in ("fsync", "replace"):  # the data is written but not durable / not yet in place
         with monkeypatch.context() as patch:
             patch.setattr(os, name, _disk_full)
-            with pytest.raises(OSError, match="No space left"):
+            with pytest.raises(UserError, match="No space left on device; the previous file, if any, is unchanged"):
                 atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
         assert path.read_bytes() == before, name
         assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"], name  # no temporary file left

@@ -64,6 +64,14 @@ class Checkpoint:
 
 
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ("PK"); older torch versions a pickle (protocol marker 0x80).
+    if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise UserError(
+            f"{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+            "give a .pth/.pt/.bin checkpoint, a .safetensors file or a Hugging Face model folder"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # not plain tensors and containers: refused before anything runs
@@ -72,9 +80,9 @@ def _torch_load(path: Path) -> Any:
             "containers; refused, because loading it could run code (re-save it as a state dict or .safetensors)"
         ) from e
     except Exception as e:  # truncated zip, bad magic number, EOF: the file is damaged
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # the first sentence
         raise UserError(
-            f"checkpoint {str(path)!r} is truncated or corrupt ({reason[:120]}); use an intact copy"
+            f"checkpoint {str(path)!r} is truncated or corrupt ({reason[:160]}); use an intact copy"
         ) from e
 
 
