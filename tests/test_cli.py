@@ -146,6 +146,24 @@ def test_export_official_and_hf_round_trip(tmp_path, capsys, tiny_experiment):
     assert torch.equal(back.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
 
+def test_exports_carry_the_test_transform_so_predict_needs_no_cfg(tmp_path, capsys, tiny_experiment):
+    cfg, weights, images, _ = tiny_experiment
+    # Without an experiment file a 3-class model's preprocessing is unknown: refuse, do not guess.
+    assert main(["predict", "--weights", str(weights), str(images)]) == 2
+    assert "does not say how its images were preprocessed" in capsys.readouterr().err
+    expected = _json_out(capsys, ["predict", "--cfg", str(cfg), "--weights", str(weights), str(images), "--json"])
+    for fmt, out in (("safetensors", tmp_path / "e.safetensors"), ("hf", tmp_path / "e_hf")):
+        assert main(["export", "--cfg", str(cfg), "--weights", str(weights), "--format", fmt, str(out)]) == 0
+        capsys.readouterr()
+        got = _json_out(capsys, ["predict", "--weights", str(out), str(images), "--json"])
+        # The Hugging Face layout runs exact GELU where this model ran QuickGELU: close, not equal.
+        tolerance = 1e-2 if fmt == "hf" else 1e-6
+        for g, e in zip(got, expected):
+            best, expected_best = g["predictions"][0], e["predictions"][0]
+            assert best["class"] == expected_best["class"], fmt
+            assert best["prob"] == pytest.approx(expected_best["prob"], abs=tolerance), fmt
+
+
 def test_predict_from_a_training_checkpoint_uses_its_config_and_class_names(capsys, tmp_path):
     from test_train_e2e import CLASSES, config, make_image_folder
 

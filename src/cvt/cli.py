@@ -12,13 +12,20 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UserError
 
+if TYPE_CHECKING:
+    from yacs.config import CfgNode
+
+    from .interop.checkpoint import Checkpoint
+
 log = logging.getLogger("cvt")
 
 DEFAULT_EXPERIMENT = "cvt-digits"
+IMAGENET_CLASSES = 1000
 
 
 def _positive_int(text: str) -> int:
@@ -154,12 +161,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .interop.checkpoint import model_from_checkpoint, read_checkpoint
 
     ckpt = read_checkpoint(args.weights)
-    if args.cfg:
-        cfg = load_config(args.cfg)
-    elif isinstance(ckpt.extra.get("config"), str):  # the project's checkpoints carry their config
-        cfg = load_config(None, _config_text_as_opts(ckpt.extra["config"]))
-    else:
+    cfg = _experiment_of(ckpt, args.cfg)
+    if cfg is None:
+        if ckpt.num_classes != IMAGENET_CLASSES:
+            raise UserError(
+                f"{args.weights} does not say how its images were preprocessed (size, normalisation); "
+                "give its experiment file with --cfg"
+            )
         cfg = load_config(None)
+        log.info(
+            "%s does not say how its images were preprocessed: using the ImageNet test transform "
+            "(resize to 256, centre crop 224); give --cfg to change it", args.weights,
+        )
     model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if args.cfg else None)
     model.eval()
     names = ckpt.class_names or [str(i) for i in range(model.num_classes)]
@@ -190,6 +203,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0 if results else 2
 
 
+def _experiment_of(ckpt: Checkpoint, cfg_arg: str | None) -> CfgNode | None:
+    """The config that says how a checkpoint's images are preprocessed: --cfg, else the one the
+    project's training checkpoints carry, else the test transform an export carries; None if unknown."""
+    from .config import load_config
+
+    if cfg_arg:
+        return load_config(cfg_arg)
+    if isinstance(ckpt.extra.get("config"), str):
+        return load_config(None, _config_text_as_opts(ckpt.extra["config"]))
+    if ckpt.eval_settings:
+        return load_config(None, [text for key, value in ckpt.eval_settings.items() for text in (key, repr(value))])
+    return None
+
+
 def _config_text_as_opts(config_text: str) -> list[str]:
     """A stored config (YAML text) as KEY VALUE overrides, so it goes through the same validation."""
     import yaml
@@ -207,21 +234,22 @@ def _config_text_as_opts(config_text: str) -> list[str]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .interop.checkpoint import model_from_checkpoint, save_official, save_safetensors
+    from .config import spec_from_config
+    from .data.transforms import eval_transform_settings
+    from .interop.checkpoint import model_from_checkpoint, read_checkpoint, save_official, save_safetensors
     from .interop.hf import save_hf
 
-    spec = None
-    if args.cfg:
-        from .config import load_config, spec_from_config
-
-        spec = spec_from_config(load_config(args.cfg))
-    model, ckpt = model_from_checkpoint(args.weights, spec=spec)
+    ckpt = read_checkpoint(args.weights)
+    cfg = _experiment_of(ckpt, args.cfg)
+    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if args.cfg else None)
+    # The official layout is a bare state dict; the other two keep how images are to be preprocessed.
+    eval_settings = eval_transform_settings(cfg) if cfg is not None else None
     if args.format == "official":
         save_official(model, args.output)
     elif args.format == "safetensors":
-        save_safetensors(model, args.output, ckpt.class_names)
+        save_safetensors(model, args.output, ckpt.class_names, eval_settings)
     else:
-        save_hf(model, args.output, ckpt.class_names)
+        save_hf(model, args.output, ckpt.class_names, eval_settings)
     print(f"wrote {args.output} ({args.format} layout, {model.num_classes} classes)")
     return 0
 

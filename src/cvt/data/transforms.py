@@ -13,6 +13,7 @@ straight to the test size (the 384 files). IMAGE_SIZE is [width, height], as in 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -24,8 +25,10 @@ from yacs.config import CfgNode
 from ..errors import UserError
 
 __all__ = [
+    "EVAL_TRANSFORM_KEYS",
     "RandomGaussianBlur",
     "build_transform",
+    "eval_transform_settings",
     "interpolation_mode",
     "posterize_any_bits",
     "test_output_size",
@@ -43,6 +46,10 @@ _PIL_CODES = {
 
 # The centre-crop ratio of the release (and of most ImageNet evaluations).
 CROP_PCT = 0.875
+
+# The config keys the test transform reads. Exported weights carry their values, so that `cvt predict`
+# preprocesses images as the model was evaluated without the experiment file.
+EVAL_TRANSFORM_KEYS = ("TEST.IMAGE_SIZE", "TEST.CENTER_CROP", "TEST.INTERPOLATION", "INPUT.MEAN", "INPUT.STD")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -79,6 +86,16 @@ def test_output_size(cfg: CfgNode) -> tuple[int, int]:
     if cfg.TEST.CENTER_CROP:
         return width, width  # the release crops a square of IMAGE_SIZE[0]
     return height, width
+
+
+def eval_transform_settings(cfg: CfgNode) -> dict[str, Any]:
+    """{key: value} of `EVAL_TRANSFORM_KEYS` in `cfg`, as plain JSON values."""
+    settings: dict[str, Any] = {}
+    for key in EVAL_TRANSFORM_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return settings
 
 
 def build_transform(cfg: CfgNode, is_train: bool) -> Transform:

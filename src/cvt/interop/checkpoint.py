@@ -31,7 +31,14 @@ from safetensors.torch import save as safetensors_save
 from ..errors import UserError
 from ..io import atomic_torch_save, atomic_write_bytes
 from ..models.cvt import ConvolutionalVisionTransformer, CvtSpec, checkpoint_filter_fn, create_model, list_models, model_spec
-from .hf import class_names_from_hf_config, is_hf_state_dict, num_labels_from_hf_config, spec_from_hf_config
+from .hf import (
+    PREPROCESSOR_FILE,
+    class_names_from_hf_config,
+    eval_settings_from_hf_preprocessor,
+    is_hf_state_dict,
+    num_labels_from_hf_config,
+    spec_from_hf_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,8 @@ class Checkpoint:
     act: str | None = None
     class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the rest of a training checkpoint
+    # The test transform the weights were evaluated with ({config key: value}), where the file says.
+    eval_settings: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -134,6 +143,12 @@ def _read_folder(folder: Path) -> Checkpoint:
             ckpt.class_names = class_names_from_hf_config(config)
             if num_labels_from_hf_config(config) != ckpt.num_classes:
                 ckpt.class_names = None
+    preprocessor_file = folder / PREPROCESSOR_FILE
+    if preprocessor_file.is_file():
+        try:
+            ckpt.eval_settings = eval_settings_from_hf_preprocessor(json.loads(preprocessor_file.read_text()))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{str(preprocessor_file)!r} is not valid JSON ({e})") from e
     return ckpt
 
 
@@ -146,6 +161,7 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, s
             spec=json.loads(metadata["spec"]) if "spec" in metadata else None,
             act=metadata.get("act"),
             class_names=json.loads(metadata["class_names"]) if "class_names" in metadata else None,
+            eval_settings=json.loads(metadata["eval_transform"]) if "eval_transform" in metadata else None,
         )
     return _from_object(tensors, source)
 
@@ -327,12 +343,18 @@ def save_official(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tens
 
 
 def save_safetensors(
-    model: ConvolutionalVisionTransformer, path: str | os.PathLike, class_names: Sequence[str] | None = None
+    model: ConvolutionalVisionTransformer,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    eval_settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save weights with the release's keys as .safetensors, with spec, activation and class names."""
+    """Save weights with the release's keys as .safetensors, with spec, activation, class names and
+    the test transform (`eval_settings`, see ``cvt.data.transforms.eval_transform_settings``)."""
     metadata = {"format": "cvt", "spec": json.dumps(model.spec.to_dict()), "act": model.act}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
+    if eval_settings is not None:
+        metadata["eval_transform"] = json.dumps(dict(eval_settings))
     tensors = {k: v.contiguous() for k, v in _cpu_state_dict(model).items()}
     atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
     return Path(path)

@@ -20,6 +20,8 @@ from ..io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
 # (official suffix, Hugging Face suffix) inside one block, stage or the network top.
 _BLOCK_NAMES = [
     ("norm1.", "layernorm_before."),
@@ -160,9 +162,67 @@ def hf_config_from_spec(spec: Mapping[str, Any], num_classes: int, class_names: 
     return config
 
 
-def save_hf(model: torch.nn.Module, folder: str | Path, class_names: Sequence[str] | None = None) -> Path:
+# transformers' CvT checkpoints preprocess with ConvNextImageProcessor: below 384 px it resizes the
+# shortest edge to size / crop_pct and centre-crops a size x size square; from 384 px on it resizes
+# to size x size. The key below holds this project's exact settings beside those fields.
+_HF_PROCESSOR = "ConvNextImageProcessor"
+_EXACT_SETTINGS_KEY = "cvt_eval_transform"
+_HF_CROP_FROM = 384
+
+
+def hf_preprocessor_config(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``preprocessor_config.json`` for the test transform `settings` (see
+    ``cvt.data.transforms.eval_transform_settings``), as close as transformers' processor can say it."""
+    from ..data.transforms import CROP_PCT
+
+    size = settings["TEST.IMAGE_SIZE"][0]
+    return {
+        "image_processor_type": _HF_PROCESSOR,
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "crop_pct": CROP_PCT if settings["TEST.CENTER_CROP"] else 1.0,
+        "resample": settings["TEST.INTERPOLATION"],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(settings["INPUT.MEAN"]),
+        "image_std": list(settings["INPUT.STD"]),
+        _EXACT_SETTINGS_KEY: dict(settings),
+    }
+
+
+def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The test transform settings a ``preprocessor_config.json`` describes, or None when this
+    project's transform cannot reproduce it."""
+    from ..data.transforms import CROP_PCT
+
+    if _EXACT_SETTINGS_KEY in config:
+        return dict(config[_EXACT_SETTINGS_KEY])
+    size = (config.get("size") or {}).get("shortest_edge")
+    if config.get("image_processor_type") != _HF_PROCESSOR or not isinstance(size, int) or not config.get("do_normalize", True):
+        return None
+    crop_pct = config.get("crop_pct", CROP_PCT)
+    if size < _HF_CROP_FROM and abs(crop_pct - CROP_PCT) > 1e-6:
+        return None  # a crop other than the release's 0.875
+    return {
+        "TEST.IMAGE_SIZE": [size, size],
+        "TEST.CENTER_CROP": size < _HF_CROP_FROM,
+        "TEST.INTERPOLATION": int(config.get("resample", 3)),
+        "INPUT.MEAN": list(config.get("image_mean", [0.485, 0.456, 0.406])),
+        "INPUT.STD": list(config.get("image_std", [0.229, 0.224, 0.225])),
+    }
+
+
+def save_hf(
+    model: torch.nn.Module,
+    folder: str | Path,
+    class_names: Sequence[str] | None = None,
+    eval_settings: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
-    reads. A model running QuickGELU is exported with a warning: the port computes exact GELU."""
+    reads, and with `eval_settings` (the test transform) ``preprocessor_config.json`` for
+    ``AutoImageProcessor``. A model running QuickGELU is exported with a warning: the port computes
+    exact GELU."""
     folder = Path(folder)
     if getattr(model, "act", "gelu") != "gelu":
         log.warning(
@@ -176,4 +236,7 @@ def save_hf(model: torch.nn.Module, folder: str | Path, class_names: Sequence[st
     config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names)
     atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata={"format": "pt"}))
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    if eval_settings is not None:
+        text = json.dumps(hf_preprocessor_config(eval_settings), indent=2) + "\n"
+        atomic_write_text(folder / PREPROCESSOR_FILE, text)
     return folder
