@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -253,3 +254,14 @@ def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], pretrained[k]) for k in state if k.startswith("stage0."))
     assert not torch.equal(state["head.weight"], pretrained["head.weight"])
+
+
+def test_compiled_training_with_gradient_checkpointing_saves_plain_official_keys(data, tmp_path):
+    """TRAIN.COMPILE and TRAIN.GRAD_CHECKPOINTING together: the run trains, evaluates and saves the
+    model's own keys (no `_orig_mod.` prefix of the compiled wrapper)."""
+    result = train(config(data, tmp_path, "TRAIN.END_EPOCH", 1, "TRAIN.COMPILE", True,
+                          "TRAIN.GRAD_CHECKPOINTING", True, "TENSORBOARD", False))
+    assert math.isfinite(result["metrics"]["train_loss"]) and "val_top1" in result["metrics"]
+    state = torch.load(result["final_state"], weights_only=True)
+    trained_spec = dict(TINY_SPEC, DEPTH=[1, 1, 1])  # as run_opts sets it
+    assert set(state) == set(create_model(trained_spec, num_classes=len(CLASSES)).state_dict())
