@@ -122,6 +122,10 @@ def test_cli_basics(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--weights", "w.pth", "--topk", "0", "x.png"])
     assert exit_info.value.code == 2 and "not a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--foo"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: cvt train") and "unrecognized arguments: --foo" in err
 
 
 def test_an_output_path_under_a_file_is_one_line(tmp_path, capsys, tiny_experiment):
