@@ -99,6 +99,16 @@ def test_predict_json(capsys, tiny_experiment):
     with torch.no_grad():
         probs = model(x[None]).softmax(-1)[0]
     assert first[0]["prob"] == pytest.approx(probs.max().item(), abs=1e-5)
+    # Batched (2 + 1 images) or one by one: the same answers, in the same order.
+    for batch_size in ("1", "2"):
+        again = _json_out(capsys, ["predict", "--cfg", str(cfg), "--weights", str(weights), str(images), "--topk", "2",
+                                   "--json", "--batch-size", batch_size, "--device", "cpu"])
+        assert [r["image"] for r in again] == [r["image"] for r in out]
+        for a, b in zip(again, out):
+            assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+            assert a["predictions"][0]["prob"] == pytest.approx(b["predictions"][0]["prob"], abs=1e-5)
+    assert main(["predict", "--cfg", str(cfg), "--weights", str(weights), str(images), "--device", "tpu9"]) == 2
+    assert "is not a device" in capsys.readouterr().err
 
 
 def test_predict_skips_a_broken_image_names_it_and_goes_on(capsys, tiny_experiment):

@@ -18,6 +18,7 @@ from . import __version__
 from .errors import UserError
 
 if TYPE_CHECKING:
+    import torch
     from yacs.config import CfgNode
 
     from .interop.checkpoint import Checkpoint
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="checkpoint: any supported format")
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
 
     p = sub.add_parser("info", help="parameters and multiply-adds of a model")
@@ -176,33 +179,55 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             "(resize to 256, centre crop 224); give --cfg to change it", args.weights,
         )
     model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if args.cfg else None)
-    model.eval()
+    device = _predict_device(args.device)
+    model.to(device).eval()
     names = ckpt.class_names or [str(i) for i in range(model.num_classes)]
     transform = build_transform(cfg, is_train=False)
-    topk = max(1, min(args.topk, model.num_classes))
+    topk = min(args.topk, model.num_classes)
+    results: list[dict] = []
 
-    results, skipped = [], 0
+    def classify(batch: list[tuple[Path, torch.Tensor]]) -> None:
+        with torch.inference_mode():
+            probs = model(torch.stack([image for _, image in batch]).to(device)).float().softmax(dim=-1).cpu()
+        for (path, _), image_probs in zip(batch, probs):
+            values, indices = image_probs.topk(topk)
+            preds = [{"index": int(i), "class": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(values, indices)]
+            results.append({"image": str(path), "predictions": preds})
+            if not args.json:
+                print(f"{path}: " + ", ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in preds))
+
+    skipped, batch = 0, []
     files = _image_files(args.images)
     for path in files:
         try:
-            image = transform(load_rgb(path, cfg.DATASET.MAX_IMAGE_PIXELS))
+            batch.append((path, transform(load_rgb(path, cfg.DATASET.MAX_IMAGE_PIXELS))))
         except BadImageError as e:
             print(f"skipped {e}", file=sys.stderr)
             skipped += 1
-            continue
-        with torch.inference_mode():
-            probs = model(image.unsqueeze(0)).softmax(dim=-1)[0]
-        values, indices = probs.topk(topk)
-        preds = [{"index": int(i), "class": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(values, indices)]
-        results.append({"image": str(path), "predictions": preds})
-        if not args.json:
-            shown = ", ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in preds)
-            print(f"{path}: {shown}")
+        if len(batch) == args.batch_size:
+            classify(batch)
+            batch = []
+    if batch:
+        classify(batch)
     if args.json:
         print(json.dumps(results))
     if skipped:
         print(f"{skipped} of {len(files)} image(s) skipped: unreadable", file=sys.stderr)
     return 0 if results else 2
+
+
+def _predict_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
 
 
 def _experiment_of(ckpt: Checkpoint, cfg_arg: str | None) -> CfgNode | None:
