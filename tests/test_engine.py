@@ -95,7 +95,7 @@ def test_optimizers_from_config():
     assert sgd.param_groups[0]["momentum"] == 0.8 and sgd.param_groups[0]["nesterov"]
     adamw = build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW", "TRAIN.WD", 0.05, "TRAIN.OPTIMIZER_ARGS.betas", (0.8, 0.9)),
                             model, 0.1, CPU)
-    assert isinstance(adamw, torch.optim.AdamW) and not adamw.param_groups[0]["fused"]
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["fused"]
     assert tuple(adamw.param_groups[0]["betas"]) == (0.8, 0.9)
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
     assert isinstance(build_optimizer(_cfg("TRAIN.OPTIMIZER", "adam"), model, 0.1, CPU), torch.optim.Adam)
@@ -105,7 +105,7 @@ def test_optimizers_from_config():
 
 def test_fused_adamw_default_gives_way_to_a_foreach_choice():
     model = _tiny()
-    cuda = torch.device("cuda")  # only its type is read: fused AdamW is the CUDA default
+    cuda = torch.device("cuda")  # only its type is read: fused AdamW is the default
     adamw = build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW", "TRAIN.OPTIMIZER_ARGS.foreach", True), model, 0.1, cuda)
     assert adamw.param_groups[0]["foreach"] and not adamw.param_groups[0]["fused"]
     assert build_optimizer(_cfg("TRAIN.OPTIMIZER", "adamW"), model, 0.1, cuda).param_groups[0]["fused"]
