@@ -135,12 +135,17 @@ def test_resumed_optimizer_keeps_this_devices_kernel_choice(saved_fused):
 
 
 def test_one_visible_gpu_serves_any_local_rank(monkeypatch):
-    """Clusters that bind one GPU per process show each process its own as cuda:0."""
+    """Clusters that bind one GPU per process show each process its own as cuda:0; two processes on a
+    one-GPU node without such a binding are a mistake."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert select_device(3) == torch.device("cuda", 0) and chosen == [0]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(UserError, match="LOCAL_RANK 1 but only 1 GPU"):
+        select_device(1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="LOCAL_RANK 3 but only 2 GPU"):
         select_device(3)

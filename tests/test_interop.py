@@ -101,6 +101,27 @@ def test_hugging_face_preprocessor_matches_the_test_transform(tmp_path, size, ce
     assert eval_settings_from_hf_preprocessor(written) == settings
 
 
+def test_legacy_hugging_face_preprocessor_files_are_read():
+    """The older feature-extractor format (an int size), as the hub's CvT folders have it."""
+    legacy = {"feature_extractor_type": "ConvNextFeatureExtractor", "size": 224, "crop_pct": 0.875, "resample": 3,
+              "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    assert eval_settings_from_hf_preprocessor(legacy) == {
+        "TEST.IMAGE_SIZE": [224, 224], "TEST.CENTER_CROP": True, "TEST.INTERPOLATION": 3,
+        "INPUT.MEAN": [0.485, 0.456, 0.406], "INPUT.STD": [0.229, 0.224, 0.225],
+    }
+    assert eval_settings_from_hf_preprocessor({**legacy, "size": 384})["TEST.CENTER_CROP"] is False
+    for unusable in ({**legacy, "crop_pct": 0.9}, {**legacy, "size": "big"}, {"feature_extractor_type": "ViTFeatureExtractor"}, []):
+        assert eval_settings_from_hf_preprocessor(unusable) is None
+
+
+def test_export_warns_where_transformers_cannot_express_the_transform(tmp_path, caplog):
+    cfg = load_config(None, ["TEST.IMAGE_SIZE", "[32, 32]", "TEST.CENTER_CROP", "False"])  # the digits demo's
+    with caplog.at_level(logging.WARNING):
+        cvt.save_hf(create_model(TINY_SPEC, num_classes=2, act="gelu"), tmp_path, eval_settings=eval_transform_settings(cfg))
+    assert "cannot express this test transform" in caplog.text
+    assert read_checkpoint(tmp_path).eval_settings == eval_transform_settings(cfg)  # cvt reads it exactly
+
+
 def test_bare_hugging_face_backbone_loads_with_fresh_norm_and_head(caplog):
     hf = _hf_model()
     backbone = {k[len("cvt."):]: v for k, v in hf.state_dict().items() if k.startswith("cvt.")}

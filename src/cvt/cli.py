@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,7 +192,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             probs = model(torch.stack([image for _, image in batch]).to(device)).float().softmax(dim=-1).cpu()
         for (path, _), image_probs in zip(batch, probs):
             values, indices = image_probs.topk(topk)
-            preds = [{"index": int(i), "class": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(values, indices)]
+            preds = [{"index": int(i), "class": names[int(i)], "prob": round(float(p), 6)}
+                     for p, i in zip(values, indices)]
             results.append({"image": str(path), "predictions": preds})
             if not args.json:
                 print(f"{path}: " + ", ".join(f"{p['class']} {100 * p['prob']:.1f}%" for p in preds))
@@ -224,9 +226,13 @@ def _predict_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device this command runs on; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
@@ -267,9 +273,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .interop.hf import save_hf
 
     ckpt = read_checkpoint(args.weights)
-    cfg = _experiment_of(ckpt, args.cfg)
-    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if args.cfg else None)
     # The official layout is a bare state dict; the other two keep how images are to be preprocessed.
+    cfg = _experiment_of(ckpt, args.cfg) if args.format != "official" or args.cfg else None
+    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if args.cfg else None)
     eval_settings = eval_transform_settings(cfg) if cfg is not None else None
     if args.format == "official":
         save_official(model, args.output)
@@ -317,9 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cvt predict ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # a path the system refused (permissions, disk full, a file in the way)
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; check the path and its permissions", file=sys.stderr)
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

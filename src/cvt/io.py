@@ -63,7 +63,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):  # disk full, quota, a folder in the way: the old file is intact
-            raise UserError(f"cannot write {str(path)!r}: {e.strerror or e}; the previous file, if any, is unchanged") from None
+            reason = e.strerror or e
+            raise UserError(f"cannot write {str(path)!r}: {reason}; the previous file, if any, is unchanged") from None
         raise
     _fsync_dir(path.parent)
     for stale in path.parent.glob(glob.escape(_temp_prefix(path)) + "*.tmp"):

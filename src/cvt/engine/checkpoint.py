@@ -54,6 +54,11 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any
     another device keeps its own choice. Set before loading, so the step counters land where the
     chosen kernel wants them."""
     kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
+    if len(saved["param_groups"]) != len(kernels):
+        raise UserError(
+            f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this run's "
+            f"{len(kernels)} (TRAIN.WITHOUT_WD_LIST or TRAIN.OPTIMIZER changed?); start a new run"
+        )
     groups = [{**saved_group, **kernel} for saved_group, kernel in zip(saved["param_groups"], kernels)]
     optimizer.load_state_dict({**saved, "param_groups": groups})
 
@@ -100,8 +105,12 @@ def restore_rng(states: Sequence[dict[str, Any]] | None, rank: int) -> bool:
         numpy_state["cached_gaussian"],
     ))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])  # into this rank's device, whichever index it has
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, (list, tuple)):  # an earlier format: every visible GPU's state
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda_state = cuda_state[index] if index < len(cuda_state) else None
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)  # into this rank's device, whichever index it has
     return True
 
 

@@ -64,11 +64,12 @@ def _env_int(name: str, default: int) -> int:
 def select_device(local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK when CUDA is available (and made the current device), else the CPU.
 
-    A process that sees a single GPU uses it whatever its LOCAL_RANK: clusters that bind one GPU per
-    process (SLURM, Kubernetes) show each process only its own, as cuda:0.
+    A process whose CUDA_VISIBLE_DEVICES names one GPU uses it whatever its LOCAL_RANK: clusters that
+    bind one GPU per process (SLURM, Kubernetes) show each process only its own, as cuda:0.
     """
     if torch.cuda.is_available():
-        if torch.cuda.device_count() == 1:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if torch.cuda.device_count() == 1 and visible and "," not in visible:
             local_rank = 0
         elif local_rank >= torch.cuda.device_count():
             raise UserError(

@@ -287,7 +287,7 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every rank: DDP would copy rank 0's later anyway, but the EMA
         # copies the model before that.
-        torch.manual_seed(int(cfg.SEED))
+        torch.default_generator.manual_seed(int(cfg.SEED))  # the CPU generator only: CUDA's stays per rank
         model = build_model(cfg)
     resume_from = _resume_path(cfg, folder)
     if cfg.MODEL.PRETRAINED and resume_from is None:

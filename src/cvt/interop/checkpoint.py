@@ -146,9 +146,10 @@ def _read_folder(folder: Path) -> Checkpoint:
     preprocessor_file = folder / PREPROCESSOR_FILE
     if preprocessor_file.is_file():
         try:
-            ckpt.eval_settings = eval_settings_from_hf_preprocessor(json.loads(preprocessor_file.read_text()))
+            preprocessor = json.loads(preprocessor_file.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{str(preprocessor_file)!r} is not valid JSON ({e})") from e
+        ckpt.eval_settings = eval_settings_from_hf_preprocessor(preprocessor) or ckpt.eval_settings
     return ckpt
 
 
@@ -161,9 +162,20 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, s
             spec=json.loads(metadata["spec"]) if "spec" in metadata else None,
             act=metadata.get("act"),
             class_names=json.loads(metadata["class_names"]) if "class_names" in metadata else None,
-            eval_settings=json.loads(metadata["eval_transform"]) if "eval_transform" in metadata else None,
+            eval_settings=_json_metadata(metadata, "eval_transform", source),
         )
     return _from_object(tensors, source)
+
+
+def _json_metadata(metadata: Mapping[str, str], key: str, source: str) -> Any:
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"checkpoint {source!r}: its {key!r} metadata is not valid JSON ({e}); use an intact copy"
+        ) from None
 
 
 def _from_object(obj: Any, source: str) -> Checkpoint:

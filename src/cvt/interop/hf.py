@@ -175,12 +175,19 @@ def hf_preprocessor_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     ``cvt.data.transforms.eval_transform_settings``), as close as transformers' processor can say it."""
     from ..data.transforms import CROP_PCT
 
-    size = settings["TEST.IMAGE_SIZE"][0]
+    width, height = settings["TEST.IMAGE_SIZE"]
+    size, crop = width, settings["TEST.CENTER_CROP"]
+    if (not crop and width != height) or crop != (size < _HF_CROP_FROM):
+        log.warning(
+            "transformers' image processor cannot express this test transform (TEST.IMAGE_SIZE %s, "
+            "TEST.CENTER_CROP %s) exactly: AutoImageProcessor will %s; cvt reads the exact settings",
+            [width, height], crop, "crop a square" if size < _HF_CROP_FROM else "resize without cropping",
+        )
     return {
         "image_processor_type": _HF_PROCESSOR,
         "do_resize": True,
         "size": {"shortest_edge": size},
-        "crop_pct": CROP_PCT if settings["TEST.CENTER_CROP"] else 1.0,
+        "crop_pct": CROP_PCT if crop else 1.0,
         "resample": settings["TEST.INTERPOLATION"],
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -196,12 +203,21 @@ def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, A
     project's transform cannot reproduce it."""
     from ..data.transforms import CROP_PCT
 
-    if _EXACT_SETTINGS_KEY in config:
+    if not isinstance(config, Mapping):
+        return None
+    if isinstance(config.get(_EXACT_SETTINGS_KEY), Mapping):
         return dict(config[_EXACT_SETTINGS_KEY])
-    size = (config.get("size") or {}).get("shortest_edge")
-    if config.get("image_processor_type") != _HF_PROCESSOR or not isinstance(size, int) or not config.get("do_normalize", True):
+    # Older files (Microsoft's hub folders among them) name a feature extractor and give size as an int.
+    kind = config.get("image_processor_type") or config.get("feature_extractor_type")
+    size = config.get("size")
+    size = size.get("shortest_edge") if isinstance(size, Mapping) else size
+    if kind not in (_HF_PROCESSOR, "ConvNextFeatureExtractor") or not isinstance(size, int):
+        return None
+    if not config.get("do_normalize", True):
         return None
     crop_pct = config.get("crop_pct", CROP_PCT)
+    if not isinstance(crop_pct, (int, float)):
+        return None
     if size < _HF_CROP_FROM and abs(crop_pct - CROP_PCT) > 1e-6:
         return None  # a crop other than the release's 0.875
     return {
