@@ -391,11 +391,16 @@ def test_a_failed_save_keeps_the_previous_file_whole(tmp_path, monkeypatch):
         assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"], name  # no temporary file left
 
 
+def resumable_copy(one_epoch: Path, out: Path) -> tuple[Path, bytes]:
+    """A copy of the one-epoch run in `out`: its run folder and its checkpoint's bytes."""
+    shutil.copytree(one_epoch, out, dirs_exist_ok=True)
+    folder = run_folder(out)
+    return folder, (folder / "checkpoint.pth").read_bytes()
+
+
 @pytest.mark.slow
 def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_the_rerun_finishes(experiment, data, one_epoch, tmp_path):
-    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
-    folder = run_folder(tmp_path)
-    saved = (folder / "checkpoint.pth").read_bytes()
+    folder, saved = resumable_copy(one_epoch, tmp_path)
 
     argv = train_argv(experiment, data, tmp_path, "TRAIN.END_EPOCH", 3)
     killed = run_cvt(argv, {"CVT_FAULT_KILL_IN_SAVE": 1})  # dies writing epoch 1's checkpoint
@@ -417,9 +422,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_the_rerun_finishes(e
 
 @pytest.mark.slow
 def test_a_nonfinite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(experiment, data, one_epoch, tmp_path):
-    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
-    folder = run_folder(tmp_path)
-    saved = (folder / "checkpoint.pth").read_bytes()
+    folder, saved = resumable_copy(one_epoch, tmp_path)
 
     # Resumed at epoch 1, the process's 2nd loss is epoch 1's step 1.
     argv = train_argv(experiment, data, tmp_path, "TRAIN.END_EPOCH", 3)

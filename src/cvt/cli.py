@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import UserError
@@ -246,7 +246,7 @@ def _experiment_of(ckpt: Checkpoint, cfg_arg: str | None) -> CfgNode | None:
     if isinstance(ckpt.extra.get("config"), str):
         return load_config(None, _config_text_as_opts(ckpt.extra["config"]))
     if ckpt.eval_settings:
-        return load_config(None, [text for key, value in ckpt.eval_settings.items() for text in (key, repr(value))])
+        return load_config(None, _as_opts(ckpt.eval_settings))
     return None
 
 
@@ -254,16 +254,18 @@ def _config_text_as_opts(config_text: str) -> list[str]:
     """A stored config (YAML text) as KEY VALUE overrides, so it goes through the same validation."""
     import yaml
 
-    def flatten(node: dict, prefix: str = "") -> list[str]:
-        out: list[str] = []
-        for key, value in node.items():
-            if isinstance(value, dict):
-                out += flatten(value, f"{prefix}{key}.")
-            else:
-                out += [f"{prefix}{key}", repr(value)]
-        return out
+    return _as_opts(yaml.safe_load(config_text))
 
-    return flatten(yaml.safe_load(config_text))
+
+def _as_opts(node: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Nested or dotted {key: value} settings as KEY VALUE overrides."""
+    out: list[str] = []
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            out += _as_opts(value, f"{prefix}{key}.")
+        else:
+            out += [f"{prefix}{key}", repr(value)]
+    return out
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """The saved optimizer state, computed with this run's kernels: `fused` / `foreach` were chosen
-    for the device the checkpoint was written on (fused AdamW on CUDA only), and a run resumed on
-    another device keeps its own choice. Set before loading, so the step counters land where the
+    for the device (and torch) the checkpoint was written with, and a run resumed elsewhere keeps
+    this run's choice. Set before loading, so the step counters land where the
     chosen kernel wants them."""
     kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
     if len(saved["param_groups"]) != len(kernels):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from ..errors import UserError
-from .distributed import all_reduce_sum, is_main_process
+from .distributed import all_gather, all_reduce_sum, is_main_process
 
 __all__ = [
     "BadFileLog",
@@ -108,6 +108,11 @@ class BadFileLog:
     @property
     def count(self) -> int:
         return len(self.paths)
+
+    def count_over_ranks(self) -> int:
+        """Distinct files skipped on any rank (a collective): each rank saw its own share, and a file
+        is one file whichever ranks met it."""
+        return len(set().union(*all_gather(self.paths)))
 
     def add(self, bad_files: Iterable[tuple[str, str]]) -> None:
         for path, reason in bad_files:

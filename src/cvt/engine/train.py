@@ -49,7 +49,7 @@ from ..interop.checkpoint import load_checkpoint, read_checkpoint, save_official
 from ..io import append_jsonl, atomic_write_text, ensure_folder
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from .checkpoint import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
-from .distributed import DistEnv, all_gather, all_reduce_sum, barrier, broadcast_buffers, init_distributed
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -418,8 +418,7 @@ def _train(cfg: CfgNode, env: DistEnv, folder: Path, stop: _StopSignals) -> dict
     if env.is_main:
         save_official(model, final_path)
     barrier()
-    # Each rank saw its own share of the files; a file is one file whichever ranks met it.
-    skipped = [len(set().union(*all_gather(report.paths))) for report in (bad_train, bad_val)]
+    skipped = [report.count_over_ranks() for report in (bad_train, bad_val)]
     if any(skipped):
         log.warning("unreadable files skipped: %d in training, %d in evaluation", *skipped)
     best_path = folder / MODEL_BEST
@@ -483,7 +482,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
         "top5": metrics["top5"],
         "loss": metrics["loss"],
         "images": metrics["images"],
-        "skipped_files": len(set().union(*all_gather(bad_files.paths))),
+        "skipped_files": bad_files.count_over_ranks(),
         "processes": env.world_size,
         "time_s": round(elapsed, 3),
     }

@@ -201,6 +201,7 @@ def hf_preprocessor_config(settings: Mapping[str, Any]) -> dict[str, Any]:
 def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The test transform settings a ``preprocessor_config.json`` describes, or None when this
     project's transform cannot reproduce it."""
+    from ..config import get_defaults
     from ..data.transforms import CROP_PCT
 
     if not isinstance(config, Mapping):
@@ -220,12 +221,13 @@ def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, A
         return None
     if size < _HF_CROP_FROM and abs(crop_pct - CROP_PCT) > 1e-6:
         return None  # a crop other than the release's 0.875
+    defaults = get_defaults()
     return {
         "TEST.IMAGE_SIZE": [size, size],
         "TEST.CENTER_CROP": size < _HF_CROP_FROM,
         "TEST.INTERPOLATION": int(config.get("resample", 3)),
-        "INPUT.MEAN": list(config.get("image_mean", [0.485, 0.456, 0.406])),
-        "INPUT.STD": list(config.get("image_std", [0.229, 0.224, 0.225])),
+        "INPUT.MEAN": list(config.get("image_mean", defaults.INPUT.MEAN)),
+        "INPUT.STD": list(config.get("image_std", defaults.INPUT.STD)),
     }
 
 
