@@ -36,7 +36,7 @@ from torch import nn
 
 from common import RESULTS, append_to_section, interleaved, load_average, machine_info, markdown_table, median, synchronizer
 
-from cvt.interop.hf import hf_config_from_spec, official_to_hf
+from cvt.models.convert import hf_config_from_spec, official_to_hf
 from cvt.models.cvt import create_model
 
 NUM_CLASSES = 1000

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cvt.io import atomic_write_text
+from cvt.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

@@ -38,7 +38,7 @@ import torch
 
 from common import append_to_section, cpu_model, git_revision, load_average
 
-from cvt.interop.checkpoint import read_checkpoint
+from cvt.weights.read import read_checkpoint
 
 HEADING = "Fault injection"
 TIMING_KEYS = ("images_per_sec", "epoch_time_s")

@@ -1,20 +1,8 @@
 import json
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
-
-# Small enough to run in milliseconds, with every feature of the published spec (cls token in the
-# last stage, dw_bn projections with strided k/v, three stages).
-TINY_SPEC = {
-    "NUM_STAGES": 3,
-    "DIM_EMBED": [16, 32, 48],
-    "NUM_HEADS": [1, 2, 3],
-    "DEPTH": [1, 2, 3],
-}
+from helpers import REFERENCE
 
 
 @pytest.fixture(autouse=True)

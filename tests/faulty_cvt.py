@@ -25,8 +25,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cvt.cli import main
 
-# The module, not the function `cvt.engine.train` that the package exports under the same name.
-engine_train = importlib.import_module("cvt.engine.train")
+# The module, not the function `cvt.training.train` that the package exports under the same name.
+engine_train = importlib.import_module("cvt.training.run")
 
 
 def _setting(name: str) -> int | None:
@@ -53,7 +53,7 @@ def _kill_after_steps(steps: int) -> None:
 
 
 def _kill_in_save(save_number: int) -> None:
-    """Die inside cvt.io's atomic write of checkpoint.pth: its fsync of the temporary file is the moment
+    """Die inside cvt.files' atomic write of checkpoint.pth: its fsync of the temporary file is the moment
     the bytes are written but neither durable nor in place."""
     real_fsync = os.fsync
     saves = 0

@@ -14,7 +14,7 @@ import cvt.config
 import cvt.data
 from cvt.cli import main
 
-from conftest import TINY_SPEC
+from helpers import TINY_SPEC
 
 SEED_TABLE = [("cvt-13", 224, 4.5), ("cvt-13", 384, 16.3), ("cvt-21", 224, 7.1), ("cvt-21", 384, 24.9), ("cvt-w24", 384, 193.2)]
 PARAMS = {"cvt-13": 19_997_480, "cvt-21": 31_622_696, "cvt-w24": 277_196_392}
@@ -179,9 +179,9 @@ def test_exports_carry_the_test_transform_so_predict_needs_no_cfg(tmp_path, caps
 
 
 def test_predict_from_a_training_checkpoint_uses_its_config_and_class_names(capsys, tmp_path):
-    from test_train_e2e import CLASSES, config, make_image_folder
+    from helpers import CLASSES, config, make_image_folder
 
-    from cvt.engine import train
+    from cvt.training.run import train
 
     data = make_image_folder(tmp_path / "shapes")
     result = train(config(data, tmp_path / "out", "TRAIN.END_EPOCH", 1))

@@ -18,7 +18,7 @@ from cvt.config import (
 from cvt.errors import UserError
 from cvt.models import CvtSpec
 
-from conftest import REFERENCE
+from helpers import REFERENCE
 
 OFFICIAL = sorted((REFERENCE / "official-configs").glob("*.yaml"))
 PUBLISHED = ["cvt-13-224x224", "cvt-13-384x384", "cvt-21-224x224", "cvt-21-384x384", "cvt-w24-384x384"]

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from cvt.config import save_config
-from cvt.engine import test as run_test  # not named test_*: pytest would collect it
-from cvt.engine import train
+from cvt.training.run import test as run_test  # not named test_*: pytest would collect it
+from cvt.training.run import train
 
-from test_train_e2e import VAL_PER_CLASS, config, make_image_folder
+from helpers import VAL_PER_CLASS, config, make_image_folder
 
 # What makes the two runs comparable: SGD (Adam's first steps amplify float noise to +-lr); no
 # BatchNorm (per-process batch statistics over B/2 images differ from those over B): 'linear'
@@ -94,7 +94,7 @@ def test_two_processes_match_one(tmp_path):
 def _broadcast_buffers_worker(rank: int, port: int, out: Path) -> None:
     import torch.distributed as dist
 
-    from cvt.engine.distributed import broadcast_buffers
+    from cvt.training.distributed import broadcast_buffers
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from cvt.config import load_config
-from cvt.engine.checkpoint import _load_optimizer_state, capture_rng, restore_rng, truncate_metrics
-from cvt.engine.distributed import all_reduce_sum, init_distributed, select_device
-from cvt.engine.loop import LoopSettings, autocast_dtype, build_criterion, evaluate, train_one_epoch
-from cvt.engine.optim import build_optimizer, build_scheduler, no_decay_names, param_groups, scaled_lr
+from cvt.training.state import load_optimizer_state, capture_rng, restore_rng, truncate_metrics
+from cvt.training.distributed import all_reduce_sum, init_distributed, select_device
+from cvt.training.loop import LoopSettings, autocast_dtype, build_criterion, evaluate, train_one_epoch
+from cvt.training.optim import build_optimizer, build_scheduler, no_decay_names, param_groups, scaled_lr
 from cvt.errors import UserError
 from cvt.models import create_model
 
-from conftest import TINY_SPEC
+from helpers import TINY_SPEC
 
 CPU = torch.device("cpu")
 
@@ -127,7 +127,7 @@ def test_resumed_optimizer_keeps_this_devices_kernel_choice(saved_fused):
     model(x).sum().backward()
     saved.step()
     resumed = adamw(not saved_fused)
-    _load_optimizer_state(resumed, saved.state_dict())
+    load_optimizer_state(resumed, saved.state_dict())
     assert bool(resumed.param_groups[0]["fused"]) == (not saved_fused)
     assert resumed.state_dict()["state"][0]["step"] == 1
     resumed.step()  # the loaded state suits the kernel

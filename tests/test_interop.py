@@ -11,9 +11,10 @@ import cvt
 from cvt import UserError, create_model, load_checkpoint, read_checkpoint
 from cvt.config import load_config
 from cvt.data.transforms import build_transform, eval_transform_settings
-from cvt.interop.hf import eval_settings_from_hf_preprocessor, hf_to_official, official_to_hf
+from cvt.models.convert import hf_to_official, official_to_hf
+from cvt.weights.hf_preprocessor import eval_settings_from_hf_preprocessor
 
-from conftest import TINY_SPEC
+from helpers import TINY_SPEC
 
 transformers = pytest.importorskip("transformers")
 
@@ -203,7 +204,7 @@ def test_class_count_mismatch_says_how_to_fix_it():
 
 def test_long_mismatch_lists_are_cut_with_counts():
     sd = create_model(TINY_SPEC).state_dict()
-    with pytest.raises(UserError, match=r"missing \[.*\+\d+ more\]"):
+    with pytest.raises(UserError, match=r"missing \[.* and \d+ more\]"):
         load_checkpoint(create_model("cvt-13"), {k: v for k, v in sd.items() if not k.startswith("stage2")})
 
 

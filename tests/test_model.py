@@ -6,7 +6,7 @@ import cvt
 from cvt import UserError, create_model
 from cvt.models import CvtSpec
 
-from conftest import TINY_SPEC
+from helpers import TINY_SPEC
 
 PUBLISHED = {"cvt-13-224x224": "cvt-13", "cvt-21-224x224": "cvt-21", "cvt-w24-384x384": "cvt-w24"}
 PARAMS = {"cvt-13": 19_997_480, "cvt-21": 31_622_696, "cvt-w24": 277_196_392}

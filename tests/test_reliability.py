@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 
 from cvt.cli import main
-from cvt.engine.loop import BadFileLog
+from cvt.training.loop import BadFileLog
 from cvt.errors import UserError
-from cvt.interop.checkpoint import read_checkpoint
-from cvt.io import atomic_torch_save
+from cvt.weights.read import read_checkpoint
+from cvt.files import atomic_torch_save
 
-from test_train_e2e import CLASSES, epochs_in, make_image_folder, run_opts
+from helpers import CLASSES, epochs_in, make_image_folder, run_opts
 
 FAULTY_CVT = Path(__file__).resolve().parent / "faulty_cvt.py"
 TIMING_KEYS = ("images_per_sec", "epoch_time_s")

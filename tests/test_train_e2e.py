@@ -17,67 +17,15 @@ import torch
 from PIL import Image
 
 from cvt.config import load_config
-from cvt.engine import TrainingInterrupted, train
-from cvt.engine import test as run_test  # not named test_*: pytest would collect it
+from cvt.training.run import TrainingInterrupted, train
+from cvt.training.run import test as run_test  # not named test_*: pytest would collect it
 from cvt.errors import UserError
-from cvt.interop.checkpoint import read_checkpoint
+from cvt.weights.read import read_checkpoint
 from cvt.models import create_model
 
-from conftest import TINY_SPEC
+from helpers import CLASSES, TINY_SPEC, config, epochs_in, make_image_folder, run_opts
 
-# The module, not the function `cvt.engine.train` that the package exports under the same name.
-engine_train = importlib.import_module("cvt.engine.train")
-
-CLASSES = ("circle", "cross", "square")
-TRAIN_PER_CLASS = (8, 8, 8)
-VAL_PER_CLASS = (4, 3, 4)  # 11 images: an odd count, so two ranks get unequal shards
-
-
-def _draw(kind: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """A noisy left-right symmetric picture of class `kind`, so horizontal flips change nothing."""
-    y, x = np.mgrid[:size, :size] - (size - 1) / 2
-    shape = [np.hypot(x, y) < size / 3, (np.abs(x) < 3) | (np.abs(y) < 3), np.maximum(np.abs(x), np.abs(y)) < size / 3][kind]
-    image = shape[..., None] * np.array([200, 120 + 40 * kind, 60]) + rng.integers(0, 50, (size, size, 3))
-    image = (image + image[:, ::-1]) / 2
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def make_image_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, counts in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for kind, (name, count) in enumerate(zip(CLASSES, counts)):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(_draw(kind, rng)).save(folder / f"{i}.png")
-    return root
-
-
-def run_opts(data: Path, out: Path, *extra: object) -> list[str]:
-    """Overrides for a tiny, fast, CPU run on the generated folder."""
-    opts: list[object] = [
-        "NAME", "tiny", "OUTPUT_DIR", out, "DATASET.DATASET", "shapes", "DATASET.ROOT", data,
-        "MODEL.NUM_CLASSES", len(CLASSES),
-        "MODEL.SPEC.DIM_EMBED", TINY_SPEC["DIM_EMBED"], "MODEL.SPEC.NUM_HEADS", TINY_SPEC["NUM_HEADS"],
-        "MODEL.SPEC.DEPTH", [1, 1, 1],
-        "TRAIN.IMAGE_SIZE", [32, 32], "TEST.IMAGE_SIZE", [32, 32], "TEST.CENTER_CROP", False,
-        "AUG.SCALE", (0.8, 1.0),
-        "TRAIN.BATCH_SIZE_PER_GPU", 8, "TEST.BATCH_SIZE_PER_GPU", 4, "WORKERS", 0,
-        "TRAIN.OPTIMIZER", "adamW", "TRAIN.LR", 2e-3, "TRAIN.WD", 0.05, "TRAIN.WITHOUT_WD_LIST", ["bn", "bias", "ln"],
-        "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", 1, "TRAIN.LR_SCHEDULER.ARGS.warmup_lr", 1e-4,
-        "TRAIN.END_EPOCH", 2, "PRINT_FREQ", 1, "TENSORBOARD", True,
-        *extra,
-    ]
-    return [str(o) for o in opts]
-
-
-def config(data: Path, out: Path, *extra: object):
-    return load_config(None, run_opts(data, out, *extra))
-
-
-def epochs_in(folder: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
+import cvt.training.run as engine_train
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -249,7 +197,7 @@ def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
     # Only the named top-level layers are taken from the file.
     cfg = config(data, tmp_path, "MODEL.PRETRAINED", run["final_state"], "MODEL.PRETRAINED_LAYERS", ["stage0"])
     model = engine_train.build_model(cfg)
-    engine_train._load_pretrained(cfg, model)
+    engine_train.load_pretrained(cfg, model)
     pretrained = torch.load(run["final_state"], weights_only=True)
     state = model.state_dict()
     assert all(torch.equal(state[k], pretrained[k]) for k in state if k.startswith("stage0."))

@@ -1,30 +1,40 @@
-"""CvT: Convolutional vision Transformers, the published models with their whole training system."""
+"""CvT: Convolutional vision Transformers, the published models with their whole training system.
+
+The API is resolved on first use (PEP 562), so `import cvt` and the command line's help do not load
+torch until a name that needs it is touched.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import UserError
-from .interop.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
-    read_checkpoint,
-    save_official,
-    save_safetensors,
-)
-from .interop.hf import save_hf
-from .models import ConvolutionalVisionTransformer, CvtSpec, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Checkpoint",
-    "ConvolutionalVisionTransformer",
-    "CvtSpec",
-    "UserError",
-    "__version__",
-    "create_model",
-    "list_models",
-    "load_checkpoint",
-    "model_from_checkpoint",
-    "read_checkpoint",
-    "save_hf",
-    "save_official",
-    "save_safetensors",
-]
+_EXPORTS = {
+    "ConvolutionalVisionTransformer": "cvt.models.cvt",
+    "create_model": "cvt.models.cvt",
+    "CvtSpec": "cvt.models.spec",
+    "list_models": "cvt.models.spec",
+    "Checkpoint": "cvt.weights.read",
+    "read_checkpoint": "cvt.weights.read",
+    "load_checkpoint": "cvt.weights.load",
+    "model_from_checkpoint": "cvt.weights.load",
+    "save_hf": "cvt.weights.export",
+    "save_official": "cvt.weights.export",
+    "save_safetensors": "cvt.weights.export",
+    "predict": "cvt.predict",
+}
+
+__all__ = sorted([*_EXPORTS, "UserError", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

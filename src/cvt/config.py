@@ -20,8 +20,8 @@ import yaml
 from yacs.config import CfgNode
 
 from .errors import UserError
-from .io import atomic_write_text
-from .models.cvt import CvtSpec
+from .files import atomic_write_text
+from .models.spec import ACTIVATIONS, CvtSpec
 
 __all__ = [
     "get_defaults",
@@ -31,21 +31,30 @@ __all__ = [
     "list_experiments",
     "output_dir",
     "save_config",
+    "config_from_settings",
+    "config_from_yaml_text",
+    "settings_as_opts",
     "spec_from_config",
 ]
 
 COMMAND_LINE = "the command line"
 
+# The one home of every name list and limit a key accepts: validation below and the code that acts on
+# the key both read them from here.
 MEMORY_FORMATS = ("nchw", "nhwc")
 AMP_DTYPES = ("auto", "bfloat16", "float16")
 DIST_BACKENDS = ("nccl", "gloo")  # for CUDA; CPU processes always use gloo
 OPTIMIZERS = ("sgd", "adam", "adamw")  # compared case-insensitively: the release writes 'adamW'
 SAMPLERS = ("default", "repeated_aug")
-ACTIVATIONS = ("quick_gelu", "gelu")
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
-BAD_FILE_ACTIONS = ("skip", "stop")
+BAD_FILE_POLICIES = ("skip", "stop")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
-PIL_INTERPOLATIONS = range(6)  # PIL's integer resampling codes: 0 nearest ... 3 bicubic ... 5 hamming
+LOSSES = ("softmax",)  # the release's only loss
+LR_SCHEDULER_METHODS = ("timm",)
+# PIL's integer resampling codes, as the release's config stores interpolation, and their names.
+PIL_INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# PIL's own default limit: about 89 megapixels, far above any training image.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 def get_defaults() -> CfgNode:
@@ -130,7 +139,7 @@ def get_defaults() -> CfgNode:
     # Ours: what to do with an unreadable or corrupt image: 'skip' it (counted and logged) or 'stop'.
     cfg.DATASET.BAD_FILES = "skip"
     # Ours: images with more pixels are refused as decompression bombs (PIL's own default limit).
-    cfg.DATASET.MAX_IMAGE_PIXELS = 89478485
+    cfg.DATASET.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
     cfg.INPUT = CfgNode()
     cfg.INPUT.MEAN = [0.485, 0.456, 0.406]
@@ -519,8 +528,13 @@ def _require_choice(key: str, value: str, choices: Sequence[str], *, ignore_case
 
 def validate_config(cfg: CfgNode) -> None:
     """Refuse values no run could use, with one line naming the key; called by `load_config`."""
-    train, test, aug = cfg.TRAIN, cfg.TEST, cfg.AUG
+    _validate_numbers(cfg)
+    _validate_choices(cfg)
+    _validate_model_and_sizes(cfg)
 
+
+def _validate_numbers(cfg: CfgNode) -> None:
+    train, test, aug = cfg.TRAIN, cfg.TEST, cfg.AUG
     _require(train.LR > 0, "TRAIN.LR", train.LR, "positive")
     for key, value in (
         ("TRAIN.BATCH_SIZE_PER_GPU", train.BATCH_SIZE_PER_GPU),
@@ -557,19 +571,6 @@ def validate_config(cfg: CfgNode) -> None:
         ("AUG.TIMM_AUG.VFLIP", aug.TIMM_AUG.VFLIP),
     ):
         _require(0 <= value <= 1, key, value, "a probability in [0, 1]")
-
-    _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)
-    _require_choice("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES)
-    _require_choice("DIST_BACKEND", cfg.DIST_BACKEND, DIST_BACKENDS)
-    _require_choice("TRAIN.OPTIMIZER", train.OPTIMIZER, OPTIMIZERS, ignore_case=True)
-    _require_choice("DATASET.SAMPLER", cfg.DATASET.SAMPLER, SAMPLERS)
-    _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATIONS)
-    _require_choice("TRAIN.NONFINITE_LOSS", train.NONFINITE_LOSS, NONFINITE_LOSS_ACTIONS)
-    _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_ACTIONS)
-    _require_choice("AUG.MIXUP_MODE", aug.MIXUP_MODE, MIXUP_MODES)
-    for key, value in (("AUG.INTERPOLATION", aug.INTERPOLATION), ("TEST.INTERPOLATION", test.INTERPOLATION)):
-        _require(value in PIL_INTERPOLATIONS, key, value, "a PIL resampling code 0-5 (2 bilinear, 3 bicubic)")
-
     for key, values in (("INPUT.MEAN", cfg.INPUT.MEAN), ("INPUT.STD", cfg.INPUT.STD)):
         _require(len(values) == 3, key, values, "three numbers, one per colour channel")
     _require(all(s > 0 for s in cfg.INPUT.STD), "INPUT.STD", cfg.INPUT.STD, "positive")
@@ -577,12 +578,32 @@ def validate_config(cfg: CfgNode) -> None:
     _require(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "AUG.SCALE", scale, "(min, max) with 0 < min <= max <= 1")
     _require(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "AUG.RATIO", ratio, "(min, max) with 0 < min <= max")
 
+
+def _validate_choices(cfg: CfgNode) -> None:
+    _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)
+    _require_choice("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES)
+    _require_choice("DIST_BACKEND", cfg.DIST_BACKEND, DIST_BACKENDS)
+    _require_choice("TRAIN.OPTIMIZER", cfg.TRAIN.OPTIMIZER, OPTIMIZERS, ignore_case=True)
+    _require_choice("DATASET.SAMPLER", cfg.DATASET.SAMPLER, SAMPLERS)
+    _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATIONS)
+    _require_choice("TRAIN.NONFINITE_LOSS", cfg.TRAIN.NONFINITE_LOSS, NONFINITE_LOSS_ACTIONS)
+    _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_POLICIES)
+    _require_choice("AUG.MIXUP_MODE", cfg.AUG.MIXUP_MODE, MIXUP_MODES)
+    _require_choice("LOSS.LOSS", cfg.LOSS.LOSS, LOSSES)
+    _require_choice("TRAIN.LR_SCHEDULER.METHOD", cfg.TRAIN.LR_SCHEDULER.METHOD, LR_SCHEDULER_METHODS)
+    for key, value in (("AUG.INTERPOLATION", cfg.AUG.INTERPOLATION), ("TEST.INTERPOLATION", cfg.TEST.INTERPOLATION)):
+        _require(value in PIL_INTERPOLATIONS, key, value, "a PIL resampling code 0-5 (2 bilinear, 3 bicubic)")
+    _require(len(cfg.AUG.COLOR_JITTER) == 5, "AUG.COLOR_JITTER", list(cfg.AUG.COLOR_JITTER),
+             "5 numbers (brightness, contrast, saturation, hue, probability), e.g. [0.4, 0.4, 0.4, 0.1, 0.0]")
+
+
+def _validate_model_and_sizes(cfg: CfgNode) -> None:
     spec = spec_from_config(cfg)
     for name in ("ATTN_DROP_RATE", "DROP_RATE", "DROP_PATH_RATE"):
         rates = cfg.MODEL.SPEC[name]
         _require(all(0 <= r < 1 for r in rates), f"MODEL.SPEC.{name}", rates, "rates in [0, 1)")
     smallest = spec.min_input_size()
-    for key, size in (("TRAIN.IMAGE_SIZE", train.IMAGE_SIZE), ("TEST.IMAGE_SIZE", test.IMAGE_SIZE)):
+    for key, size in (("TRAIN.IMAGE_SIZE", cfg.TRAIN.IMAGE_SIZE), ("TEST.IMAGE_SIZE", cfg.TEST.IMAGE_SIZE)):
         _require(len(size) == 2, key, size, "[width, height], as in the release")
         _require(
             min(size) >= smallest, key, size,
@@ -598,6 +619,33 @@ def validate_config(cfg: CfgNode) -> None:
 def spec_from_config(cfg: CfgNode) -> CvtSpec:
     """The architecture in MODEL.SPEC (validated; raises UserError naming a bad key)."""
     return CvtSpec.from_dict(cfg.MODEL.SPEC)
+
+
+def settings_as_opts(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Nested or dotted {key: value} settings as KEY VALUE overrides."""
+    out: list[str] = []
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            out += settings_as_opts(value, f"{prefix}{key}.")
+        else:
+            out += [f"{prefix}{key}", repr(value)]
+    return out
+
+
+def config_from_settings(settings: Mapping[str, Any]) -> CfgNode:
+    """The defaults with `settings` ({'TEST.IMAGE_SIZE': [...], ...} or nested) applied, validated."""
+    return load_config(None, settings_as_opts(settings))
+
+
+def config_from_yaml_text(text: str, source: str) -> CfgNode:
+    """A stored config (YAML text, as `save_config` writes), validated as any experiment file is."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"{source} is not valid YAML; give the experiment file with --cfg") from None
+    if not isinstance(data, Mapping):
+        raise UserError(f"{source} is not a mapping of config keys; give the experiment file with --cfg")
+    return config_from_settings(data)
 
 
 def output_dir(cfg: CfgNode) -> Path:

@@ -7,3 +7,11 @@ keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input, explained in one line that names the thing and the fix."""
+
+
+def short_list(names: list[str] | tuple[str, ...], limit: int = 10) -> str:
+    """Names for a one-line message: at most `limit`, then how many more."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

@@ -25,11 +25,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, get_worker_info
 
-from ..errors import UserError
+from ..config import BAD_FILE_POLICIES, DEFAULT_MAX_IMAGE_PIXELS
+from ..errors import UserError, short_list
 
 __all__ = [
-    "BAD_FILE_POLICIES",
-    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "BadFile",
     "BadImageError",
@@ -44,9 +43,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
 )
-BAD_FILE_POLICIES = ("skip", "stop")
-# PIL's own default limit: about 89 megapixels, far above any training image.
-DEFAULT_MAX_PIXELS = 89_478_485
 
 BadFile = tuple[str, str]
 """(path, reason) of a file that could not be used."""
@@ -71,7 +67,7 @@ class BadImageError(Exception):
 # Decoding
 # --------------------------------------------------------------------------------------------------
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and fully decode an image as 8-bit RGB, or raise `BadImageError` saying why not.
 
     Truncated files are refused (PIL's LOAD_TRUNCATED_IMAGES is never set: a half-grey image is
@@ -184,7 +180,7 @@ class ImageFolderDataset(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         *,
         bad_files: str = "skip",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         replace_bad: bool = True,
     ) -> None:
         if bad_files not in BAD_FILE_POLICIES:
@@ -276,10 +272,3 @@ def check_same_classes(train: ImageFolderDataset, val: ImageFolderDataset) -> No
         "give both splits the same class folders"
     )
 
-
-def short_list(names: Sequence[str], limit: int = 10) -> str:
-    """Names for a one-line message: at most `limit`, then how many more."""
-    if not names:
-        return "none"
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..files import atomic_write_text
 
 __all__ = ["DIGITS_IMAGE_SIZE", "default_digits_root", "ensure_digits_dataset"]
 

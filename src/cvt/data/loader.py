@@ -35,8 +35,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
-from ..errors import UserError
-from .dataset import BadFile, ImageFolderDataset, Item, short_list, stop_error
+from ..config import SAMPLERS
+from ..errors import UserError, short_list
+from .dataset import BadFile, ImageFolderDataset, Item, stop_error
 from .digits import ensure_digits_dataset
 from .transforms import build_transform, test_output_size
 
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[BadFile]]
 SPLITS = ("train", "test")
-SAMPLERS = ("default", "repeated_aug")
 
 
 class BatchCollate:

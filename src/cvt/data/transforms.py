@@ -22,6 +22,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode
 
+from ..config import PIL_INTERPOLATIONS
 from ..errors import UserError
 
 __all__ = [
@@ -34,15 +35,6 @@ __all__ = [
     "test_output_size",
 ]
 
-# The release's config stores interpolation as PIL's integer codes.
-_PIL_CODES = {
-    0: InterpolationMode.NEAREST,
-    1: InterpolationMode.LANCZOS,
-    2: InterpolationMode.BILINEAR,
-    3: InterpolationMode.BICUBIC,
-    4: InterpolationMode.BOX,
-    5: InterpolationMode.HAMMING,
-}
 
 # The centre-crop ratio of the release (and of most ImageNet evaluations).
 CROP_PCT = 0.875
@@ -57,7 +49,7 @@ Transform = Callable[[Image.Image], torch.Tensor]
 def interpolation_mode(code: int, key: str) -> InterpolationMode:
     """torchvision's mode for a PIL integer code; `key` names the config key in the error."""
     try:
-        return _PIL_CODES[int(code)]
+        return InterpolationMode(PIL_INTERPOLATIONS[int(code)])
     except (KeyError, TypeError, ValueError):
         raise UserError(
             f"{key}: unknown interpolation {code!r}; use a PIL code: 2 bilinear, 3 bicubic "
@@ -178,12 +170,7 @@ def _plain_train_transform(cfg: CfgNode, normalize: T.Normalize) -> Transform:
         ),
         T.RandomHorizontalFlip(),
     ]
-    jitter = list(aug.COLOR_JITTER)
-    if len(jitter) != 5:
-        raise UserError(
-            f"AUG.COLOR_JITTER: expected 5 numbers (brightness, contrast, saturation, hue, "
-            f"probability), got {jitter}; e.g. [0.4, 0.4, 0.4, 0.1, 0.0]"
-        )
+    jitter = list(aug.COLOR_JITTER)  # five numbers, as validated: four strengths, then the probability
     if jitter[4] > 0:
         steps.append(T.RandomApply([T.ColorJitter(*jitter[:4])], p=jitter[4]))
     if aug.GRAY_SCALE > 0:

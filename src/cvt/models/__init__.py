@@ -1,17 +1,26 @@
-from .cvt import (
-    ConvolutionalVisionTransformer,
-    CvtSpec,
-    checkpoint_filter_fn,
-    create_model,
-    list_models,
-    model_spec,
-)
+"""The CvT network: `spec` (the architecture as data, no torch), `kernels` (how it computes per
+device), `cvt` (blocks, network, `create_model`), `convert` (foreign checkpoint layouts).
 
-__all__ = [
-    "ConvolutionalVisionTransformer",
-    "CvtSpec",
-    "checkpoint_filter_fn",
-    "create_model",
-    "list_models",
-    "model_spec",
-]
+Names are resolved on first use, so importing `cvt.models.spec` does not load torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConvolutionalVisionTransformer": "cvt",
+    "create_model": "cvt",
+    "CvtSpec": "spec",
+    "list_models": "spec",
+    "model_spec": "spec",
+    "checkpoint_filter_fn": "convert",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,18 +1,18 @@
 """CvT: Convolutional vision Transformers (Wu et al., 2021, arXiv 2103.15808).
 
-One file, top to bottom: the spec, the building blocks, the network, the named variants.
+Top to bottom: the building blocks, the network, `create_model`. The architecture as data (`CvtSpec`,
+the variants) is in `spec.py`, how each op is computed per device in `kernels.py`, and the foreign
+checkpoint layouts in `convert.py`.
 
 The parameter layout and names equal the published release's state dicts, so official weights load
 with no key conversion. The arithmetic equals the release's in fp32 eval mode to float rounding; the
 speed comes from how it is computed, never from what:
 
 * attention runs through ``scaled_dot_product_attention`` with the published scale (stage width ** -0.5,
-  not head width), except in eager bf16 inference on CPU, where plain matmuls a few images at a time
-  are faster;
+  not head width), except in eager bf16 inference on CPU (see `kernels.attention`);
 * QuickGELU ``y * sigmoid(1.702 y)`` equals ``silu(1.702 y) / 1.702``, so the two constants are folded
   into the weights of the linears around it and the activation is one fused SiLU;
-* on CPU the token linears run as 1x1 convolutions of channels-last maps (oneDNN, with the bias and, in
-  inference, the activation inside the kernel);
+* on CPU the token linears run as 1x1 convolutions of channels-last maps (`kernels.token_linear`);
 * in eval mode, BatchNorm is folded into the depthwise convolution in front of it;
 * tokens (B, N, C) and maps (B, C, H, W) are views of one another in channels-last memory layout,
   so moving between them copies nothing;
@@ -23,8 +23,7 @@ benchmarks/RESULTS.md has the measured effect of each of these.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,123 +34,12 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
 from ..errors import UserError
-from ..interop.hf import hf_to_official, is_hf_state_dict
+from .kernels import attention, depthwise_conv, map_to_tokens, to_autocast_dtype, token_linear, tokens_to_map
+from .spec import CvtSpec, check_activation, model_spec
 
 QUICK_GELU_ALPHA = 1.702
 
-__all__ = [
-    "CvtSpec",
-    "ConvolutionalVisionTransformer",
-    "create_model",
-    "list_models",
-    "model_spec",
-    "checkpoint_filter_fn",
-]
-
-
-# --------------------------------------------------------------------------------------------------
-# Spec: the release's MODEL.SPEC, one list entry per stage.
-# --------------------------------------------------------------------------------------------------
-
-PROJECTION_METHODS = ("dw_bn", "avg", "linear")
-
-
-@dataclass(frozen=True)
-class CvtSpec:
-    """The architecture, with the release's MODEL.SPEC keys (lower-cased here, upper-case in YAML)."""
-
-    num_stages: int = 3
-    patch_size: tuple[int, ...] = (7, 3, 3)
-    patch_stride: tuple[int, ...] = (4, 2, 2)
-    patch_padding: tuple[int, ...] = (2, 1, 1)
-    dim_embed: tuple[int, ...] = (64, 192, 384)
-    num_heads: tuple[int, ...] = (1, 3, 6)
-    depth: tuple[int, ...] = (1, 2, 10)
-    mlp_ratio: tuple[float, ...] = (4.0, 4.0, 4.0)
-    attn_drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
-    drop_rate: tuple[float, ...] = (0.0, 0.0, 0.0)
-    drop_path_rate: tuple[float, ...] = (0.0, 0.0, 0.1)
-    qkv_bias: tuple[bool, ...] = (True, True, True)
-    cls_token: tuple[bool, ...] = (False, False, True)
-    pos_embed: tuple[bool, ...] = (False, False, False)
-    qkv_proj_method: tuple[str, ...] = ("dw_bn", "dw_bn", "dw_bn")
-    kernel_qkv: tuple[int, ...] = (3, 3, 3)
-    padding_kv: tuple[int, ...] = (1, 1, 1)
-    stride_kv: tuple[int, ...] = (2, 2, 2)
-    padding_q: tuple[int, ...] = (1, 1, 1)
-    stride_q: tuple[int, ...] = (1, 1, 1)
-    init: str = "trunc_norm"
-
-    @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> CvtSpec:
-        """Build from a MODEL.SPEC mapping (upper- or lower-case keys); missing keys keep defaults."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in spec.items():
-            name = key.lower()
-            if name not in known:
-                raise UserError(
-                    f"unknown MODEL.SPEC key {key!r}; valid keys: {', '.join(sorted(k.upper() for k in known))}"
-                )
-            values[name] = value if name in ("num_stages", "init") else tuple(value)
-        return cls(**values).validated()
-
-    def to_dict(self) -> dict[str, Any]:
-        """The spec with the release's upper-case keys and YAML-friendly lists."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name.upper()] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def replace(self, **changes: Any) -> CvtSpec:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return CvtSpec(**values).validated()
-
-    def validated(self) -> CvtSpec:
-        n = self.num_stages
-        if n < 1:
-            raise UserError(f"MODEL.SPEC.NUM_STAGES must be >= 1, got {n}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple) and len(value) != n:
-                raise UserError(
-                    f"MODEL.SPEC.{f.name.upper()} has {len(value)} entries but NUM_STAGES is {n}; give one per stage"
-                )
-        for i in range(n):
-            dim, heads = self.dim_embed[i], self.num_heads[i]
-            if heads < 1 or dim % heads:
-                raise UserError(
-                    f"MODEL.SPEC.NUM_HEADS[{i}]={heads} does not divide DIM_EMBED[{i}]={dim}; "
-                    "pick a head count that divides the stage width"
-                )
-            if self.qkv_proj_method[i] not in PROJECTION_METHODS:
-                raise UserError(
-                    f"MODEL.SPEC.QKV_PROJ_METHOD[{i}]={self.qkv_proj_method[i]!r} is not one of {PROJECTION_METHODS}"
-                )
-            if self.pos_embed[i]:
-                raise UserError(
-                    "MODEL.SPEC.POS_EMBED is true but CvT has no positional embedding (the published models "
-                    "set it false everywhere); set POS_EMBED to false"
-                )
-            if self.cls_token[i] and i != n - 1:
-                raise UserError(
-                    f"MODEL.SPEC.CLS_TOKEN[{i}] is true but only the last stage may carry a cls token"
-                )
-            if self.depth[i] < 0 or self.dim_embed[i] < 1:
-                raise UserError(f"MODEL.SPEC DEPTH and DIM_EMBED must be positive (stage {i})")
-        if self.init not in ("trunc_norm", "xavier"):
-            raise UserError(f"MODEL.SPEC.INIT={self.init!r} must be 'trunc_norm' or 'xavier'")
-        return self
-
-    def min_input_size(self) -> int:
-        """The smallest square image for which every stage still has at least one token."""
-        size = 1
-        for k, s, p in reversed(list(zip(self.patch_size, self.patch_stride, self.patch_padding))):
-            size = (size - 1) * s + k - 2 * p
-            size = max(size, 1)
-        return size
+__all__ = ["ConvolutionalVisionTransformer", "create_model"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,72 +57,6 @@ class LayerNormFp32(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-def uses_cpu_kernels(x: torch.Tensor) -> bool:
-    """Whether the CPU kernel choices below apply to ``x`` (oneDNN layouts and fused ops, chunked bf16
-    attention). Elsewhere, on CUDA, the portable ops (``F.linear``, SDPA) are the fast path; the tests
-    switch this off on CPU to check that path's arithmetic too."""
-    return x.device.type == "cpu"
-
-
-# Activations ``token_linear`` applies, and their names as oneDNN post-ops (attr, algorithm).
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
-_ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
-# The fused kernels are a private torch op: a torch build or release without it takes the public
-# path (a 1x1 convolution, then the activation), which computes the same function a little slower.
-_HAS_ONEDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-def token_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
-) -> torch.Tensor:
-    """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens.
-
-    On CPU it runs as a 1x1 convolution of the tokens seen as a channels-last (B, C, 1, N) map (a view,
-    no copy): the same sums through oneDNN, whose kernels were 1.3-2x faster than the MKL sgemm behind
-    ``F.linear`` on the benchmark machine, forward and backward, and add the bias inside the kernel
-    (benchmarks/RESULTS.md). In inference the activation runs inside the kernel too, which saves a
-    pass over, and an allocation of, the widest tensor of the MLP. Elsewhere (CUDA) ``F.linear`` is
-    the fast path.
-    """
-    if not uses_cpu_kernels(x) or x.dim() != 3:
-        out = F.linear(x, weight, bias)
-        return out if activation is None else _ACTIVATIONS[activation](out)
-    x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
-    dtype = None if activation is None else _fused_inference_dtype(x)
-    if dtype is not None:
-        attr, algorithm = _ONEDNN_POST_OPS[activation]
-        out = torch.ops.mkldnn._convolution_pointwise(
-            x_map.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-            [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm,
-        )
-    else:
-        out = F.conv2d(x_map, weight, bias)
-        out = out if activation is None else _ACTIVATIONS[activation](out)
-    return out.squeeze(2).transpose(1, 2)
-
-
-def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype in which oneDNN's inference-only kernels with fused epilogues may run, or None.
-
-    They have no backward, so they need autograd off; they run on CPU in fp32 or bf16. Autocast does
-    not know them, so under autocast the caller casts their inputs to the autocast dtype by hand, as
-    autocast would for ``F.linear``. Under ``torch.compile`` the compiler fuses by itself.
-    """
-    if not _HAS_ONEDNN_POINTWISE or not uses_cpu_kernels(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
-
-
-def _to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
-    """``x`` cast to the autocast dtype when autocast is on: done once for a tensor that feeds several
-    autocast ops, instead of once per op. Devices autocast does not know (meta: shape-only runs such
-    as `cvt info`) pass through."""
-    if x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
-
 
 class Mlp(nn.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout.
@@ -247,8 +69,7 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, act: str = "quick_gelu", drop: float = 0.0) -> None:
         super().__init__()
-        if act not in ("quick_gelu", "gelu"):
-            raise UserError(f"activation {act!r} must be 'quick_gelu' (published weights) or 'gelu' (Hugging Face)")
+        check_activation(act)
         self.act = act
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
@@ -276,23 +97,13 @@ class ConvProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.bn.track_running_stats:
-            return self.bn(self._conv(x))
+            return self.bn(depthwise_conv(x, self.conv))
         bn = self.bn
         inv_std = torch.rsqrt(bn.running_var + bn.eps)
         scale = bn.weight * inv_std if bn.affine else inv_std
         shift = bn.bias - bn.running_mean * scale if bn.affine else -bn.running_mean * scale
         weight = self.conv.weight * scale.to(self.conv.weight.dtype).view(-1, 1, 1, 1)
         return F.conv2d(x, weight, shift.to(weight.dtype), self.conv.stride, self.conv.padding, groups=self.conv.groups)
-
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
-            # oneDNN's bf16 depthwise backward is ~25x slower strided than not (38 ms against 1.5 ms for
-            # CvT-13's k/v projections at batch 16). Every stride-th output of the stride-1
-            # convolution is the same sum, and its backward gives the same gradients.
-            out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
-            return out[:, :, :: conv.stride[0], :: conv.stride[1]]
-        return conv(x)
 
 
 def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padding: int) -> nn.Module | None:
@@ -301,46 +112,6 @@ def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padd
     if method == "avg":
         return nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)
     return None  # 'linear': the tokens go straight to the linear projection
-
-
-def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W) as a view: a contiguous token tensor is a channels-last map."""
-    return x.transpose(1, 2).unflatten(2, (height, width))
-
-
-def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C); a view when the map is channels-last."""
-    return x.flatten(2).transpose(1, 2)
-
-
-# The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
-# are reused by the allocator, where the whole batch's (79 MiB in CvT-13's first stage) would not.
-_SCORE_CHUNK_BYTES = 8 * 2**20
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
-
-    ``scaled_dot_product_attention`` everywhere, except in eager bf16 inference on CPU: there its fused
-    kernel ran at half the speed of two plain oneDNN bf16 matmuls around a vectorised softmax, done a
-    few images at a time (benchmarks/RESULTS.md). That is also the published model's arithmetic under
-    autocast (bf16 scores, bf16 probabilities).
-    """
-    if (
-        not uses_cpu_kernels(q)
-        or q.dtype != torch.bfloat16
-        or torch.is_grad_enabled()
-        or dropout_p > 0.0
-        or torch.compiler.is_compiling()
-    ):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-    chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
-    out = []
-    for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
-        scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
-        out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
-    return torch.cat(out)
 
 
 class Attention(nn.Module):
@@ -387,7 +158,7 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = _to_autocast_dtype(x)  # one cast for the three projections below, not one each
+        x = to_autocast_dtype(x)  # one cast for the three projections below, not one each
         if self.with_cls_token:
             cls, tokens = x[:, :1], x[:, 1:]
         else:
@@ -590,8 +361,7 @@ class ConvolutionalVisionTransformer(nn.Module):
     def set_activation(self, act: str) -> None:
         """Switch every MLP between 'quick_gelu' (published) and 'gelu' (Hugging Face port); the
         weights are the same tensors, only the function between them changes."""
-        if act not in ("quick_gelu", "gelu"):
-            raise UserError(f"activation {act!r} must be 'quick_gelu' or 'gelu'")
+        check_activation(act)
         self.act = act
         for module in self.modules():
             if isinstance(module, Mlp):
@@ -634,47 +404,6 @@ class ConvolutionalVisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint filter: foreign layouts -> this model's keys
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Convert a state dict in any supported layout (official release, DataParallel/DDP prefixes,
-    Hugging Face transformers) to this model's keys, which are the official ones."""
-    state_dict = dict(state_dict)
-    for prefix in ("module.", "_orig_mod."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    if is_hf_state_dict(state_dict):
-        state_dict = hf_to_official(state_dict)
-    return state_dict
-
-
-# --------------------------------------------------------------------------------------------------
-# Variants
-# --------------------------------------------------------------------------------------------------
-
-_VARIANTS: dict[str, CvtSpec] = {
-    "cvt-13": CvtSpec(depth=(1, 2, 10)),
-    "cvt-21": CvtSpec(depth=(1, 4, 16)),
-    "cvt-w24": CvtSpec(
-        dim_embed=(192, 768, 1024), num_heads=(3, 12, 16), depth=(2, 2, 20), drop_path_rate=(0.0, 0.0, 0.3)
-    ),
-}
-
-
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_VARIANTS)
-
-
-def model_spec(name: str) -> CvtSpec:
-    key = name.lower().replace("_", "-")
-    if key not in _VARIANTS:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(list_models())} or pass a MODEL.SPEC dict")
-    return _VARIANTS[key]
 
 
 def create_model(

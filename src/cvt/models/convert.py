@@ -1,26 +1,45 @@
-"""Hugging Face transformers' CvT port: key names, config.json, and export.
+"""Foreign checkpoint layouts -> this model's keys (the release's), and back.
 
-The port (``CvtForImageClassification`` / ``CvtModel``) has the same tensors as the release under
-other names. It runs exact GELU where the release runs QuickGELU, so a model holding its weights must
-run ``act='gelu'``. This module needs no transformers install: it only renames keys and writes JSON.
+* DataParallel / DDP / torch.compile prefixes (``module.``, ``_orig_mod.``);
+* Hugging Face transformers' port (``CvtForImageClassification`` / ``CvtModel``): the same tensors
+  under other names, and its ``config.json`` fields for MODEL.SPEC. The port runs exact GELU where
+  the release runs QuickGELU; which one a checkpoint needs is the loader's business (`cvt.weights`).
+
+No transformers install is needed: this only renames keys and maps config fields.
 """
 from __future__ import annotations
 
-import json
-import logging
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_save
 
-from ..io import atomic_write_bytes, atomic_write_text
+__all__ = [
+    "checkpoint_filter_fn",
+    "class_names_from_hf_config",
+    "hf_config_from_spec",
+    "hf_to_official",
+    "is_hf_state_dict",
+    "num_labels_from_hf_config",
+    "official_to_hf",
+    "spec_from_hf_config",
+]
 
-log = logging.getLogger(__name__)
 
-PREPROCESSOR_FILE = "preprocessor_config.json"
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a state dict in any supported layout (official release, DataParallel/DDP prefixes,
+    Hugging Face transformers) to this model's keys, which are the official ones."""
+    state_dict = dict(state_dict)
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    if is_hf_state_dict(state_dict):
+        state_dict = hf_to_official(state_dict)
+    return state_dict
+
+
+# Hugging Face key names ----------------------------------------------------------------------------
 
 # (official suffix, Hugging Face suffix) inside one block, stage or the network top.
 _BLOCK_NAMES = [
@@ -161,100 +180,3 @@ def hf_config_from_spec(spec: Mapping[str, Any], num_classes: int, class_names: 
     config["label2id"] = {name: i for i, name in enumerate(names)}
     return config
 
-
-# transformers' CvT checkpoints preprocess with ConvNextImageProcessor: below 384 px it resizes the
-# shortest edge to size / crop_pct and centre-crops a size x size square; from 384 px on it resizes
-# to size x size. The key below holds this project's exact settings beside those fields.
-_HF_PROCESSOR = "ConvNextImageProcessor"
-_EXACT_SETTINGS_KEY = "cvt_eval_transform"
-_HF_CROP_FROM = 384
-
-
-def hf_preprocessor_config(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``preprocessor_config.json`` for the test transform `settings` (see
-    ``cvt.data.transforms.eval_transform_settings``), as close as transformers' processor can say it."""
-    from ..data.transforms import CROP_PCT
-
-    width, height = settings["TEST.IMAGE_SIZE"]
-    size, crop = width, settings["TEST.CENTER_CROP"]
-    if (not crop and width != height) or crop != (size < _HF_CROP_FROM):
-        log.warning(
-            "transformers' image processor cannot express this test transform (TEST.IMAGE_SIZE %s, "
-            "TEST.CENTER_CROP %s) exactly: AutoImageProcessor will %s; cvt reads the exact settings",
-            [width, height], crop, "crop a square" if size < _HF_CROP_FROM else "resize without cropping",
-        )
-    return {
-        "image_processor_type": _HF_PROCESSOR,
-        "do_resize": True,
-        "size": {"shortest_edge": size},
-        "crop_pct": CROP_PCT if crop else 1.0,
-        "resample": settings["TEST.INTERPOLATION"],
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(settings["INPUT.MEAN"]),
-        "image_std": list(settings["INPUT.STD"]),
-        _EXACT_SETTINGS_KEY: dict(settings),
-    }
-
-
-def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The test transform settings a ``preprocessor_config.json`` describes, or None when this
-    project's transform cannot reproduce it."""
-    from ..config import get_defaults
-    from ..data.transforms import CROP_PCT
-
-    if not isinstance(config, Mapping):
-        return None
-    if isinstance(config.get(_EXACT_SETTINGS_KEY), Mapping):
-        return dict(config[_EXACT_SETTINGS_KEY])
-    # Older files (Microsoft's hub folders among them) name a feature extractor and give size as an int.
-    kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-    size = config.get("size")
-    size = size.get("shortest_edge") if isinstance(size, Mapping) else size
-    if kind not in (_HF_PROCESSOR, "ConvNextFeatureExtractor") or not isinstance(size, int):
-        return None
-    if not config.get("do_normalize", True):
-        return None
-    crop_pct = config.get("crop_pct", CROP_PCT)
-    if not isinstance(crop_pct, (int, float)):
-        return None
-    if size < _HF_CROP_FROM and abs(crop_pct - CROP_PCT) > 1e-6:
-        return None  # a crop other than the release's 0.875
-    defaults = get_defaults()
-    return {
-        "TEST.IMAGE_SIZE": [size, size],
-        "TEST.CENTER_CROP": size < _HF_CROP_FROM,
-        "TEST.INTERPOLATION": int(config.get("resample", 3)),
-        "INPUT.MEAN": list(config.get("image_mean", defaults.INPUT.MEAN)),
-        "INPUT.STD": list(config.get("image_std", defaults.INPUT.STD)),
-    }
-
-
-def save_hf(
-    model: torch.nn.Module,
-    folder: str | Path,
-    class_names: Sequence[str] | None = None,
-    eval_settings: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
-    reads, and with `eval_settings` (the test transform) ``preprocessor_config.json`` for
-    ``AutoImageProcessor``. A model running QuickGELU is exported with a warning: the port computes
-    exact GELU."""
-    folder = Path(folder)
-    if getattr(model, "act", "gelu") != "gelu":
-        log.warning(
-            "exporting a QuickGELU model to the Hugging Face layout: transformers' CvT runs exact GELU, "
-            "so its outputs will differ slightly from this model's"
-        )
-    num_classes = model.num_classes
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in official_to_hf(model.state_dict()).items()}
-    config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names)
-    atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
-    if eval_settings is not None:
-        text = json.dumps(hf_preprocessor_config(eval_settings), indent=2) + "\n"
-        atomic_write_text(folder / PREPROCESSOR_FILE, text)
-    return folder

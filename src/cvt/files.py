@@ -1,4 +1,7 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file in place of a good one."""
+"""Atomic file writes: a crash mid-write never leaves a half-written file in place of a good one.
+
+torch is imported only by `atomic_torch_save`, so the configuration and the command line's help can
+write files without loading it."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .errors import UserError
 
@@ -76,6 +78,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -24,6 +24,7 @@ from .distributed import all_gather, all_reduce_sum, is_main_process
 __all__ = [
     "BadFileLog",
     "EpochResult",
+    "EpochTally",
     "LoopSettings",
     "build_criterion",
     "evaluate",
@@ -88,8 +89,6 @@ def autocast_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
 def build_criterion(cfg: CfgNode, mixup: Mixup | None) -> nn.Module:
     """The training loss the release picks: soft-target CE under mixup (its targets carry the label
     smoothing), label-smoothing CE when LOSS.LABEL_SMOOTHING > 0, else plain CE."""
-    if cfg.LOSS.LOSS != "softmax":
-        raise UserError(f"LOSS.LOSS={cfg.LOSS.LOSS!r} is not supported; the release's only loss is 'softmax'")
     if mixup is not None:
         return SoftTargetCrossEntropy()
     if cfg.LOSS.LABEL_SMOOTHING > 0:
@@ -127,6 +126,7 @@ class BadFileLog:
 
 @dataclass
 class EpochResult:
+    lr: float  # the learning rate the epoch started with
     loss: float  # mean training loss per image over all ranks (skipped steps left out)
     images: int  # images trained on, all ranks
     time_s: float
@@ -142,6 +142,60 @@ class EpochResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class EpochTally:
+    """The running sums of one epoch, kept on the device so a step costs no host sync: the loss of
+    the optimizer step being accumulated (its micro-batches), and of the steps taken so far."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.images = 0
+        self.steps = 0
+        self.skipped = 0
+        self.group_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.group_images = 0
+        self.group_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.start = time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, batch: int) -> None:
+        self.group_loss_sum += loss.detach().double() * batch
+        self.group_images += batch
+        self.group_nonfinite |= ~torch.isfinite(loss.detach())
+
+    def end_step(self, taken: bool) -> None:
+        """Close the optimizer step: its loss counts if it was taken, not if it was skipped."""
+        if taken:
+            self.loss_sum += self.group_loss_sum
+            self.images += self.group_images
+        else:
+            self.skipped += 1
+        self.steps += 1
+        self.group_loss_sum.zero_()
+        self.group_nonfinite.zero_()
+        self.group_images = 0
+
+    def progress(self, world_size: int) -> tuple[float, float]:
+        """(mean loss so far, images per second over all ranks): a host sync, for the progress line."""
+        elapsed = time.perf_counter() - self.start
+        mean_loss = self.loss_sum.item() / max(self.images, 1)
+        return mean_loss, self.images * world_size / elapsed if elapsed > 0 else 0.0
+
+    def result(self, lr: float, interrupted: bool) -> EpochResult:
+        """The epoch's totals over all ranks (a collective)."""
+        totals = torch.stack([self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)])
+        total_loss, total_images = all_reduce_sum(totals).tolist()
+        _sync(self.device)
+        return EpochResult(
+            lr=lr,
+            loss=total_loss / total_images if total_images else math.nan,
+            images=int(total_images),
+            time_s=time.perf_counter() - self.start,
+            steps=self.steps,
+            skipped_steps=self.skipped,
+            interrupted=interrupted,
+        )
 
 
 def train_one_epoch(
@@ -168,105 +222,109 @@ def train_one_epoch(
     model.train()
     bad_files = bad_files or BadFileLog()
     num_batches = len(loader)  # type: ignore[arg-type]
-    accum = settings.accum_steps
-    device = settings.device
     no_sync = getattr(model, "no_sync", None)  # present on DistributedDataParallel only
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    images_done = steps = skipped = 0
-    group_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    group_images = 0
-    group_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    lr = optimizer.param_groups[0]["lr"]
+    progress = _Progress(epoch, num_batches, settings.print_freq, world_size)
+    _sync(settings.device)
+    tally = EpochTally(settings.device)
     interrupted = False
-
-    show_bar = is_main_process() and sys.stdout.isatty()
-    bar = tqdm(total=num_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not show_bar)
-    _sync(device)
-    start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for index, (images, targets, skipped_files) in enumerate(loader):
         bad_files.add(skipped_files)
-        first_of_group = index - index % accum
-        group_size = min(accum, num_batches - first_of_group)
+        first_of_group = index - index % settings.accum_steps
+        group_size = min(settings.accum_steps, num_batches - first_of_group)
         last_in_group = index == first_of_group + group_size - 1
-
-        images, targets = settings.to_device(images, targets)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
         sync_context = no_sync() if no_sync is not None and not last_in_group else contextlib.nullcontext()
         with sync_context:
-            with settings.autocast():
-                output = model(images)
-                loss = criterion(output, targets)
-            loss = loss.float()
-            # Mean over the group: `group_size` micro-batches of one size give the full batch's gradient.
-            scaler.scale(loss / group_size).backward()
-        batch = images.shape[0]
-        group_loss_sum += loss.detach().double() * batch
-        group_images += batch
-        group_nonfinite |= ~torch.isfinite(loss.detach())
-        bar.update(1)
+            loss = _forward_backward(model, criterion, images, targets, settings, scaler, mixup, group_size)
+        tally.add_micro_batch(loss, images.shape[0])
+        progress.batch_done()
         if not last_in_group:
             continue
-
         # One collective per optimizer step carries both decisions every rank must share.
-        flags = torch.stack([group_nonfinite.float(), torch.tensor(float(stop_requested()), device=device)])
+        flags = torch.stack([tally.group_nonfinite.float(), torch.tensor(float(stop_requested()), device=settings.device)])
         nonfinite_ranks, stop_ranks = all_reduce_sum(flags).tolist()
         if nonfinite_ranks:
-            if settings.nonfinite_loss == "stop":
-                raise UserError(
-                    f"non-finite loss at epoch {epoch}, step {steps} (batch {index}); stopped, and the last "
-                    "checkpoint is kept as it was; lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or set "
-                    "TRAIN.NONFINITE_LOSS skip"
-                )
-            skipped += 1
-            log.warning("non-finite loss at epoch %d, step %d: step skipped (%d this epoch)", epoch, steps, skipped)
+            _nonfinite_step(settings, epoch, tally, index)
         else:
-            if settings.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(unwrap_model(model))
-            loss_sum += group_loss_sum
-            images_done += group_images
+            _optimizer_step(model, optimizer, settings, scaler, ema)
+        tally.end_step(taken=not nonfinite_ranks)
         optimizer.zero_grad(set_to_none=True)
-        steps += 1
-        group_loss_sum.zero_()
-        group_nonfinite.zero_()
-        group_images = 0
-
-        lr = optimizer.param_groups[0]["lr"]
-        if show_bar or (is_main_process() and (steps % settings.print_freq == 0 or index == num_batches - 1)):
-            elapsed = time.perf_counter() - start
-            mean_loss = loss_sum.item() / max(images_done, 1)
-            rate = images_done * world_size / elapsed if elapsed > 0 else 0.0
-            if show_bar:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            else:
-                log.info(
-                    "epoch %d [%d/%d] loss %.4f lr %.3e %.0f img/s",
-                    epoch, index + 1, num_batches, mean_loss, lr, rate,
-                )
+        progress.step_done(tally, optimizer.param_groups[0]["lr"], index)
         if stop_ranks:
             interrupted = True
             break
-    bar.close()
+    progress.close()
+    return tally.result(lr, interrupted)
 
-    totals = torch.stack([loss_sum, torch.tensor(float(images_done), dtype=torch.float64, device=device)])
-    total_loss, total_images = all_reduce_sum(totals).tolist()
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    return EpochResult(
-        loss=total_loss / total_images if total_images else math.nan,
-        images=int(total_images),
-        time_s=elapsed,
-        steps=steps,
-        skipped_steps=skipped,
-        interrupted=interrupted,
-    )
+
+def _forward_backward(
+    model: nn.Module, criterion: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+    settings: LoopSettings, scaler: torch.amp.GradScaler, mixup: Mixup | None, group_size: int,
+) -> torch.Tensor:
+    """One micro-batch's forward and backward; returns its (float32) loss."""
+    images, targets = settings.to_device(images, targets)
+    if mixup is not None:
+        images, targets = mixup(images, targets)
+    with settings.autocast():
+        output = model(images)
+        loss = criterion(output, targets)
+    loss = loss.float()
+    # Mean over the group: `group_size` micro-batches of one size give the full batch's gradient.
+    scaler.scale(loss / group_size).backward()
+    return loss
+
+
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings,
+    scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None,
+) -> None:
+    if settings.clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        ema.update(unwrap_model(model))
+
+
+def _nonfinite_step(settings: LoopSettings, epoch: int, tally: EpochTally, index: int) -> None:
+    """A rank saw a non-finite loss: stop the run, or skip the step (TRAIN.NONFINITE_LOSS)."""
+    if settings.nonfinite_loss == "stop":
+        raise UserError(
+            f"non-finite loss at epoch {epoch}, step {tally.steps} (batch {index}); stopped, and the last "
+            "checkpoint is kept as it was; lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or set "
+            "TRAIN.NONFINITE_LOSS skip"
+        )
+    log.warning("non-finite loss at epoch %d, step %d: step skipped (%d this epoch)", epoch, tally.steps, tally.skipped + 1)
+
+
+class _Progress:
+    """The epoch's progress on rank 0: a tqdm bar on a terminal, else a log line every PRINT_FREQ steps."""
+
+    def __init__(self, epoch: int, num_batches: int, print_freq: int, world_size: int) -> None:
+        self.epoch, self.num_batches, self.print_freq, self.world_size = epoch, num_batches, print_freq, world_size
+        self.is_main = is_main_process()
+        self.show_bar = self.is_main and sys.stdout.isatty()
+        self.bar = tqdm(total=num_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not self.show_bar)
+
+    def batch_done(self) -> None:
+        self.bar.update(1)
+
+    def step_done(self, tally: EpochTally, lr: float, index: int) -> None:
+        due = self.is_main and (tally.steps % self.print_freq == 0 or index == self.num_batches - 1)
+        if not (self.show_bar or due):
+            return
+        mean_loss, rate = tally.progress(self.world_size)
+        if self.show_bar:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        else:
+            log.info("epoch %d [%d/%d] loss %.4f lr %.3e %.0f img/s",
+                     self.epoch, index + 1, self.num_batches, mean_loss, lr, rate)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ __all__ = [
     "cleanup",
     "init_distributed",
     "is_main_process",
-    "print0",
     "select_device",
 ]
 
@@ -39,7 +38,6 @@ class DistEnv:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -100,7 +98,7 @@ def init_distributed(timeout_s: float, cuda_backend: str = "nccl") -> DistEnv:
         _join(backend, rank, world_size, device, timeout_s)
         atexit.register(cleanup)
         log.info("process group: rank %d of %d, backend %s, device %s", rank, world_size, backend, device)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistEnv(rank=rank, world_size=world_size, device=device)
 
 
 def _join(backend: str, rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
@@ -136,12 +134,6 @@ def _active() -> bool:
 
 def is_main_process() -> bool:
     return not _active() or dist.get_rank() == 0
-
-
-def print0(*args: object, **kwargs: object) -> None:
-    """print() on rank 0 only: messages meant for the user once, not once per process."""
-    if is_main_process():
-        print(*args, **kwargs)  # type: ignore[call-overload]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

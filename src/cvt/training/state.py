@@ -3,7 +3,7 @@
 The checkpoint format is the one docs/ARCHITECTURE.md defines: `model`, `optimizer`, `scheduler`,
 `scaler`, `ema`, `epoch` (epochs completed), `best_top1`, `class_names`, `spec`, `act`, `config`,
 `rng`. Everything in it is tensors and plain containers, so it loads with `weights_only=True`
-(through `cvt.interop.checkpoint.read_checkpoint`) and no file can run code.
+(through `cvt.weights.read.read_checkpoint`) and no file can run code.
 """
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from yacs.config import CfgNode
 
 from ..config import spec_from_config
 from ..errors import UserError
-from ..interop.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
-from ..io import atomic_torch_save, atomic_write_text
+from ..files import atomic_torch_save, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer
+from ..weights.load import load_checkpoint
+from ..weights.read import Checkpoint, read_checkpoint
 from .distributed import all_gather
 
 __all__ = [
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """The saved optimizer state, computed with this run's kernels: `fused` / `foreach` were chosen
     for the device (and torch) the checkpoint was written with, and a run resumed elsewhere keeps
     this run's choice. Set before loading, so the step counters land where the
@@ -209,7 +210,7 @@ def restore_training(
         raise UserError(f"cannot resume from {where}: its {len(ckpt.class_names)} class names differ from the training folder's {len(class_names)}; {fix}")
 
     load_checkpoint(model, ckpt)
-    _load_optimizer_state(optimizer, extra["optimizer"])
+    load_optimizer_state(optimizer, extra["optimizer"])
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
         scheduler.load_state_dict(extra["scheduler"])
     if extra.get("scaler"):

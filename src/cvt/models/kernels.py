@@ -1,0 +1,136 @@
+"""How the CvT network computes, per device: the token linears, attention and the layout views.
+
+One predicate, `uses_cpu_kernels`, chooses. On CPU: oneDNN 1x1 convolutions of channels-last maps for
+the token linears (bias and, in inference, the activation inside the kernel) and chunked matmul
+attention for eager bf16 inference. Elsewhere (CUDA) and for export: the portable ops, ``F.linear``
+and ``scaled_dot_product_attention``. Both compute the same function; benchmarks/RESULTS.md has why
+each choice was made.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["attention", "depthwise_conv", "map_to_tokens", "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels"]
+
+
+def uses_cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the CPU kernel choices below apply to ``x`` (oneDNN layouts and fused ops, chunked bf16
+    attention). Elsewhere, on CUDA, the portable ops (``F.linear``, SDPA) are the fast path; the tests
+    switch this off on CPU to check that path's arithmetic too."""
+    return x.device.type == "cpu"
+
+
+# Activations ``token_linear`` applies, and their names as oneDNN post-ops (attr, algorithm).
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+_ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
+# The fused kernels are a private torch op: a torch build or release without it takes the public
+# path (a 1x1 convolution, then the activation), which computes the same function a little slower.
+_HAS_ONEDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def token_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
+) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens.
+
+    On CPU it runs as a 1x1 convolution of the tokens seen as a channels-last (B, C, 1, N) map (a view,
+    no copy): the same sums through oneDNN, whose kernels beat the sgemm behind ``F.linear`` there,
+    forward and backward, with the bias inside the kernel. In inference the activation runs inside the
+    kernel too, which saves a pass over, and an allocation of, the widest tensor of the MLP. Elsewhere
+    (CUDA) ``F.linear`` is the fast path.
+    """
+    if not uses_cpu_kernels(x) or x.dim() != 3:
+        out = F.linear(x, weight, bias)
+        return out if activation is None else _ACTIVATIONS[activation](out)
+    x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
+    dtype = None if activation is None else _fused_inference_dtype(x)
+    if dtype is not None:
+        attr, algorithm = _ONEDNN_POST_OPS[activation]
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x_map.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+            [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm,
+        )
+    else:
+        out = F.conv2d(x_map, weight, bias)
+        out = out if activation is None else _ACTIVATIONS[activation](out)
+    return out.squeeze(2).transpose(1, 2)
+
+
+def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which oneDNN's inference-only kernels with fused epilogues may run, or None.
+
+    They have no backward, so they need autograd off; they run on CPU in fp32 or bf16. Autocast does
+    not know them, so under autocast the caller casts their inputs to the autocast dtype by hand, as
+    autocast would for ``F.linear``. Under ``torch.compile`` the compiler fuses by itself.
+    """
+    if not _HAS_ONEDNN_POINTWISE or not uses_cpu_kernels(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cast to the autocast dtype when autocast is on: done once for a tensor that feeds several
+    autocast ops, instead of once per op. Devices autocast does not know (meta: shape-only runs such
+    as `cvt info`) pass through."""
+    if x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+
+def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W) as a view: a contiguous token tensor is a channels-last map."""
+    return x.transpose(1, 2).unflatten(2, (height, width))
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); a view when the map is channels-last."""
+    return x.flatten(2).transpose(1, 2)
+
+
+# The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
+# are reused by the allocator, where the whole batch's would not.
+_SCORE_CHUNK_BYTES = 8 * 2**20
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
+
+    ``scaled_dot_product_attention`` everywhere, except in eager bf16 inference on CPU: there its fused
+    kernel is slower than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images
+    at a time (benchmarks/RESULTS.md). That is also the published model's arithmetic under
+    autocast (bf16 scores, bf16 probabilities).
+    """
+    if (
+        not uses_cpu_kernels(q)
+        or q.dtype != torch.bfloat16
+        or torch.is_grad_enabled()
+        or dropout_p > 0.0
+        or torch.compiler.is_compiling()
+    ):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+    chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
+    out = []
+    for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
+        scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
+        out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
+    return torch.cat(out)
+
+
+
+def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a depthwise convolution, in training.
+
+    oneDNN's bf16 depthwise backward is far slower strided than not (benchmarks/RESULTS.md). Every
+    stride-th output of the stride-1 convolution is the same sum, and its backward gives the same
+    gradients, so bf16 training on CPU takes that path.
+    """
+    if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
+        out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
+        return out[:, :, :: conv.stride[0], :: conv.stride[1]]
+    return conv(x)

@@ -1,0 +1,138 @@
+"""Predicting classes of image files with any checkpoint the project reads: `Predictor`.
+
+The images are preprocessed as the model was tested: from an experiment file when one is given, else
+from what the checkpoint says (`cvt.weights.load.checkpoint_config`), else, for an ImageNet-sized head
+only, with the ImageNet test transform.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from yacs.config import CfgNode
+
+from .config import load_config, spec_from_config
+from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb
+from .errors import UserError
+from .weights.load import checkpoint_config, model_from_checkpoint
+from .weights.read import Checkpoint, read_checkpoint
+
+__all__ = ["Prediction", "Predictor", "image_files", "resolve_device"]
+
+log = logging.getLogger("cvt")
+
+IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes of one image, best first; `error` instead when the image could not be read."""
+
+    image: str
+    classes: list[dict[str, Any]]  # {"index", "class", "prob"}
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "predictions": self.classes}
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The files named, and the image files under the folders named (sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"image {str(item)!r} does not exist; check the path")
+    if not files:
+        raise UserError(f"no images found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N', checked against this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device this command runs on; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+class Predictor:
+    """A model with its test transform and class names, ready to classify image files.
+
+    Args:
+        weights: any checkpoint the project reads (path, folder, or a read `Checkpoint`).
+        cfg_file: experiment file or packaged name for the transform and MODEL.SPEC; default: what
+            the checkpoint says.
+        device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto", batch_size: int = 32
+    ) -> None:
+        ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+        self.cfg = self._transform_config(ckpt, cfg_file)
+        self.model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(self.cfg) if cfg_file else None)
+        self.device = resolve_device(device)
+        self.model.to(self.device).eval()
+        self.class_names = ckpt.class_names or [str(i) for i in range(self.model.num_classes)]
+        self.transform = build_transform(self.cfg, is_train=False)
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _transform_config(ckpt: Checkpoint, cfg_file: str | None) -> CfgNode:
+        cfg = checkpoint_config(ckpt, cfg_file)
+        if cfg is not None:
+            return cfg
+        if ckpt.num_classes != IMAGENET_CLASSES:
+            raise UserError(
+                f"{ckpt.source} does not say how its images were preprocessed (size, normalisation); "
+                "give its experiment file with --cfg"
+            )
+        log.info(
+            "%s does not say how its images were preprocessed: using the ImageNet test transform "
+            "(resize to 256, centre crop 224); give --cfg to change it", ckpt.source,
+        )
+        return load_config(None)
+
+    def predict(self, files: Iterable[str | Path], topk: int = 5) -> Iterator[Prediction]:
+        """One `Prediction` per file, in order; unreadable files give one with `error` set."""
+        topk = min(topk, self.model.num_classes)
+        batch: list[tuple[Path, torch.Tensor]] = []
+        for path in map(Path, files):
+            try:
+                batch.append((path, self.transform(load_rgb(path, self.cfg.DATASET.MAX_IMAGE_PIXELS))))
+            except BadImageError as e:
+                yield Prediction(str(path), [], error=str(e))
+            if len(batch) == self.batch_size:
+                yield from self._classify(batch, topk)
+                batch = []
+        if batch:
+            yield from self._classify(batch, topk)
+
+    def _classify(self, batch: list[tuple[Path, torch.Tensor]], topk: int) -> Iterator[Prediction]:
+        with torch.inference_mode():
+            images = torch.stack([image for _, image in batch]).to(self.device)
+            probs = self.model(images).float().softmax(dim=-1).cpu()
+        for (path, _), image_probs in zip(batch, probs):
+            values, indices = image_probs.topk(topk)
+            classes = [{"index": int(i), "class": self.class_names[int(i)], "prob": round(float(p), 6)}
+                       for p, i in zip(values, indices)]
+            yield Prediction(str(path), classes)

@@ -1,0 +1,470 @@
+"""`train(cfg)` and `test(cfg)`: the release's tools/train.py and tools/test.py, on one code path for one
+process or many (torchrun).
+
+Run folder (`cvt.config.output_dir(cfg)`), written by rank 0:
+
+* ``config.yaml``: the full config of the run; ``log.txt``: the log; ``tensorboard/``: event files;
+* ``metrics.jsonl``: one JSON object per epoch, each epoch exactly once even across crash and resume;
+* ``checkpoint.pth``: everything needed to resume, after every epoch (docs/ARCHITECTURE.md);
+* ``model_best.pth`` (best val top-1) and ``final_state.pth``: plain official-layout state dicts;
+* ``test_metrics.json``: written by `test`.
+
+Resume: with TRAIN.AUTO_RESUME a run continues from its folder's checkpoint.pth (or from
+TRAIN.CHECKPOINT when set) at the first epoch not completed, restoring weights, optimizer, scaler,
+EMA, best top-1 and every rank's random number generators. With DETERMINISTIC the resumed run's
+weights equal an uninterrupted run's, bit for bit.
+
+Signals: SIGINT or SIGTERM lets the current optimizer step finish, then every rank stops at that same
+step. The run saves checkpoint.pth with the interrupted epoch marked not completed, holding the
+weights reached mid-epoch, so a resume redoes that epoch from them; under DETERMINISTIC the partial
+epoch is discarded instead and the checkpoint of the last completed epoch is kept, so the resumed
+run stays bit-exact. Then `TrainingInterrupted` (a KeyboardInterrupt: the CLI exits 130) is raised.
+A second signal aborts at once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from yacs.config import CfgNode
+
+from ..config import output_dir, save_config
+from ..data import build_loader, build_mixup, check_same_classes
+from ..errors import UserError
+from ..files import append_jsonl, atomic_write_text
+from ..models.cvt import ConvolutionalVisionTransformer, create_model
+from ..weights.export import save_official
+from ..weights.load import load_checkpoint
+from ..weights.read import read_checkpoint
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed
+from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
+from .optim import build_optimizer, build_scheduler, scaled_lr
+from .session import StopSignals, reproducibility, run_logging
+from .state import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
+
+__all__ = ["TrainingInterrupted", "build_model", "test", "train"]
+
+log = logging.getLogger("cvt")
+
+CHECKPOINT = "checkpoint.pth"
+MODEL_BEST = "model_best.pth"
+FINAL_STATE = "final_state.pth"
+METRICS = "metrics.jsonl"
+TEST_METRICS = "test_metrics.json"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint.
+
+    A KeyboardInterrupt, so the CLI's Ctrl-C handling (exit code 130) covers it.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
+
+
+def build_model(cfg: CfgNode) -> ConvolutionalVisionTransformer:
+    """The network MODEL.SPEC, MODEL.NUM_CLASSES and MODEL.ACTIVATION describe."""
+    return create_model(
+        dict(cfg.MODEL.SPEC),
+        num_classes=int(cfg.MODEL.NUM_CLASSES),
+        act=cfg.MODEL.ACTIVATION,
+        grad_checkpointing=bool(cfg.TRAIN.GRAD_CHECKPOINTING),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """What one training run holds from set-up to finish."""
+
+    cfg: CfgNode
+    env: DistEnv
+    folder: Path
+    settings: LoopSettings
+    train_loader: DataLoader
+    val_loader: DataLoader
+    classes: list[str]
+    first_val_image: str
+    model: ConvolutionalVisionTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: torch.nn.Module
+    start_epoch: int
+    best_top1: float | None = None
+    bad_train: BadFileLog = field(default_factory=BadFileLog)
+    bad_val: BadFileLog = field(default_factory=BadFileLog)
+    last_record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / CHECKPOINT
+
+    @property
+    def end_epoch(self) -> int:
+        return int(self.cfg.TRAIN.END_EPOCH)
+
+    def how_to_resume(self) -> str:
+        if self.cfg.TRAIN.AUTO_RESUME and not self.cfg.TRAIN.CHECKPOINT:
+            return "run the same command again"
+        return "run the same command with TRAIN.AUTO_RESUME True" + (" TRAIN.CHECKPOINT ''" if self.cfg.TRAIN.CHECKPOINT else "")
+
+    def save(self, epochs_completed: int) -> None:
+        """checkpoint.pth after `epochs_completed` epochs (a collective: every rank takes part)."""
+        rng = capture_rng()
+        if self.env.is_main:
+            save_training(
+                self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, ema=self.ema, epoch=epochs_completed, best_top1=self.best_top1,
+                class_names=self.classes, cfg=self.cfg, rng=rng,
+            )
+
+
+def train(cfg: CfgNode) -> dict[str, Any]:
+    """Train (or fine-tune, or resume) the experiment `cfg` describes; see the module docstring.
+
+    Returns output_dir, checkpoint, model_best, final_state, best_top1 and the last epoch's metrics.
+    Raises UserError for a mistake in the config or data, TrainingInterrupted on SIGINT/SIGTERM.
+    """
+    folder = output_dir(cfg)
+    env = init_distributed(float(cfg.DIST_TIMEOUT_S), cfg.DIST_BACKEND)
+    with run_logging(folder if env.is_main else None, env.is_main), reproducibility(cfg, env.rank), \
+            StopSignals() as stop:
+        resume_from = _resume_path(cfg, folder)
+        run = _set_up(cfg, env, folder, resume_from)
+        if resume_from is not None:
+            _resume(run, resume_from)
+        _run_epochs(run, stop)
+        return _finish(run)
+
+
+def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) -> TrainingRun:
+    """The run folder's config, the data, and the model with its optimizer, schedule, EMA and loss."""
+    settings = LoopSettings.from_config(cfg, env.device)
+    if env.is_main:
+        save_config(cfg, folder / "config.yaml")
+        log.info("run folder %s; %d process(es) on %s", folder, env.world_size, env.device)
+    train_loader, train_set = build_loader(cfg, "train", rank=env.rank, world_size=env.world_size)
+    val_loader, val_set = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size)
+    check_same_classes(train_set, val_set)
+    classes = list(train_set.classes)
+    _check_num_classes(cfg, classes, train_set.split_dir)
+
+    model = _initial_model(cfg, load_pretrained=resume_from is None)
+    model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
+    log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    lr = scaled_lr(cfg, env.world_size)
+    optimizer = build_optimizer(cfg, model, lr, env.device)
+    mixup = build_mixup(cfg, len(classes))
+    log.info(
+        "optimizer %s, lr %.3g (TRAIN.LR %.3g x %d processes x %d accumulation steps%s), batch %d per step",
+        cfg.TRAIN.OPTIMIZER, lr, cfg.TRAIN.LR, env.world_size, settings.accum_steps,
+        "" if cfg.TRAIN.SCALE_LR else ", SCALE_LR off: not scaled",
+        cfg.TRAIN.BATCH_SIZE_PER_GPU * env.world_size * settings.accum_steps,
+    )
+    return TrainingRun(
+        cfg=cfg, env=env, folder=folder, settings=settings,
+        train_loader=train_loader, val_loader=val_loader, classes=classes, first_val_image=val_set.samples[0][0],
+        model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=settings.uses_grad_scaler),
+        ema=ModelEmaV3(model, decay=float(cfg.TRAIN.EMA.DECAY)) if cfg.TRAIN.EMA.ENABLED else None,
+        mixup=mixup, criterion=build_criterion(cfg, mixup), start_epoch=int(cfg.TRAIN.BEGIN_EPOCH),
+    )
+
+
+def _initial_model(cfg: CfgNode, load_pretrained: bool) -> ConvolutionalVisionTransformer:
+    with torch.random.fork_rng(devices=[]):
+        # The same initial weights on every rank: DDP would copy rank 0's later anyway, but the EMA
+        # copies the model before that.
+        torch.default_generator.manual_seed(int(cfg.SEED))  # the CPU generator only: CUDA's stays per rank
+        model = build_model(cfg)
+    if cfg.MODEL.PRETRAINED and load_pretrained:
+        load_pretrained(cfg, model)
+    return model
+
+
+def _check_num_classes(cfg: CfgNode, classes: list[str], folder: Path) -> None:
+    if len(classes) != cfg.MODEL.NUM_CLASSES:
+        raise UserError(
+            f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but {folder} has {len(classes)} class folders; "
+            f"set MODEL.NUM_CLASSES {len(classes)}"
+        )
+
+
+def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None:
+    """MODEL.PRETRAINED into `model`: the layers MODEL.PRETRAINED_LAYERS names ('*' = all), with the
+    head left freshly initialised when the file's class count differs (fine-tuning)."""
+    ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
+    layers = list(cfg.MODEL.PRETRAINED_LAYERS)
+    new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
+    if new_head:
+        log.info(
+            "pretrained %s has %d classes, the model %d: its head is dropped and a new one trained",
+            ckpt.source, ckpt.num_classes, model.num_classes,
+        )
+    load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers)
+    log.info("loaded pretrained weights from %s (layers: %s)", ckpt.source, ", ".join(layers))
+
+
+def _resume_path(cfg: CfgNode, folder: Path) -> Path | None:
+    """TRAIN.CHECKPOINT when set (it must exist), else the run folder's checkpoint.pth under
+    TRAIN.AUTO_RESUME when there is one, else None (a fresh start)."""
+    if cfg.TRAIN.CHECKPOINT:
+        path = Path(cfg.TRAIN.CHECKPOINT)
+        if not path.is_file():
+            raise UserError(f"TRAIN.CHECKPOINT {str(path)!r} does not exist; fix the path or clear the key to start afresh")
+        return path
+    path = folder / CHECKPOINT
+    return path if cfg.TRAIN.AUTO_RESUME and path.is_file() else None
+
+
+def _resume(run: TrainingRun, resume_from: Path) -> None:
+    """Weights, optimizer, scaler, EMA, best top-1 and this rank's generators from `resume_from`."""
+    state = restore_training(
+        read_training(resume_from), run.cfg, run.classes,
+        model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler, ema=run.ema,
+    )
+    run.start_epoch, run.best_top1 = state.epoch, state.best_top1
+    if not restore_rng(state.rng, run.env.rank):
+        log.warning("%s holds no generator state for rank %d: continuing with fresh seeds", resume_from, run.env.rank)
+    log.info("resumed from %s at epoch %d (best top-1 so far %s)", resume_from, run.start_epoch,
+             "-" if run.best_top1 is None else f"{run.best_top1:.2f}")
+
+
+def _wrap(model: torch.nn.Module, cfg: CfgNode, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model to train, model to evaluate). Training goes through DDP with several processes;
+    evaluation uses the bare model because ranks may hold different numbers of test batches."""
+    train_model: torch.nn.Module = model
+    if env.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.TRAIN.COMPILE:
+        return torch.compile(train_model), torch.compile(model)
+    return train_model, model
+
+
+def _run_epochs(run: TrainingRun, stop: StopSignals) -> None:
+    """Epochs start_epoch .. END_EPOCH - 1: train, evaluate when due, record, save; stop on request."""
+    if run.start_epoch >= run.end_epoch:
+        log.info("all %d epochs (TRAIN.END_EPOCH) are done already; raise TRAIN.END_EPOCH to train on", run.end_epoch)
+    if run.env.is_main:
+        truncate_metrics(run.folder / METRICS, run.start_epoch)
+    run.scheduler.step(run.start_epoch)
+    train_model, eval_model = _wrap(run.model, run.cfg, run.env)
+    writer = None
+    if run.cfg.TENSORBOARD and run.env.is_main:
+        # purge_step drops events of epochs a crashed run logged past its last checkpoint.
+        writer = SummaryWriter(str(run.folder / "tensorboard"), purge_step=run.start_epoch)
+    try:
+        for epoch in range(run.start_epoch, run.end_epoch):
+            result = _train_epoch(run, train_model, epoch, stop)
+            if result.interrupted:
+                _stop_mid_epoch(run, epoch, stop)
+            val, ema_val = _evaluate_epoch(run, eval_model, epoch)
+            is_best = val is not None and (run.best_top1 is None or val["top1"] > run.best_top1)
+            if is_best:
+                run.best_top1 = val["top1"]
+            run.scheduler.step(epoch + 1, val["top1"] if val else None)
+            _record_epoch(run, epoch, result, val, ema_val, is_best, writer)
+            run.save(epoch + 1)
+            # After the last epoch only final_state.pth is left to write: finish instead of stopping.
+            stop_flag = torch.tensor([float(stop.requested() and epoch + 1 < run.end_epoch)], device=run.env.device)
+            if all_reduce_sum(stop_flag).item():
+                log.warning("stopped after epoch %d; a resume continues at epoch %d", epoch, epoch + 1)
+                log.warning("to resume: %s", run.how_to_resume())
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, run.checkpoint_path)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, epoch: int, stop: StopSignals) -> EpochResult:
+    run.train_loader.set_epoch(epoch)  # the epoch's order and worker seeds: resumes see the same data
+    with torch.autograd.set_detect_anomaly(bool(run.cfg.TRAIN.DETECT_ANOMALY)):
+        return train_one_epoch(
+            train_model, run.train_loader, run.criterion, run.optimizer, run.settings,
+            epoch=epoch, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
+            stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
+        )
+
+
+def _stop_mid_epoch(run: TrainingRun, epoch: int, stop: StopSignals) -> None:
+    """Save the interrupted epoch's progress (not under DETERMINISTIC, which keeps the last completed
+    epoch's checkpoint so a resume stays bit-exact), say how to resume, and raise."""
+    if run.cfg.DETERMINISTIC:
+        log.warning("epoch %d interrupted: its partial progress is discarded (DETERMINISTIC)", epoch)
+    else:
+        run.save(epoch)
+        log.warning("epoch %d interrupted: saved its progress; a resume redoes epoch %d", epoch, epoch)
+    log.warning("to resume: %s", run.how_to_resume())
+    checkpoint = run.checkpoint_path if run.checkpoint_path.exists() else None
+    raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint)
+
+
+def _evaluate_epoch(
+    run: TrainingRun, eval_model: torch.nn.Module, epoch: int
+) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """(val metrics, EMA val metrics) when this epoch is due for evaluation, else (None, None)."""
+    cfg = run.cfg
+    due = epoch >= cfg.TRAIN.EVAL_BEGIN_EPOCH and ((epoch + 1) % cfg.TRAIN.EVAL_EVERY == 0 or epoch + 1 == run.end_epoch)
+    if not due:
+        return None, None
+    broadcast_buffers(eval_model)
+    if run.ema is not None:
+        broadcast_buffers(run.ema.module)
+    val = evaluate(eval_model, run.val_loader, run.settings, bad_files=run.bad_val)
+    ema_val = evaluate(run.ema.module, run.val_loader, run.settings, bad_files=run.bad_val) if run.ema is not None else None
+    return val, ema_val
+
+
+def _record_epoch(
+    run: TrainingRun, epoch: int, result: EpochResult, val: dict[str, float] | None,
+    ema_val: dict[str, float] | None, is_best: bool, writer: SummaryWriter | None,
+) -> None:
+    """The epoch's log line, metrics.jsonl record, TensorBoard scalars, and model_best.pth."""
+    lr = result.lr
+    run.last_record = record = _epoch_record(epoch, lr, result, val, ema_val)
+    log.info(
+        "epoch %d: train loss %.4f, val top-1 %s, top-5 %s, loss %s, %.0f img/s, %.1f s",
+        epoch, result.loss, *(f"{val[k]:.2f}" if val else "-" for k in ("top1", "top5")),
+        f"{val['loss']:.4f}" if val else "-", result.images_per_sec, result.time_s,
+    )
+    if not run.env.is_main:
+        return
+    # The record goes first: a crash before the checkpoint is saved redoes this epoch, and the resume
+    # drops the record, so each epoch is in the file exactly once.
+    append_jsonl(run.folder / METRICS, record)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch" and value is not None:
+                writer.add_scalar(key, value, epoch)
+        writer.flush()
+    # Before the checkpoint, which records best_top1: model_best.pth is never older.
+    if is_best:
+        save_official(run.model, run.folder / MODEL_BEST)
+    if run.cfg.TRAIN.SAVE_ALL_MODELS:
+        save_official(run.model, run.folder / f"model_{epoch}.pth")
+
+
+def _epoch_record(epoch: int, lr: float, result: EpochResult, val: dict[str, float] | None,
+                  ema_val: dict[str, float] | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": result.loss,
+        "val_loss": val["loss"] if val else None,
+        "val_top1": val["top1"] if val else None,
+        "val_top5": val["top5"] if val else None,
+        "images_per_sec": round(result.images_per_sec, 2),
+        "epoch_time_s": round(result.time_s, 3),
+    }
+    if result.skipped_steps:
+        record["skipped_steps"] = result.skipped_steps
+    if ema_val:
+        record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
+    return record
+
+
+def _finish(run: TrainingRun) -> dict[str, Any]:
+    """final_state.pth, the skipped-file counts, and where everything is."""
+    folder = run.folder
+    final_path = folder / FINAL_STATE
+    if run.env.is_main:
+        save_official(run.model, final_path)
+    barrier()
+    skipped = [report.count_over_ranks() for report in (run.bad_train, run.bad_val)]
+    if any(skipped):
+        log.warning("unreadable files skipped: %d in training, %d in evaluation", *skipped)
+    best_path = folder / MODEL_BEST
+    weights = best_path if best_path.exists() else final_path
+    log.info("done: best val top-1 %s", f"{run.best_top1:.2f}%" if run.best_top1 is not None else "n/a")
+    log.info("checkpoint: %s", run.checkpoint_path)
+    log.info("try it: cvt predict --cfg %s --weights %s %s", folder / "config.yaml", weights, run.first_val_image)
+    return {
+        "output_dir": str(folder),
+        "checkpoint": str(run.checkpoint_path),
+        "model_best": str(best_path) if best_path.exists() else None,
+        "final_state": str(final_path),
+        "best_top1": run.best_top1,
+        "metrics": run.last_record,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# test
+# --------------------------------------------------------------------------------------------------
+
+
+def test(cfg: CfgNode) -> dict[str, Any]:
+    """Evaluate TEST.MODEL_FILE (default: the run folder's final_state.pth) on DATASET.TEST_SET.
+
+    Prints top-1, top-5 and loss and writes test_metrics.json in the run folder. The numbers are
+    the same for any number of processes.
+    """
+    folder = output_dir(cfg)
+    env = init_distributed(float(cfg.DIST_TIMEOUT_S), cfg.DIST_BACKEND)
+    with run_logging(folder if env.is_main else None, env.is_main), reproducibility(cfg, env.rank):
+        return _test(cfg, env, folder)
+
+
+def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
+    model_file = Path(cfg.TEST.MODEL_FILE) if cfg.TEST.MODEL_FILE else folder / FINAL_STATE
+    if not cfg.TEST.MODEL_FILE and not model_file.exists():
+        raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
+    ckpt = read_checkpoint(model_file)
+    if ckpt.num_classes is not None and ckpt.num_classes != cfg.MODEL.NUM_CLASSES:
+        raise UserError(
+            f"{model_file} has a {ckpt.num_classes}-class head but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}; "
+            f"set MODEL.NUM_CLASSES {ckpt.num_classes} (and test on a folder with those classes)"
+        )
+    # A checkpoint that knows its classes maps its outputs by name; build_loader checks the folders match.
+    loader, dataset = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size, class_names=ckpt.class_names)
+    _check_num_classes(cfg, list(dataset.classes), dataset.split_dir)
+
+    model = build_model(cfg)
+    load_checkpoint(model, ckpt)
+    settings = LoopSettings.from_config(cfg, env.device)
+    model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
+    bad_files = BadFileLog()
+    start = time.perf_counter()
+    metrics = evaluate(model, loader, settings, bad_files=bad_files)
+    elapsed = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "model_file": str(model_file),
+        "split": str(dataset.split_dir),
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "loss": metrics["loss"],
+        "images": metrics["images"],
+        "skipped_files": bad_files.count_over_ranks(),
+        "processes": env.world_size,
+        "time_s": round(elapsed, 3),
+    }
+    if env.is_main:
+        atomic_write_text(folder / TEST_METRICS, json.dumps(result, indent=2) + "\n")
+        log.info(
+            "test %s on %s: top-1 %.3f%%, top-5 %.3f%%, loss %.4f (%d images)",
+            model_file, dataset.split_dir, result["top1"], result["top5"], result["loss"], result["images"],
+        )
+    result["output_dir"] = str(folder)
+    return result

@@ -1,0 +1,121 @@
+"""What a training or test process sets up around its work: logging to the run folder, seeded
+generators and cuDNN switches, and the signals that ask a run to stop after the current step."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from yacs.config import CfgNode
+
+from ..files import ensure_folder
+
+__all__ = ["StopSignals", "reproducibility", "run_logging"]
+
+log = logging.getLogger("cvt")
+
+
+class StopSignals:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second one
+    aborts immediately. Installed only in the main thread (Python delivers signals only there).
+
+    Under torchrun a Ctrl-C reaches every worker twice, from the terminal and forwarded by the agent,
+    so there repeats are ignored: the agent itself escalates to SIGKILL after its shutdown timeout.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._repeat_aborts = "TORCHELASTIC_RUN_ID" not in os.environ
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            if self._repeat_aborts:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        log.warning(
+            "%s received: stopping after the current step%s", signal.Signals(signum).name,
+            " (send it again to abort now)" if self._repeat_aborts else "",
+        )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def run_logging(folder: Path | None, is_main: bool) -> Iterator[None]:
+    """Log to `folder`/log.txt and to the console on rank 0; other ranks report warnings only."""
+    logger = logging.getLogger("cvt")
+    previous_level = logger.level
+    handlers: list[logging.Handler] = []
+    if is_main:
+        logger.setLevel(logging.INFO)
+        if not logger.hasHandlers():  # called as a library: nobody prints to the console yet
+            handlers.append(logging.StreamHandler())
+        if folder is not None:
+            ensure_folder(folder)
+            file_handler = logging.FileHandler(folder / "log.txt", encoding="utf-8")
+            file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handlers.append(file_handler)
+    else:
+        logger.setLevel(logging.WARNING)
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(previous_level)
+
+
+@contextlib.contextmanager
+def reproducibility(cfg: CfgNode, rank: int) -> Iterator[None]:
+    """Seed every generator from SEED (offset by rank, so ranks augment and drop differently) and set
+    the cuDNN / deterministic-algorithm switches; the process-wide switches are restored afterwards."""
+    seed = int(cfg.SEED) + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.enabled,
+    )
+    if cfg.DETERMINISTIC:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = bool(cfg.CUDNN.BENCHMARK)
+        torch.backends.cudnn.deterministic = bool(cfg.CUDNN.DETERMINISTIC)
+    torch.backends.cudnn.enabled = bool(cfg.CUDNN.ENABLED)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.enabled = previous[1:]

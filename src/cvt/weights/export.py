@@ -1,0 +1,109 @@
+"""Writing weights: the release's layout, safetensors with what the model needs, and Hugging Face's.
+
+Every file is written atomically (`cvt.files`), so a crash never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from ..errors import UserError
+from ..files import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from ..models.convert import checkpoint_filter_fn, hf_config_from_spec, official_to_hf
+from ..models.cvt import ConvolutionalVisionTransformer
+from ..config import spec_from_config
+from ..data.transforms import eval_transform_settings
+from .hf_preprocessor import PREPROCESSOR_FILE, hf_preprocessor_config
+from .load import checkpoint_config, model_from_checkpoint
+from .read import read_checkpoint
+
+__all__ = ["export_checkpoint", "save_hf", "save_official", "save_safetensors"]
+
+log = logging.getLogger(__name__)
+
+
+def _cpu_state_dict(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) else model_or_state_dict
+    return {k: v.detach().cpu().clone() for k, v in checkpoint_filter_fn(sd).items()}
+
+
+def save_official(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Save a plain state dict with the release's keys (what its model zoo and tools use), atomically."""
+    atomic_torch_save(_cpu_state_dict(model_or_state_dict), path)
+    return Path(path)
+
+
+def save_safetensors(
+    model: ConvolutionalVisionTransformer,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    eval_settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save weights with the release's keys as .safetensors, with spec, activation, class names and
+    the test transform (`eval_settings`, see ``cvt.data.transforms.eval_transform_settings``)."""
+    metadata = {"format": "cvt", "spec": json.dumps(model.spec.to_dict()), "act": model.act}
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
+    if eval_settings is not None:
+        metadata["eval_transform"] = json.dumps(dict(eval_settings))
+    tensors = {k: v.contiguous() for k, v in _cpu_state_dict(model).items()}
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
+    return Path(path)
+
+
+def save_hf(
+    model: torch.nn.Module,
+    folder: str | Path,
+    class_names: Sequence[str] | None = None,
+    eval_settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
+    reads, and with `eval_settings` (the test transform) ``preprocessor_config.json`` for
+    ``AutoImageProcessor``. A model running QuickGELU is exported with a warning: the port computes
+    exact GELU."""
+    folder = Path(folder)
+    if getattr(model, "act", "gelu") != "gelu":
+        log.warning(
+            "exporting a QuickGELU model to the Hugging Face layout: transformers' CvT runs exact GELU, "
+            "so its outputs will differ slightly from this model's"
+        )
+    num_classes = model.num_classes
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in official_to_hf(model.state_dict()).items()}
+    config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names)
+    atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    if eval_settings is not None:
+        text = json.dumps(hf_preprocessor_config(eval_settings), indent=2) + "\n"
+        atomic_write_text(folder / PREPROCESSOR_FILE, text)
+    return folder
+
+
+def export_checkpoint(
+    weights: str | os.PathLike, fmt: str, output: str | os.PathLike, cfg_file: str | os.PathLike | None = None
+) -> ConvolutionalVisionTransformer:
+    """Convert any checkpoint the project reads to `fmt` ('official', 'safetensors', 'hf') at `output`.
+
+    The official layout is a bare state dict; the other two keep how images are to be preprocessed,
+    from `cfg_file` or from what the checkpoint says. Returns the model that was written."""
+    ckpt = read_checkpoint(weights)
+    cfg = checkpoint_config(ckpt, cfg_file) if fmt != "official" or cfg_file else None
+    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if cfg_file else None)
+    eval_settings = eval_transform_settings(cfg) if cfg is not None else None
+    if fmt == "official":
+        save_official(model, output)
+    elif fmt == "safetensors":
+        save_safetensors(model, output, ckpt.class_names, eval_settings)
+    elif fmt == "hf":
+        save_hf(model, output, ckpt.class_names, eval_settings)
+    else:
+        raise UserError(f"export format {fmt!r} is not one of official, safetensors, hf")
+    return model

@@ -1,0 +1,164 @@
+"""Loading weights into a model, strictly, and building the model a checkpoint was saved from.
+
+Loading is strict: a file that does not fit raises one error that lists the missing, unexpected and
+mis-shaped keys, never a partial load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from yacs.config import CfgNode
+
+from ..config import config_from_settings, config_from_yaml_text, load_config
+from ..errors import UserError, short_list
+from ..models.cvt import ConvolutionalVisionTransformer, create_model
+from ..models.spec import CvtSpec, list_models, model_spec
+from .read import Checkpoint, read_checkpoint
+
+__all__ = ["checkpoint_config", "infer_spec", "load_checkpoint", "model_from_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def _selected(key: str, layers: Sequence[str] | None) -> bool:
+    return layers is None or "*" in layers or key.split(".")[0] in layers
+
+
+def load_checkpoint(
+    model: ConvolutionalVisionTransformer,
+    source: str | os.PathLike | Mapping[str, Any] | Checkpoint,
+    strict: bool = True,
+    *,
+    backbone_only: bool = False,
+    layers: Sequence[str] | None = None,
+) -> Checkpoint:
+    """Load weights into ``model``.
+
+    Args:
+        source: a path, folder, state dict, or an already read :class:`Checkpoint`.
+        strict: every selected key must exist on both sides with the same shape; otherwise one
+            :class:`UserError` lists the missing, unexpected and mis-shaped keys.
+        backbone_only: leave the head out and re-initialise it (fine-tuning to another class count).
+        layers: load only keys under these top-level names (``['stage0', 'stage1']``; ``['*']`` = all),
+            the release's MODEL.PRETRAINED_LAYERS.
+
+    Weights from the Hugging Face port switch the model to exact GELU, which they were trained with
+    (logged). Returns the read :class:`Checkpoint` (class names, spec, training state).
+    """
+    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    incoming = {k: v for k, v in ckpt.state_dict.items() if _selected(k, layers)}
+    own = model.state_dict()
+    expected = {k for k in own if _selected(k, layers)}
+
+    is_bare_backbone = ckpt.format == "huggingface" and not any(k in incoming for k in ("norm.weight", *HEAD_KEYS))
+    if backbone_only or is_bare_backbone:
+        incoming = {k: v for k, v in incoming.items() if k not in HEAD_KEYS}
+        expected -= set(HEAD_KEYS)
+    if is_bare_backbone:  # transformers' CvtModel has neither the final LayerNorm nor the head
+        expected -= {"norm.weight", "norm.bias"}
+
+    missing = sorted(expected - incoming.keys())
+    unexpected = sorted(incoming.keys() - own.keys())
+    mis_shaped = sorted(k for k in incoming.keys() & own.keys() if incoming[k].shape != own[k].shape)
+    if strict and (missing or unexpected or mis_shaped):
+        raise UserError(_mismatch_message(ckpt, model, missing, unexpected, mis_shaped, incoming, own))
+    loadable = {k: v for k, v in incoming.items() if k in own and k not in mis_shaped}
+    model.load_state_dict(loadable, strict=False)
+
+    if backbone_only or is_bare_backbone:
+        model.reset_classifier(model.num_classes)
+        log.info("loaded the backbone from %s; the head (%d classes) is freshly initialised", ckpt.source, model.num_classes)
+    if is_bare_backbone:
+        log.info("%s is a bare CvtModel without the final LayerNorm: it keeps its initial values", ckpt.source)
+    if not strict and (missing or unexpected or mis_shaped):
+        log.warning(
+            "partial load from %s: %d missing, %d unexpected, %d mis-shaped keys left out",
+            ckpt.source, len(missing), len(unexpected), len(mis_shaped),
+        )
+    wanted_act = ckpt.act or ("gelu" if ckpt.format == "huggingface" else None)
+    if wanted_act and wanted_act != model.act:
+        log.warning("weights from %s were trained with %s; the model now runs %s too", ckpt.source, wanted_act, wanted_act)
+        model.set_activation(wanted_act)
+    return ckpt
+
+
+def _mismatch_message(
+    ckpt: Checkpoint,
+    model: ConvolutionalVisionTransformer,
+    missing: list[str],
+    unexpected: list[str],
+    mis_shaped: list[str],
+    incoming: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing [{short_list(missing, 5)}]")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected [{short_list(unexpected, 5)}]")
+    if mis_shaped:
+        shapes = [f"{k}: file {tuple(incoming[k].shape)} vs model {tuple(own[k].shape)}" for k in mis_shaped]
+        parts.append(f"{len(mis_shaped)} mis-shaped [{short_list(shapes, 5)}]")
+    hint = "; is it a checkpoint of this architecture?"
+    if set(mis_shaped) <= set(HEAD_KEYS) and not missing and not unexpected:
+        hint = (
+            f"; the file has {ckpt.num_classes} classes and the model {model.num_classes}: "
+            "set MODEL.NUM_CLASSES to match, or fine-tune from it (MODEL.PRETRAINED, or backbone_only=True)"
+        )
+    return f"checkpoint {ckpt.source!r} does not fit the model: " + ", ".join(parts) + hint
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a model for a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def infer_spec(ckpt: Checkpoint) -> dict[str, Any]:
+    """The MODEL.SPEC of a checkpoint: stored in it, or a named variant whose shapes it matches."""
+    if ckpt.spec:
+        return dict(ckpt.spec)
+    sd = ckpt.state_dict
+    stages = sorted({int(k[5:].split(".")[0]) for k in sd if k.startswith("stage")})
+    dims = [sd[f"stage{i}.patch_embed.proj.weight"].shape[0] for i in stages if f"stage{i}.patch_embed.proj.weight" in sd]
+    depths = [len({k.split(".")[2] for k in sd if k.startswith(f"stage{i}.blocks.")}) for i in stages]
+    for name in list_models():
+        spec = model_spec(name)
+        if list(spec.dim_embed) == dims and list(spec.depth) == depths:
+            return spec.to_dict()
+    raise UserError(
+        f"cannot tell the architecture of {ckpt.source!r} (widths {dims}, depths {depths}); "
+        "give its experiment file (--cfg) so MODEL.SPEC is known"
+    )
+
+
+def model_from_checkpoint(
+    source: str | os.PathLike | Mapping[str, Any] | Checkpoint,
+    spec: Mapping[str, Any] | CvtSpec | None = None,
+) -> tuple[ConvolutionalVisionTransformer, Checkpoint]:
+    """Build the model a checkpoint was saved from (spec, class count, activation) and load it strictly."""
+    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    if ckpt.num_classes is None:
+        raise UserError(f"checkpoint {ckpt.source!r} has no classifier head; build the model yourself and load it with backbone_only=True")
+    model = create_model(spec if spec is not None else infer_spec(ckpt), num_classes=ckpt.num_classes, act=ckpt.act or "quick_gelu")
+    load_checkpoint(model, ckpt)
+    return model, ckpt
+
+
+
+def checkpoint_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = None) -> CfgNode | None:
+    """The config that says how a checkpoint's images are preprocessed: `cfg_file` when given, else
+    the one the project's training checkpoints carry, else the test transform an export carries; None
+    when nothing says."""
+    if cfg_file:
+        return load_config(cfg_file)
+    if isinstance(ckpt.extra.get("config"), str):
+        return config_from_yaml_text(ckpt.extra["config"], f"the config stored in {ckpt.source}")
+    if ckpt.eval_settings:
+        return config_from_settings(ckpt.eval_settings)
+    return None

@@ -1,0 +1,194 @@
+"""Reading CvT weights in every supported format, safely: `read_checkpoint` -> `Checkpoint`.
+
+Formats read (all through ``torch.load(weights_only=True)`` or safetensors, so no file can run code):
+
+* official model-zoo files: a plain state dict with the release's keys;
+* official training checkpoints: ``{'state_dict': ..., 'optimizer': ..., 'epoch': ..., 'perf': ...}``;
+* DataParallel / DDP / torch.compile prefixes (``module.``, ``_orig_mod.``);
+* Hugging Face ``CvtForImageClassification`` / ``CvtModel`` weights: ``model.safetensors`` or
+  ``pytorch_model.bin``, or a folder holding one with its ``config.json``;
+* the project's own ``checkpoint.pth`` and ``.safetensors`` exports (which carry spec and class names).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import UserError, short_list
+from ..models.convert import (
+    checkpoint_filter_fn,
+    class_names_from_hf_config,
+    is_hf_state_dict,
+    num_labels_from_hf_config,
+    spec_from_hf_config,
+)
+from .hf_preprocessor import PREPROCESSOR_FILE, eval_settings_from_hf_preprocessor
+
+__all__ = ["Checkpoint", "read_checkpoint"]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class Checkpoint:
+    """Weights read from a file, converted to the model's (official) keys, plus what the file says."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    format: str  # 'official', 'official-training', 'huggingface', 'cvt', 'cvt-safetensors', 'state-dict'
+    spec: dict[str, Any] | None = None
+    act: str | None = None
+    class_names: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # the rest of a training checkpoint
+    # The test transform the weights were evaluated with ({config key: value}), where the file says.
+    eval_settings: dict[str, Any] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        head = self.state_dict.get("head.weight")
+        return None if head is None else head.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    # torch.save writes a zip archive ("PK"); older torch versions a pickle (protocol marker 0x80).
+    if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise UserError(
+            f"{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+            "give a .pth/.pt/.bin checkpoint, a .safetensors file or a Hugging Face model folder"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # not plain tensors and containers: refused before anything runs
+        raise UserError(
+            f"checkpoint {str(path)!r} is corrupt or holds Python objects other than tensors and plain "
+            "containers; refused, because loading it could run code (re-save it as a state dict or .safetensors)"
+        ) from e
+    except Exception as e:  # truncated zip, bad magic number, EOF: the file is damaged
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # the first sentence
+        raise UserError(
+            f"checkpoint {str(path)!r} is truncated or corrupt ({reason[:160]}); use an intact copy"
+        ) from e
+
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise UserError(f"checkpoint {str(path)!r} is truncated or corrupt ({e}); use an intact copy") from e
+    return tensors, metadata
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
+    """Read weights from a file, folder or in-memory dict, in any supported format."""
+    if isinstance(source, Mapping):
+        return _from_object(dict(source), "<state dict>")
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; check the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {str(path)!r} is empty (0 bytes); use an intact copy")
+    if path.suffix == ".safetensors":
+        tensors, metadata = _safetensors_load(path)
+        return _from_safetensors(tensors, metadata, str(path))
+    return _from_object(_torch_load(path), str(path))
+
+
+def _read_folder(folder: Path) -> Checkpoint:
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise UserError(f"folder {str(folder)!r} holds none of {', '.join(WEIGHT_FILES)}; point at a weights file or a Hugging Face model folder")
+    ckpt = read_checkpoint(weights)
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{str(config_file)!r} is not valid JSON ({e})") from e
+        if config.get("model_type") == "cvt":
+            ckpt.spec = spec_from_hf_config(config)
+            ckpt.class_names = class_names_from_hf_config(config)
+            if num_labels_from_hf_config(config) != ckpt.num_classes:
+                ckpt.class_names = None
+    preprocessor_file = folder / PREPROCESSOR_FILE
+    if preprocessor_file.is_file():
+        try:
+            preprocessor = json.loads(preprocessor_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{str(preprocessor_file)!r} is not valid JSON ({e})") from e
+        ckpt.eval_settings = eval_settings_from_hf_preprocessor(preprocessor) or ckpt.eval_settings
+    return ckpt
+
+
+def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> Checkpoint:
+    if metadata.get("format") == "cvt":
+        return Checkpoint(
+            state_dict=checkpoint_filter_fn(tensors),
+            source=source,
+            format="cvt-safetensors",
+            spec=json.loads(metadata["spec"]) if "spec" in metadata else None,
+            act=metadata.get("act"),
+            class_names=json.loads(metadata["class_names"]) if "class_names" in metadata else None,
+            eval_settings=_json_metadata(metadata, "eval_transform", source),
+        )
+    return _from_object(tensors, source)
+
+
+def _json_metadata(metadata: Mapping[str, str], key: str, source: str) -> Any:
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"checkpoint {source!r}: its {key!r} metadata is not valid JSON ({e}); use an intact copy"
+        ) from None
+
+
+def _from_object(obj: Any, source: str) -> Checkpoint:
+    if not isinstance(obj, Mapping):
+        raise UserError(f"checkpoint {source!r} holds a {type(obj).__name__}, not a state dict; is it a CvT checkpoint?")
+    if "model" in obj and "epoch" in obj and _is_state_dict(obj["model"]):  # the project's checkpoint.pth
+        extra = {k: v for k, v in obj.items() if k != "model"}
+        return Checkpoint(
+            state_dict=checkpoint_filter_fn(obj["model"]),
+            source=source,
+            format="cvt",
+            spec=obj.get("spec"),
+            act=obj.get("act"),
+            class_names=list(obj["class_names"]) if obj.get("class_names") else None,
+            extra=extra,
+        )
+    if "state_dict" in obj and _is_state_dict(obj["state_dict"]):  # the release's training checkpoint
+        extra = {k: v for k, v in obj.items() if k != "state_dict"}
+        return Checkpoint(checkpoint_filter_fn(obj["state_dict"]), source, "official-training", extra=extra)
+    if not _is_state_dict(obj):
+        keys = short_list(list(map(str, obj)), 5)
+        raise UserError(f"checkpoint {source!r} is not a CvT state dict (top-level keys: {keys}); is it the right file?")
+    if is_hf_state_dict(obj):
+        return Checkpoint(checkpoint_filter_fn(obj), source, "huggingface", act="gelu")
+    return Checkpoint(checkpoint_filter_fn(obj), source, "state-dict")
+
