@@ -3,7 +3,6 @@ folder's files, resume (plain, after a crash, after a signal, and bit-exact unde
 fine-tuning, and the class checks."""
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -11,10 +10,8 @@ import shutil
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cvt.config import load_config
 from cvt.training.run import TrainingInterrupted, train
@@ -23,7 +20,7 @@ from cvt.errors import UserError
 from cvt.weights.read import read_checkpoint
 from cvt.models import create_model
 
-from helpers import CLASSES, TINY_SPEC, config, epochs_in, make_image_folder, run_opts
+from helpers import CLASSES, TINY_SPEC, VAL_PER_CLASS, config, epochs_in, make_image_folder
 
 import cvt.training.run as engine_train
 

@@ -24,10 +24,25 @@ _EXPORTS = {
     "save_hf": "cvt.weights.export",
     "save_official": "cvt.weights.export",
     "save_safetensors": "cvt.weights.export",
-    "predict": "cvt.predict",
+    "Predictor": "cvt.predict",
 }
 
-__all__ = sorted([*_EXPORTS, "UserError", "__version__"])
+__all__ = [
+    "Checkpoint",
+    "ConvolutionalVisionTransformer",
+    "CvtSpec",
+    "UserError",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "model_from_checkpoint",
+    "Predictor",
+    "read_checkpoint",
+    "save_hf",
+    "save_official",
+    "save_safetensors",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, trunc_normal_
 
-from ..errors import UserError
 from .kernels import attention, depthwise_conv, map_to_tokens, to_autocast_dtype, token_linear, tokens_to_map
 from .spec import CvtSpec, check_activation, model_spec
 
