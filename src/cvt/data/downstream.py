@@ -17,6 +17,7 @@ line naming it and the expected layout.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import pickle
 from collections.abc import Callable
@@ -81,6 +82,8 @@ except ImportError:  # pragma: no cover - NumPy 1
     from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    # How Python 3 writes bytes in protocol 2 pickles: text to bytes, nothing else.
+    ("_codecs", "encode"): codecs.encode,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     **{(module, "_reconstruct"): _reconstruct for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
@@ -177,14 +180,16 @@ def _pets_samples(root: Path, split: str) -> tuple[list[tuple[str, int]], list[s
 
 
 def _load_mat(path: Path, key: str) -> np.ndarray:
-    from scipy.io import loadmat  # scipy is slow to import and only these files need it
+    # scipy is slow to import and only these files need it.
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     if not path.is_file():
         raise _layout_error("flowers102", path, "file not found")
     try:
         values = loadmat(str(path), squeeze_me=True)[key]
         return np.atleast_1d(np.asarray(values, dtype=np.int64))
-    except (KeyError, ValueError, TypeError, OSError) as e:
+    except (KeyError, ValueError, TypeError, OSError, MatReadError) as e:
         raise _layout_error("flowers102", path, f"not a MATLAB file holding {key!r} ({type(e).__name__}: {e})") from None
 
 

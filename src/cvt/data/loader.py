@@ -218,12 +218,13 @@ def build_loader(
 
     if is_train:
         sampler: Sampler[int] = WindowSampler(_train_sampler(cfg, dataset, rank, world_size))
+        key = "TRAIN.BATCH_SIZE_PER_GPU" if batch_size is None else "FINETUNE.BATCH_SIZE (per process)"
         batch_size = batch_size or cfg.TRAIN.BATCH_SIZE_PER_GPU
         if len(sampler) < batch_size:
             raise UserError(
-                f"the batch of {batch_size} per process is more than the {len(sampler)} images each "
+                f"{key}: {batch_size} is more than the {len(sampler)} images each "
                 f"of {world_size} process(es) gets from {dataset.split_dir} per epoch, so an epoch "
-                "would have no batch; lower TRAIN.BATCH_SIZE_PER_GPU (FINETUNE.BATCH_SIZE when fine-tuning)"
+                f"would have no batch; lower {key.split()[0]}"
             )
         image_size = cfg.TRAIN.IMAGE_SIZE[0]
         image_shape = (3, image_size, image_size)
