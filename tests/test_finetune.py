@@ -11,7 +11,7 @@ import torch
 
 import cvt.training.finetune as finetune_module
 from cvt import UserError
-from cvt.config import load_config
+from cvt.config import list_experiments, load_config
 from cvt.data import build_loader
 from cvt.models.cvt import create_model
 from cvt.training.optim import build_optimizer, build_step_scheduler, layer_depths
@@ -298,3 +298,50 @@ def test_an_epoch_checkpoint_does_not_resume_a_step_run(data, tmp_path):
     train(config(data, tmp_path, "TRAIN.END_EPOCH", 1))
     with pytest.raises(UserError, match="written by an epoch run and this is a step-based run"):
         finetune(data, tmp_path)
+
+
+TRANSFER_EXPERIMENTS = [f"{d}-cvt-{m}-384" for d in ("cifar10", "cifar100", "pets", "flowers102") for m in ("13", "21", "w24")]
+
+
+@pytest.mark.parametrize("name", TRANSFER_EXPERIMENTS)
+def test_transfer_experiments_are_packaged_with_the_papers_protocol(name):
+    assert name in list_experiments()
+    cfg = load_config(name)
+    dataset, model = name.split("-cvt-")
+    assert cfg.DATASET.DATASET == dataset and cfg.MODEL.PRETRAINED == f"cvt-{model.removesuffix('-384')}-384-22k"
+    ft = cfg.FINETUNE
+    assert (ft.FINETUNE, ft.BATCH_SIZE, ft.OPTIMIZER, ft.MOMENTUM, ft.WD, ft.CLIP_GRAD_NORM) == (True, 512, "sgd", 0.9, 0.0, 1.0)
+    assert ft.STEPS == (10000 if dataset.startswith("cifar") else 500)
+    assert cfg.TRAIN.IMAGE_SIZE == [384, 384] and cfg.TEST.IMAGE_SIZE == [384, 384]
+    assert cfg.AUG.MIXUP_PROB == 0 and not cfg.AUG.TIMM_AUG.USE_LOADER
+
+
+def test_the_cifar_recipe_trains_on_cifar_batches(tmp_path):
+    root = make_cifar(tmp_path, per_batch=8)
+    cfg = load_config("cvt-cifar10-32", ["DATASET.ROOT", str(root), "MODEL.NUM_CLASSES", "3", "TRAIN.BATCH_SIZE_PER_GPU", "8",
+                                          "WORKERS", "0", "TEST.BATCH_SIZE_PER_GPU", "8"])
+    loader, dataset = build_loader(cfg, "train")
+    images, targets, _ = next(iter(loader))
+    assert images.shape == (8, 3, 32, 32) and len(dataset) == 40
+
+
+@pytest.mark.parametrize("deterministic, saved_step", [(False, 3), (True, 2)])
+def test_a_stop_between_evaluations_saves_the_step_reached_or_keeps_the_last_evaluation(
+        data, tmp_path, monkeypatch, deterministic, saved_step):
+    train_steps = finetune_module.train_one_epoch
+    calls = []
+
+    def signal_then_train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the stretch from step 2 to 4: one step is taken, then the stop
+            signal.raise_signal(signal.SIGINT)
+        return train_steps(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "train_one_epoch", signal_then_train)
+    with pytest.raises(TrainingInterrupted):
+        finetune(data, tmp_path, "DETERMINISTIC", deterministic)
+    folder = tmp_path / "shapes" / "tiny"
+    assert read_checkpoint(folder / "checkpoint.pth").extra["step"] == saved_step
+    monkeypatch.setattr(finetune_module, "train_one_epoch", train_steps)
+    finetune(data, tmp_path, "DETERMINISTIC", deterministic)
+    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
