@@ -150,9 +150,9 @@ def _cifar(name: str, root: Path, split: str, transform: Transform) -> CifarData
         batch = read_cifar_batch(folder / file)
         data, labels = batch.get("data"), batch.get(label_key)
         ok = (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
-              and labels is not None and len(labels) == data.shape[0])
+              and isinstance(labels, (list, np.ndarray)) and len(labels) == data.shape[0])
         if not ok:
-            raise _layout_error(name, folder / file, f"expected 'data' (N x 3072 uint8) and {len(labels or [])} == N '{label_key}'")
+            raise _layout_error(name, folder / file, f"expected 'data' (N x 3072 uint8 values) and N '{label_key}'")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         targets += [int(t) for t in labels]
         names += [f"{folder / file}[{i}]" for i in range(data.shape[0])]

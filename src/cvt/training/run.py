@@ -9,6 +9,9 @@ Run folder (`cvt.config.output_dir(cfg)`), written by rank 0:
 * ``model_best.pth`` (best val top-1) and ``final_state.pth``: plain official-layout state dicts;
 * ``test_metrics.json``: written by `test`.
 
+With FINETUNE.FINETUNE the run trains for FINETUNE.STEPS optimizer steps instead of epochs, evaluating
+and saving every FINETUNE.EVAL_EVERY steps (`cvt.training.finetune`); resume and signals work alike.
+
 Resume: with TRAIN.AUTO_RESUME a run continues from its folder's checkpoint.pth (or from
 TRAIN.CHECKPOINT when set) at the first epoch not completed, restoring weights, optimizer, scaler,
 EMA, best top-1 and every rank's random number generators. With DETERMINISTIC the resumed run's
