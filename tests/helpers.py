@@ -71,3 +71,73 @@ def config(data: Path, out: Path, *extra: object):
 
 def epochs_in(folder: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------
+# The transfer datasets' published on-disk formats, in miniature
+# --------------------------------------------------------------------------------------------------
+
+
+def _cifar_images(rng: np.random.Generator, labels: list[int]) -> np.ndarray:
+    """(N, 3072) uint8 rows as CIFAR stores them (channel planes), each showing its class's shape."""
+    return np.stack([draw_shape(label % 3, rng).transpose(2, 0, 1).reshape(-1) for label in labels])
+
+
+def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 6) -> Path:
+    """ROOT/cifar-10-batches-py (5 train batches, test_batch, batches.meta) or ROOT/cifar-100-python
+    (train, test, meta), pickled as the python version is, with 3 classes of synthetic shapes."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    classes = list(CLASSES)
+    if name == "cifar10":
+        folder, files, meta, label_key, names_key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "batches.meta", "labels", "label_names"
+    else:
+        folder, files, meta, label_key, names_key = root / "cifar-100-python", ["train", "test"], "meta", "fine_labels", "fine_label_names"
+    folder.mkdir(parents=True)
+    for file in files:
+        labels = [i % 3 for i in range(per_batch)]
+        batch = {b"data": _cifar_images(rng, labels), label_key.encode(): labels, b"filenames": [b"x.png"] * per_batch}
+        (folder / file).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / meta).write_bytes(pickle.dumps({names_key.encode(): [c.encode() for c in classes]}, protocol=2))
+    return root
+
+
+PET_BREEDS = ("Abyssinian", "beagle", "Bengal")  # capitalised cats, lower-case dogs, as the real list
+
+
+def make_pets(root: Path, per_class: int = 4) -> Path:
+    """ROOT/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/trainval.txt, test.txt}."""
+    rng = np.random.default_rng(0)
+    folder = root / "oxford-iiit-pet"
+    (folder / "images").mkdir(parents=True)
+    (folder / "annotations").mkdir()
+    lines: dict[str, list[str]] = {"trainval": [], "test": []}
+    for label, breed in enumerate(PET_BREEDS):
+        for n in range(1, per_class + 1):
+            Image.fromarray(draw_shape(label, rng)).save(folder / "images" / f"{breed}_{n}.jpg")
+            species = 1 if breed[0].isupper() else 2
+            lines["trainval" if n % 2 else "test"].append(f"{breed}_{n} {label + 1} {species} 1")
+    for split, rows in lines.items():
+        (folder / "annotations" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def make_flowers(root: Path, per_class: int = 4) -> Path:
+    """ROOT/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat} for 3 classes; images 1, 2
+    of each class train, 3 val, 4.. test, as MATLAB files written by scipy."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    folder = root / "flowers-102"
+    (folder / "jpg").mkdir(parents=True)
+    labels, ids = [], {"trnid": [], "valid": [], "tstid": []}
+    for image_id in range(1, 3 * per_class + 1):
+        label = (image_id - 1) % 3
+        labels.append(label + 1)
+        Image.fromarray(draw_shape(label, rng)).save(folder / "jpg" / f"image_{image_id:05d}.jpg")
+        rank = (image_id - 1) // 3
+        ids["trnid" if rank < 2 else "valid" if rank == 2 else "tstid"].append(image_id)
+    savemat(folder / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
+    savemat(folder / "setid.mat", {k: np.array([v], dtype=np.uint16) for k, v in ids.items()})
+    return root

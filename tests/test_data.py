@@ -293,7 +293,7 @@ def test_train_batches_keep_their_size_and_report_bad_files(tmp_path: Path) -> N
     bad = dataset_with_bad_files(tmp_path)
     cfg = config(tmp_path, **{"TRAIN.BATCH_SIZE_PER_GPU": 2})
     loader, ds = build_loader(cfg, "train")
-    assert isinstance(loader.sampler, DistributedSampler)
+    assert isinstance(loader.sampler.base, DistributedSampler)  # in a WindowSampler
     reported = []
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
@@ -425,7 +425,7 @@ def test_train_order_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
 def test_repeated_aug_sampler_and_too_small_dataset(tmp_path: Path) -> None:
     make_split(tmp_path, "train", {"a": 4, "b": 4})
     loader, _ = build_loader(config(tmp_path, **{"DATASET.SAMPLER": "repeated_aug"}), "train")
-    assert isinstance(loader.sampler, RepeatAugSampler)
+    assert isinstance(loader.sampler.base, RepeatAugSampler)
     with pytest.raises(UserError, match="TRAIN.BATCH_SIZE_PER_GPU: 16 is more than the 8 images"):
         build_loader(config(tmp_path, **{"TRAIN.BATCH_SIZE_PER_GPU": 16}), "train")
 

@@ -51,6 +51,11 @@ BAD_FILE_POLICIES = ("skip", "stop")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
 LOSSES = ("softmax",)  # the release's only loss
 LR_SCHEDULER_METHODS = ("timm",)
+# FINETUNE.LR_SCHEDULER.DECAY_TYPE: BiT's staircase ('step'), ViT's 'cosine' and 'linear'.
+FINETUNE_DECAY_TYPES = ("step", "cosine", "linear")
+# DATASET.DATASET names read in their published on-disk formats (cvt.data.downstream); any other name
+# is a folder dataset, ROOT/<split>/<class>/<image>.
+DOWNSTREAM_DATASETS = ("cifar10", "cifar100", "pets", "flowers102")
 # PIL's integer resampling codes, as the release's config stores interpolation, and their names.
 PIL_INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # PIL's own default limit: about 89 megapixels, far above any training image.
@@ -86,16 +91,40 @@ def get_defaults() -> CfgNode:
     # Write TensorBoard event files beside the logs.
     cfg.TENSORBOARD = True
 
+    # The release's fine-tuning keys (its code was never published). FINETUNE.FINETUNE true trains by
+    # optimizer steps with the protocol below (ViT's fine-tuning, BiT's schedule; docs/CONFIG.md)
+    # instead of by epochs with the TRAIN keys.
     cfg.FINETUNE = CfgNode()
     cfg.FINETUNE.FINETUNE = False
     cfg.FINETUNE.USE_TRAIN_AUG = False
-    cfg.FINETUNE.BASE_LR = 0.003
-    cfg.FINETUNE.BATCH_SIZE = 512
-    cfg.FINETUNE.EVAL_EVERY = 3000
+    cfg.FINETUNE.BASE_LR = 0.003  # the global rate: never scaled by processes or accumulation
+    cfg.FINETUNE.BATCH_SIZE = 512  # the global batch, split over processes and TRAIN.ACCUM_STEPS
+    cfg.FINETUNE.EVAL_EVERY = 3000  # optimizer steps between evaluations; the last step is evaluated
+    # True: the trainable parts run in train mode (dropout, drop path, BatchNorm batch statistics);
+    # False: the whole network runs in eval mode while it trains. Frozen parts are always in eval mode.
     cfg.FINETUNE.TRAIN_MODE = True
+    # Module name prefixes ('stage0', 'stage1.blocks.0') whose parameters and BatchNorm statistics stay
+    # as loaded.
     cfg.FINETUNE.FROZEN_LAYERS = []
     cfg.FINETUNE.LR_SCHEDULER = CfgNode()
     cfg.FINETUNE.LR_SCHEDULER.DECAY_TYPE = "step"
+    # ---- ours ----
+    # 'step' divides the rate by 1/DECAY_RATE after each of DECAY_STEPS optimizer steps (BiT's
+    # 10k-step schedule by default); 'cosine' and 'linear' decay to 0 at FINETUNE.STEPS.
+    cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS = [3000, 6000, 9000]
+    cfg.FINETUNE.LR_SCHEDULER.DECAY_RATE = 0.1
+    cfg.FINETUNE.STEPS = 10000  # optimizer steps of the whole run
+    cfg.FINETUNE.WARMUP_STEPS = 500  # linear warmup from 0 over the first steps
+    cfg.FINETUNE.OPTIMIZER = "sgd"  # one of OPTIMIZERS; SGD with momentum as ViT fine-tunes
+    cfg.FINETUNE.MOMENTUM = 0.9  # SGD's momentum (plain, not Nesterov, as ViT)
+    cfg.FINETUNE.WD = 0.0  # ViT fine-tunes without weight decay
+    cfg.FINETUNE.CLIP_GRAD_NORM = 1.0  # global gradient norm clip, as ViT; 0 turns it off
+    # Linear probing: everything but the head frozen (and in eval mode).
+    cfg.FINETUNE.LINEAR_PROBE = False
+    # Layer-wise rate decay: a layer k steps before the head trains at BASE_LR x LAYER_DECAY**k
+    # (1.0: off). The layers, input to output: each stage's patch embedding (with its cls token) and
+    # each of its blocks; the final norm and the head are step 0.
+    cfg.FINETUNE.LAYER_DECAY = 1.0
 
     cfg.AMP = CfgNode()
     cfg.AMP.ENABLED = False
@@ -540,6 +569,8 @@ def _validate_numbers(cfg: CfgNode) -> None:
         ("TRAIN.BATCH_SIZE_PER_GPU", train.BATCH_SIZE_PER_GPU),
         ("TEST.BATCH_SIZE_PER_GPU", test.BATCH_SIZE_PER_GPU),
         ("FINETUNE.BATCH_SIZE", cfg.FINETUNE.BATCH_SIZE),
+        ("FINETUNE.EVAL_EVERY", cfg.FINETUNE.EVAL_EVERY),
+        ("FINETUNE.STEPS", cfg.FINETUNE.STEPS),
         ("TRAIN.ACCUM_STEPS", train.ACCUM_STEPS),
         ("TRAIN.EVAL_EVERY", train.EVAL_EVERY),
         ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES),
@@ -559,6 +590,7 @@ def _validate_numbers(cfg: CfgNode) -> None:
                        ("AUG.MIXUP", aug.MIXUP), ("AUG.MIXCUT", aug.MIXCUT)):
         _require(value >= 0, key, value, ">= 0")
     _require(0 < train.EMA.DECAY < 1, "TRAIN.EMA.DECAY", train.EMA.DECAY, "in (0, 1)")
+    _validate_finetune(cfg.FINETUNE)
     _require(0 <= cfg.LOSS.LABEL_SMOOTHING < 1, "LOSS.LABEL_SMOOTHING", cfg.LOSS.LABEL_SMOOTHING, "in [0, 1)")
     for key, value in (
         ("AUG.MIXUP_PROB", aug.MIXUP_PROB),
@@ -579,6 +611,26 @@ def _validate_numbers(cfg: CfgNode) -> None:
     _require(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "AUG.RATIO", ratio, "(min, max) with 0 < min <= max")
 
 
+def _validate_finetune(ft: CfgNode) -> None:
+    _require(ft.BASE_LR > 0, "FINETUNE.BASE_LR", ft.BASE_LR, "positive")
+    for key, value in (("FINETUNE.WD", ft.WD), ("FINETUNE.CLIP_GRAD_NORM", ft.CLIP_GRAD_NORM),
+                       ("FINETUNE.MOMENTUM", ft.MOMENTUM)):
+        _require(value >= 0, key, value, ">= 0")
+    _require(0 <= ft.WARMUP_STEPS < ft.STEPS, "FINETUNE.WARMUP_STEPS", ft.WARMUP_STEPS,
+             f"in [0, FINETUNE.STEPS) = [0, {ft.STEPS})")
+    _require(0 < ft.LAYER_DECAY <= 1, "FINETUNE.LAYER_DECAY", ft.LAYER_DECAY, "in (0, 1] (1 turns it off)")
+    sched = ft.LR_SCHEDULER
+    _require(0 < sched.DECAY_RATE <= 1, "FINETUNE.LR_SCHEDULER.DECAY_RATE", sched.DECAY_RATE, "in (0, 1]")
+    steps = list(sched.DECAY_STEPS)
+    _require(
+        sched.DECAY_TYPE != "step" or (all(0 < s < ft.STEPS for s in steps) and steps == sorted(set(steps))),
+        "FINETUNE.LR_SCHEDULER.DECAY_STEPS", steps,
+        f"increasing step numbers between 0 and FINETUNE.STEPS ({ft.STEPS}), e.g. [3000, 6000, 9000]",
+    )
+    _require(all(isinstance(p, str) and p for p in ft.FROZEN_LAYERS), "FINETUNE.FROZEN_LAYERS",
+             list(ft.FROZEN_LAYERS), "a list of module name prefixes such as ['stage0', 'stage1']")
+
+
 def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)
     _require_choice("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES)
@@ -590,6 +642,8 @@ def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_POLICIES)
     _require_choice("AUG.MIXUP_MODE", cfg.AUG.MIXUP_MODE, MIXUP_MODES)
     _require_choice("LOSS.LOSS", cfg.LOSS.LOSS, LOSSES)
+    _require_choice("FINETUNE.OPTIMIZER", cfg.FINETUNE.OPTIMIZER, OPTIMIZERS, ignore_case=True)
+    _require_choice("FINETUNE.LR_SCHEDULER.DECAY_TYPE", cfg.FINETUNE.LR_SCHEDULER.DECAY_TYPE, FINETUNE_DECAY_TYPES)
     _require_choice("TRAIN.LR_SCHEDULER.METHOD", cfg.TRAIN.LR_SCHEDULER.METHOD, LR_SCHEDULER_METHODS)
     for key, value in (("AUG.INTERPOLATION", cfg.AUG.INTERPOLATION), ("TEST.INTERPOLATION", cfg.TEST.INTERPOLATION)):
         _require(value in PIL_INTERPOLATIONS, key, value, "a PIL resampling code 0-5 (2 bilinear, 3 bicubic)")

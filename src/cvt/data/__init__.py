@@ -1,4 +1,5 @@
-"""Folder datasets that survive bad files, the release's transforms, loaders, and the digits demo.
+"""Folder datasets and the transfer datasets' published formats (both surviving bad files), the
+release's transforms, loaders, and the digits demo.
 
 The batch contract every loader yields: ``(images, targets, bad_files)``, see `cvt.data.loader`.
 """
@@ -7,14 +8,18 @@ from .dataset import (
     BadFile,
     BadImageError,
     ImageFolderDataset,
+    ImageListDataset,
     check_same_classes,
     load_rgb,
 )
 from .digits import default_digits_root, ensure_digits_dataset
+from .downstream import build_downstream_dataset
 from .loader import (
     Batch,
     BatchCollate,
     ShardSampler,
+    WindowSampler,
+    build_dataset,
     build_loader,
     build_mixup,
     resolve_dataset_root,
@@ -28,7 +33,11 @@ __all__ = [
     "Batch",
     "BatchCollate",
     "ImageFolderDataset",
+    "ImageListDataset",
     "ShardSampler",
+    "WindowSampler",
+    "build_dataset",
+    "build_downstream_dataset",
     "build_loader",
     "build_mixup",
     "build_transform",

@@ -33,6 +33,7 @@ __all__ = [
     "BadFile",
     "BadImageError",
     "ImageFolderDataset",
+    "ImageListDataset",
     "Item",
     "check_same_classes",
     "load_rgb",
@@ -164,21 +165,24 @@ def _list_images(class_dir: Path) -> list[str]:
 # Dataset
 # --------------------------------------------------------------------------------------------------
 
-class ImageFolderDataset(Dataset):
-    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order.
+class ImageListDataset(Dataset):
+    """Images from a list of ``(path, class index)`` samples, that survives bad files.
 
     ``replace_bad`` chooses what a skipped bad file becomes: True (training) returns the next
     readable sample instead (following indices, wrapping), so every batch keeps its size, which
     timm's Mixup needs; False (evaluation, where no sample may count twice) returns
-    ``(None, target, bad)``, which the loaders' `BatchCollate` drops.
+    ``(None, target, bad)``, which the loaders' `BatchCollate` drops. ``split_dir`` names the split
+    in messages (a folder, or the list file the samples came from).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike,
-        split: str,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        split_dir: Path,
         transform: Callable[[Image.Image], torch.Tensor],
         *,
+        split: str = "",
         bad_files: str = "skip",
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         replace_bad: bool = True,
@@ -187,40 +191,14 @@ class ImageFolderDataset(Dataset):
             raise UserError(
                 f"DATASET.BAD_FILES: unknown policy {bad_files!r}; use one of {', '.join(BAD_FILE_POLICIES)}"
             )
-        self.root = Path(root)
-        self.split = split
-        self.split_dir = self.root / split
+        self.samples = samples
+        self.classes = classes
+        self.split_dir = split_dir
+        self.split = split or split_dir.name
         self.transform = transform
         self.bad_files = bad_files
         self.max_pixels = max_pixels
         self.replace_bad = replace_bad
-
-        if not self.split_dir.is_dir():
-            raise UserError(
-                f"{self.split_dir}: dataset split folder not found; expected the layout "
-                f"{self.root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
-            )
-        self.classes: list[str] = _find_classes(self.split_dir)
-        if not self.classes:
-            raise UserError(
-                f"{self.split_dir}: no class folders; put each class's images in its own subfolder, "
-                f"{self.split_dir}/<class>/<image>"
-            )
-        self.samples: list[tuple[str, int]] = []
-        empty: list[str] = []
-        for index, name in enumerate(self.classes):
-            files = _list_images(self.split_dir / name)
-            if not files:
-                empty.append(name)
-            self.samples.extend((path, index) for path in files)
-        if not self.samples:
-            raise UserError(
-                f"{self.split_dir}: no images in its {len(self.classes)} class folders "
-                f"(looked for {', '.join(IMAGE_EXTENSIONS)}); put the images in {self.split_dir}/<class>/"
-            )
-        if empty:
-            logger.warning("%s: %d class folder(s) hold no images: %s", self.split_dir, len(empty),
-                           ", ".join(empty))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -249,6 +227,50 @@ class ImageFolderDataset(Dataset):
         )
 
 
+class ImageFolderDataset(ImageListDataset):
+    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        bad_files: str = "skip",
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        replace_bad: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise UserError(
+                f"{split_dir}: dataset split folder not found; expected the layout "
+                f"{self.root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
+            )
+        classes = _find_classes(split_dir)
+        if not classes:
+            raise UserError(
+                f"{split_dir}: no class folders; put each class's images in its own subfolder, "
+                f"{split_dir}/<class>/<image>"
+            )
+        samples: list[tuple[str, int]] = []
+        empty: list[str] = []
+        for index, name in enumerate(classes):
+            files = _list_images(split_dir / name)
+            if not files:
+                empty.append(name)
+            samples.extend((path, index) for path in files)
+        if not samples:
+            raise UserError(
+                f"{split_dir}: no images in its {len(classes)} class folders "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)}); put the images in {split_dir}/<class>/"
+            )
+        if empty:
+            logger.warning("%s: %d class folder(s) hold no images: %s", split_dir, len(empty), ", ".join(empty))
+        super().__init__(samples, classes, split_dir, transform, split=split, bad_files=bad_files,
+                         max_pixels=max_pixels, replace_bad=replace_bad)
+
+
 def stop_error(bad: BadFile) -> UserError:
     """The error for a bad file under the 'stop' policy."""
     path, reason = bad
@@ -257,7 +279,7 @@ def stop_error(bad: BadFile) -> UserError:
     )
 
 
-def check_same_classes(train: ImageFolderDataset, val: ImageFolderDataset) -> None:
+def check_same_classes(train: ImageListDataset, val: ImageListDataset) -> None:
     """Raise `UserError` when the two splits do not have the same class folders.
 
     Different folder sets shift the class indices, so the accuracy would be silently wrong.

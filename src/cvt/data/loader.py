@@ -22,6 +22,7 @@ the run instead.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -35,10 +36,11 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yacs.config import CfgNode
 
-from ..config import SAMPLERS
+from ..config import DOWNSTREAM_DATASETS, SAMPLERS
 from ..errors import UserError, short_list
-from .dataset import BadFile, ImageFolderDataset, Item, stop_error
+from .dataset import BadFile, ImageFolderDataset, ImageListDataset, Item, stop_error
 from .digits import ensure_digits_dataset
+from .downstream import build_downstream_dataset
 from .transforms import build_transform, test_output_size
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "BatchCollate",
     "FolderLoader",
     "ShardSampler",
+    "WindowSampler",
+    "build_dataset",
     "build_loader",
     "build_mixup",
     "resolve_dataset_root",
@@ -94,6 +98,29 @@ class ShardSampler(Sampler[int]):
         """Nothing: the order is fixed. Present so callers can treat every loader's sampler alike."""
 
 
+class WindowSampler(Sampler[int]):
+    """A training sampler's indices, or a window of them: what a step-based run resumed mid-pass
+    needs to start at its position. The window applies until it is changed; `set_epoch` is passed on."""
+
+    def __init__(self, base: Sampler[int]) -> None:
+        self.base = base
+        self.window: tuple[int, int | None] = (0, None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def set_window(self, start: int, stop: int | None) -> None:
+        """Yield only the base order's indices start .. stop - 1 (stop None: to the end)."""
+        self.window = (start, stop)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), *self.window)
+
+    def __len__(self) -> int:
+        start, stop = self.window
+        return max(0, min(len(self.base), len(self.base) if stop is None else stop) - start)  # type: ignore[arg-type]
+
+
 class FolderLoader(DataLoader):
     """A DataLoader with per-epoch seeding that raises the 'stop' policy's bad-file error in the main
     process.
@@ -103,7 +130,7 @@ class FolderLoader(DataLoader):
     `seed` (a list of ints) with the epoch seeds the generator the worker processes are seeded from.
     """
 
-    def __init__(self, dataset: ImageFolderDataset, *, seed: list[int], **kwargs) -> None:
+    def __init__(self, dataset: ImageListDataset, *, seed: list[int], **kwargs) -> None:
         self.stop_on_bad = dataset.bad_files == "stop"
         self.seed = seed
         super().__init__(dataset, generator=torch.Generator(), worker_init_fn=_detach_from_stop_signals, **kwargs)
@@ -111,9 +138,22 @@ class FolderLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the coming pass's order and worker seeds those of `epoch`; call before iterating."""
-        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        seed = np.random.SeedSequence([*self.seed, epoch]).generate_state(1)[0]
-        self.generator.manual_seed(int(seed))
+        self.set_window(epoch, 0, None)
+
+    def set_window(self, epoch: int, first_batch: int, num_batches: int | None) -> None:
+        """Make the coming iteration yield `num_batches` batches (None: to the end) of pass `epoch`'s
+        order from batch `first_batch` on, with worker seeds a function of (epoch, first_batch), so a
+        run resumed at that batch sees the same data. Training loaders only (a `WindowSampler`)."""
+        sampler = self.sampler
+        sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        if isinstance(sampler, WindowSampler):
+            size = int(self.batch_size or 1)
+            sampler.set_window(first_batch * size, None if num_batches is None else (first_batch + num_batches) * size)
+        elif first_batch or num_batches is not None:
+            raise ValueError("only a training loader (a WindowSampler) can start mid-pass")
+        # A whole pass keeps the seeds epoch-based runs have always had.
+        entropy = [*self.seed, epoch] + ([first_batch] if first_batch else [])
+        self.generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in super().__iter__():
@@ -137,6 +177,23 @@ def resolve_dataset_root(cfg: CfgNode) -> Path:
     )
 
 
+def build_dataset(cfg: CfgNode, split: str) -> ImageListDataset:
+    """The dataset of one split ('train' or 'test'): DATASET.DATASET's published format for the names
+    `cvt.data.downstream` reads, else the folder dataset ROOT/<split>/<class>/<image>."""
+    is_train = split == "train"
+    options = dict(
+        bad_files=cfg.DATASET.BAD_FILES,
+        max_pixels=int(cfg.DATASET.MAX_IMAGE_PIXELS),
+        # Evaluation must not count an image twice, so a bad file is dropped, not replaced.
+        replace_bad=is_train,
+    )
+    split_name = cfg.DATASET.TRAIN_SET if is_train else cfg.DATASET.TEST_SET
+    transform = build_transform(cfg, is_train)
+    if cfg.DATASET.DATASET in DOWNSTREAM_DATASETS:
+        return build_downstream_dataset(cfg.DATASET.DATASET, Path(cfg.DATASET.ROOT), split_name, transform, **options)
+    return ImageFolderDataset(resolve_dataset_root(cfg), split_name, transform, **options)
+
+
 def build_loader(
     cfg: CfgNode,
     split: str,
@@ -144,36 +201,30 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     class_names: Sequence[str] | None = None,
-) -> tuple[DataLoader, ImageFolderDataset]:
+    batch_size: int | None = None,
+) -> tuple[DataLoader, ImageListDataset]:
     """The loader of one split ('train' or 'test') for process `rank` of `world_size`, and its dataset.
 
     `class_names` (from a checkpoint) must equal the split's class folders: a different set or
-    order would silently map predictions to the wrong classes.
+    order would silently map predictions to the wrong classes. `batch_size` replaces the config's
+    batch per process (a fine-tuning run splits FINETUNE.BATCH_SIZE).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     is_train = split == "train"
-    root = resolve_dataset_root(cfg)
-    dataset = ImageFolderDataset(
-        root,
-        cfg.DATASET.TRAIN_SET if is_train else cfg.DATASET.TEST_SET,
-        build_transform(cfg, is_train),
-        bad_files=cfg.DATASET.BAD_FILES,
-        max_pixels=int(cfg.DATASET.MAX_IMAGE_PIXELS),
-        # Evaluation must not count an image twice, so a bad file is dropped, not replaced.
-        replace_bad=is_train,
-    )
+    dataset = build_dataset(cfg, split)
     if class_names is not None:
         _check_class_names(dataset, list(class_names))
 
     if is_train:
-        sampler = _train_sampler(cfg, dataset, rank, world_size)
-        batch_size = cfg.TRAIN.BATCH_SIZE_PER_GPU
+        sampler: Sampler[int] = WindowSampler(_train_sampler(cfg, dataset, rank, world_size))
+        key = "TRAIN.BATCH_SIZE_PER_GPU" if batch_size is None else "FINETUNE.BATCH_SIZE (per process)"
+        batch_size = batch_size or cfg.TRAIN.BATCH_SIZE_PER_GPU
         if len(sampler) < batch_size:
             raise UserError(
-                f"TRAIN.BATCH_SIZE_PER_GPU: {batch_size} is more than the {len(sampler)} images each "
+                f"{key}: {batch_size} is more than the {len(sampler)} images each "
                 f"of {world_size} process(es) gets from {dataset.split_dir} per epoch, so an epoch "
-                "would have no batch; lower TRAIN.BATCH_SIZE_PER_GPU"
+                f"would have no batch; lower {key.split()[0]}"
             )
         image_size = cfg.TRAIN.IMAGE_SIZE[0]
         image_shape = (3, image_size, image_size)
@@ -203,7 +254,7 @@ def build_loader(
     return loader, dataset
 
 
-def _train_sampler(cfg: CfgNode, dataset: ImageFolderDataset, rank: int, world_size: int) -> Sampler:
+def _train_sampler(cfg: CfgNode, dataset: ImageListDataset, rank: int, world_size: int) -> Sampler:
     kind = cfg.DATASET.SAMPLER
     if kind == "repeated_aug":
         return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=cfg.TRAIN.SHUFFLE)
@@ -229,7 +280,7 @@ def _detach_from_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _check_class_names(dataset: ImageFolderDataset, expected: list[str]) -> None:
+def _check_class_names(dataset: ImageListDataset, expected: list[str]) -> None:
     found = dataset.classes
     if found == expected:
         return

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from ..errors import UserError
-from .distributed import all_gather, all_reduce_sum, is_main_process
+from .distributed import all_gather, all_reduce_sum, broadcast_buffers, is_main_process
 
 __all__ = [
     "BadFileLog",
@@ -28,6 +28,7 @@ __all__ = [
     "LoopSettings",
     "build_criterion",
     "evaluate",
+    "evaluate_with_ema",
     "train_one_epoch",
 ]
 
@@ -53,7 +54,7 @@ class LoopSettings:
             amp_dtype=autocast_dtype(cfg, device),
             channels_last=cfg.AMP.MEMORY_FORMAT == "nhwc",
             accum_steps=int(cfg.TRAIN.ACCUM_STEPS),
-            clip_grad_norm=float(cfg.TRAIN.CLIP_GRAD_NORM),
+            clip_grad_norm=float(cfg.FINETUNE.CLIP_GRAD_NORM if cfg.FINETUNE.FINETUNE else cfg.TRAIN.CLIP_GRAD_NORM),
             nonfinite_loss=cfg.TRAIN.NONFINITE_LOSS,
             print_freq=int(cfg.PRINT_FREQ),
         )
@@ -212,19 +213,27 @@ def train_one_epoch(
     stop_requested: Callable[[], bool] = lambda: False,
     bad_files: BadFileLog | None = None,
     world_size: int = 1,
+    set_train_mode: Callable[[nn.Module], object] = nn.Module.train,
+    before_step: Callable[[int], None] | None = None,
+    label: str = "",
 ) -> EpochResult:
     """Train `model` for one pass over `loader`.
 
     Every ACCUM_STEPS batches make one optimizer step (DDP synchronises gradients only on the last
     of them). After each step the ranks agree, in one small all-reduce, on whether any saw a
     non-finite loss and whether any was asked to stop, so they all take the same decision.
+    `set_train_mode` puts the model in its training mode (fine-tuning keeps frozen parts in eval
+    mode); `before_step(k)` runs before the pass's k-th optimizer step (from 0), where a step-based
+    schedule sets the rate. `label` names the pass in the progress output (default 'epoch N').
     """
-    model.train()
+    set_train_mode(model)
     bad_files = bad_files or BadFileLog()
     num_batches = len(loader)  # type: ignore[arg-type]
     no_sync = getattr(model, "no_sync", None)  # present on DistributedDataParallel only
-    lr = optimizer.param_groups[0]["lr"]
-    progress = _Progress(epoch, num_batches, settings.print_freq, world_size)
+    if before_step is not None:
+        before_step(0)
+    lr = optimizer.param_groups[-1]["lr"]  # the last group's: the head's under layer-wise decay
+    progress = _Progress(label or f"epoch {epoch}", num_batches, settings.print_freq, world_size)
     _sync(settings.device)
     tally = EpochTally(settings.device)
     interrupted = False
@@ -247,10 +256,12 @@ def train_one_epoch(
         if nonfinite_ranks:
             _nonfinite_step(settings, epoch, tally, index)
         else:
+            if before_step is not None:
+                before_step(tally.steps)
             _optimizer_step(model, optimizer, settings, scaler, ema)
         tally.end_step(taken=not nonfinite_ranks)
         optimizer.zero_grad(set_to_none=True)
-        progress.step_done(tally, optimizer.param_groups[0]["lr"], index)
+        progress.step_done(tally, optimizer.param_groups[-1]["lr"], index)
         if stop_ranks:
             interrupted = True
             break
@@ -303,11 +314,11 @@ def _nonfinite_step(settings: LoopSettings, epoch: int, tally: EpochTally, index
 class _Progress:
     """The epoch's progress on rank 0: a tqdm bar on a terminal, else a log line every PRINT_FREQ steps."""
 
-    def __init__(self, epoch: int, num_batches: int, print_freq: int, world_size: int) -> None:
-        self.epoch, self.num_batches, self.print_freq, self.world_size = epoch, num_batches, print_freq, world_size
+    def __init__(self, label: str, num_batches: int, print_freq: int, world_size: int) -> None:
+        self.label, self.num_batches, self.print_freq, self.world_size = label, num_batches, print_freq, world_size
         self.is_main = is_main_process()
         self.show_bar = self.is_main and sys.stdout.isatty()
-        self.bar = tqdm(total=num_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not self.show_bar)
+        self.bar = tqdm(total=num_batches, desc=label, leave=False, dynamic_ncols=True, disable=not self.show_bar)
 
     def batch_done(self) -> None:
         self.bar.update(1)
@@ -320,8 +331,8 @@ class _Progress:
         if self.show_bar:
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
         else:
-            log.info("epoch %d [%d/%d] loss %.4f lr %.3e %.0f img/s",
-                     self.epoch, index + 1, self.num_batches, mean_loss, lr, rate)
+            log.info("%s [%d/%d] loss %.4f lr %.3e %.0f img/s",
+                     self.label, index + 1, self.num_batches, mean_loss, lr, rate)
 
     def close(self) -> None:
         self.bar.close()
@@ -368,3 +379,16 @@ def evaluate(
     if count == 0:
         raise UserError("evaluation saw no readable image; check the test split's folder and files")
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "images": int(count)}
+
+
+def evaluate_with_ema(
+    model: nn.Module, ema: ModelEmaV3 | None, loader: Iterable, settings: LoopSettings, *, bad_files: BadFileLog,
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(metrics of `model`, metrics of the EMA weights or None) during training: every rank first takes
+    rank 0's BatchNorm statistics, so all ranks evaluate the same network."""
+    broadcast_buffers(model)
+    if ema is not None:
+        broadcast_buffers(ema.module)
+    val = evaluate(model, loader, settings, bad_files=bad_files)
+    ema_val = evaluate(ema.module, loader, settings, bad_files=bad_files) if ema is not None else None
+    return val, ema_val

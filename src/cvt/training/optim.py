@@ -1,11 +1,14 @@
-"""Optimizer with the release's weight-decay exemptions, the learning-rate scaling, and timm's schedule."""
+"""Optimizer with the release's weight-decay exemptions and layer-wise rate decay, the learning-rate
+scaling, and timm's schedules: per epoch for TRAIN, per optimizer step for FINETUNE."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from yacs.config import CfgNode
@@ -13,7 +16,16 @@ from yacs.config import CfgNode
 from ..config import OPTIMIZERS
 from ..errors import UserError
 
-__all__ = ["build_optimizer", "build_scheduler", "no_decay_names", "param_groups", "scaled_lr"]
+__all__ = [
+    "OptimizerSettings",
+    "build_optimizer",
+    "build_scheduler",
+    "build_step_scheduler",
+    "layer_depths",
+    "no_decay_names",
+    "param_groups",
+    "scaled_lr",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +71,69 @@ def no_decay_names(model: nn.Module, without_wd_list: Iterable[str]) -> set[str]
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float, without_wd_list: Iterable[str]) -> list[dict]:
-    """Two optimizer groups: decayed parameters, and the exempt ones with weight_decay 0."""
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """How many layers before the head each parameter of a CvT sits: the final norm and the head 0,
+    the last block 1, ..., each stage's patch embedding (with its cls token) one more than the
+    stage's first block."""
+    order: list[str] = []  # layer name prefixes, input to output
+    for i, stage in enumerate(model.stages):  # type: ignore[attr-defined]
+        order.append(f"stage{i}.")
+        order += [f"stage{i}.blocks.{j}." for j in range(len(stage.blocks))]
+    depths: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        # The deepest matching prefix: a block's name also starts with its stage's.
+        index = max((k for k, prefix in enumerate(order) if name.startswith(prefix)), default=len(order))
+        depths[name] = len(order) - index
+    return depths
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, without_wd_list: Iterable[str], lr_scales: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups.
+
+    Without `lr_scales`: two groups, decayed parameters and the exempt ones with weight_decay 0.
+    With them (parameter name -> factor): one group per (factor, decayed or not), in the model's
+    parameter order, each with its `lr_scale`, which timm's schedulers multiply the rate by.
+    """
     exempt = no_decay_names(model, without_wd_list)
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    if lr_scales is None:
+        groups = {(1.0, True): {"params": [], "weight_decay": weight_decay}, (1.0, False): {"params": [], "weight_decay": 0.0}}
     for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name in exempt else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        if not param.requires_grad:
+            continue
+        scale = 1.0 if lr_scales is None else float(lr_scales[name])
+        decayed = name not in exempt
+        group = groups.setdefault((scale, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer the config asks for: TRAIN's keys, or FINETUNE's when fine-tuning."""
+
+    name: str  # lower case, one of OPTIMIZERS
+    key: str  # the config key that named it, for messages
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    without_wd_list: tuple[str, ...]
+    layer_decay: float  # 1.0: off
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> OptimizerSettings:
+        common = {"without_wd_list": tuple(cfg.TRAIN.WITHOUT_WD_LIST), "extra": dict(cfg.TRAIN.OPTIMIZER_ARGS)}
+        if cfg.FINETUNE.FINETUNE:
+            ft = cfg.FINETUNE
+            # Plain momentum, as ViT fine-tunes (flax's Momentum optimizer).
+            return cls(name=ft.OPTIMIZER.lower(), key="FINETUNE.OPTIMIZER", momentum=float(ft.MOMENTUM), nesterov=False,
+                       weight_decay=float(ft.WD), layer_decay=float(ft.LAYER_DECAY), **common)
+        train = cfg.TRAIN
+        return cls(name=train.OPTIMIZER.lower(), key="TRAIN.OPTIMIZER", momentum=float(train.MOMENTUM),
+                   nesterov=bool(train.NESTEROV), weight_decay=float(train.WD), layer_decay=1.0, **common)
 
 
 def scaled_lr(cfg: CfgNode, world_size: int) -> float:
@@ -80,28 +144,34 @@ def scaled_lr(cfg: CfgNode, world_size: int) -> float:
 
 
 def build_optimizer(cfg: CfgNode, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """TRAIN.OPTIMIZER ('sgd', 'adam', 'adamW'; any case) over `param_groups`, at learning rate `lr`.
+    """The optimizer of `OptimizerSettings.from_config` ('sgd', 'adam', 'adamW'; any case) over the
+    trainable parameters' `param_groups`, at learning rate `lr` (times each group's `lr_scale`).
 
     TRAIN.OPTIMIZER_ARGS (e.g. betas, eps) are passed through. AdamW uses torch's fused kernel on
     CUDA and CPU, the faster one on both (benchmarks/RESULTS.md).
     """
-    groups = param_groups(model, float(cfg.TRAIN.WD), cfg.TRAIN.WITHOUT_WD_LIST)
-    extra = dict(cfg.TRAIN.OPTIMIZER_ARGS)
-    name = cfg.TRAIN.OPTIMIZER.lower()
+    opt = OptimizerSettings.from_config(cfg)
+    scales = None
+    if opt.layer_decay < 1:
+        scales = {name: opt.layer_decay**depth for name, depth in layer_depths(model).items()}
+    groups = param_groups(model, opt.weight_decay, opt.without_wd_list, scales)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    if not any(group["params"] for group in groups):
+        raise UserError("no parameter is left to train: FINETUNE.FROZEN_LAYERS freezes them all; leave the head out of it")
+    extra = dict(opt.extra)
     try:
-        if name == "sgd":
-            return torch.optim.SGD(
-                groups, lr=lr, momentum=cfg.TRAIN.MOMENTUM, nesterov=cfg.TRAIN.NESTEROV, **extra
-            )
-        if name == "adam":
+        if opt.name == "sgd":
+            return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0, **extra)
+        if opt.name == "adam":
             return torch.optim.Adam(groups, lr=lr, **extra)
-        if name == "adamw":
+        if opt.name == "adamw":
             if "foreach" not in extra:  # torch refuses fused and foreach together
                 extra.setdefault("fused", device.type in ("cuda", "cpu"))
             return torch.optim.AdamW(groups, lr=lr, **extra)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"TRAIN.OPTIMIZER_ARGS {extra} do not suit {cfg.TRAIN.OPTIMIZER}: {e}") from None
-    raise UserError(f"TRAIN.OPTIMIZER={cfg.TRAIN.OPTIMIZER!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise UserError(f"TRAIN.OPTIMIZER_ARGS {extra} do not suit {opt.key} {opt.name}: {e}") from None
+    raise UserError(f"{opt.key}={opt.name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 # The release feeds TRAIN.LR_SCHEDULER.ARGS to timm's argparse-based factory, whose names differ
@@ -134,3 +204,26 @@ def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Scheduler
     except (TypeError, ValueError) as e:
         raise UserError(f"TRAIN.LR_SCHEDULER.ARGS: {e}; use timm's scheduler names and argument names") from None
     return scheduler
+
+
+def build_step_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Scheduler:
+    """The fine-tuning schedule over FINETUNE.STEPS optimizer steps, a timm scheduler stepped per update.
+
+    Call `scheduler.step_update(n)` before update n, counted from 1 as ViT and BiT count: a linear
+    warmup from 0 reaches FINETUNE.BASE_LR at update WARMUP_STEPS, then 'cosine' and 'linear' decay
+    to 0 at update STEPS (ViT), and 'step' divides by 1/DECAY_RATE after each of DECAY_STEPS updates
+    (BiT). The rate is a function of n alone, which makes resuming exact.
+    """
+    ft = cfg.FINETUNE
+    total, warmup = int(ft.STEPS), int(ft.WARMUP_STEPS)
+    common: dict[str, Any] = {"warmup_t": warmup, "warmup_lr_init": 0.0, "t_in_epochs": False}
+    kind = ft.LR_SCHEDULER.DECAY_TYPE
+    if kind == "step":
+        # timm counts a decay once t + 1 reaches it: update s + 1 is the first at the lower rate.
+        return MultiStepLRScheduler(optimizer, decay_t=[int(s) + 2 for s in ft.LR_SCHEDULER.DECAY_STEPS],
+                                    decay_rate=float(ft.LR_SCHEDULER.DECAY_RATE), warmup_prefix=False, **common)
+    # The decay starts where the warmup ends, as ViT's: progress = (n - warmup) / (total - warmup).
+    decay = {"t_initial": total - warmup, "lr_min": 0.0, "warmup_prefix": True, "cycle_limit": 1}
+    if kind == "cosine":
+        return CosineLRScheduler(optimizer, **decay, **common)
+    return PolyLRScheduler(optimizer, power=1.0, **decay, **common)  # 'linear', as validated

@@ -9,6 +9,9 @@ Run folder (`cvt.config.output_dir(cfg)`), written by rank 0:
 * ``model_best.pth`` (best val top-1) and ``final_state.pth``: plain official-layout state dicts;
 * ``test_metrics.json``: written by `test`.
 
+With FINETUNE.FINETUNE the run trains for FINETUNE.STEPS optimizer steps instead of epochs, evaluating
+and saving every FINETUNE.EVAL_EVERY steps (`cvt.training.finetune`); resume and signals work alike.
+
 Resume: with TRAIN.AUTO_RESUME a run continues from its folder's checkpoint.pth (or from
 TRAIN.CHECKPOINT when set) at the first epoch not completed, restoring weights, optimizer, scaler,
 EMA, best top-1 and every rank's random number generators. With DETERMINISTIC the resumed run's
@@ -48,33 +51,30 @@ from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import read_checkpoint
-from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed
-from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
-from .session import StopSignals, reproducibility, run_logging
-from .state import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
+from .session import StopSignals, TrainingInterrupted, reproducibility, run_logging
+from .finetune import TrainModes, finetune_batch_per_process, freeze_layers, frozen_prefixes, run_steps
+from .optim import build_step_scheduler
+from .state import (
+    METRICS,
+    MODEL_BEST,
+    capture_rng,
+    read_training,
+    restore_rng,
+    restore_training,
+    save_training,
+    truncate_metrics,
+)
 
 __all__ = ["TrainingInterrupted", "build_model", "test", "train"]
 
 log = logging.getLogger("cvt")
 
 CHECKPOINT = "checkpoint.pth"
-MODEL_BEST = "model_best.pth"
 FINAL_STATE = "final_state.pth"
-METRICS = "metrics.jsonl"
 TEST_METRICS = "test_metrics.json"
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint.
-
-    A KeyboardInterrupt, so the CLI's Ctrl-C handling (exit code 130) covers it.
-    """
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        self.signum = signum
-        self.checkpoint = checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
 
 
 def build_model(cfg: CfgNode) -> ConvolutionalVisionTransformer:
@@ -112,6 +112,8 @@ class TrainingRun:
     mixup: Mixup | None
     criterion: torch.nn.Module
     start_epoch: int
+    start_step: int = 0  # a fine-tuning run's optimizer steps already done
+    set_train_mode: TrainModes = TrainModes(frozen=(), train_mode=True)
     best_top1: float | None = None
     bad_train: BadFileLog = field(default_factory=BadFileLog)
     bad_val: BadFileLog = field(default_factory=BadFileLog)
@@ -130,14 +132,15 @@ class TrainingRun:
             return "run the same command again"
         return "run the same command with TRAIN.AUTO_RESUME True" + (" TRAIN.CHECKPOINT ''" if self.cfg.TRAIN.CHECKPOINT else "")
 
-    def save(self, epochs_completed: int) -> None:
-        """checkpoint.pth after `epochs_completed` epochs (a collective: every rank takes part)."""
+    def save(self, epochs_completed: int, step: int | None = None) -> None:
+        """checkpoint.pth after `epochs_completed` epochs, or `step` optimizer steps of a fine-tuning
+        run (a collective: every rank takes part)."""
         rng = capture_rng()
         if self.env.is_main:
             save_training(
                 self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, ema=self.ema, epoch=epochs_completed, best_top1=self.best_top1,
-                class_names=self.classes, cfg=self.cfg, rng=rng,
+                class_names=self.classes, cfg=self.cfg, rng=rng, step=step,
             )
 
 
@@ -155,7 +158,10 @@ def train(cfg: CfgNode) -> dict[str, Any]:
         run = _set_up(cfg, env, folder, resume_from)
         if resume_from is not None:
             _resume(run, resume_from)
-        _run_epochs(run, stop)
+        if cfg.FINETUNE.FINETUNE:
+            run_steps(run, stop, *_wrap(run.model, cfg, env))
+        else:
+            _run_epochs(run, stop)
         return _finish(run)
 
 
@@ -165,31 +171,45 @@ def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) 
     if env.is_main:
         save_config(cfg, folder / "config.yaml")
         log.info("run folder %s; %d process(es) on %s", folder, env.world_size, env.device)
-    train_loader, train_set = build_loader(cfg, "train", rank=env.rank, world_size=env.world_size)
+    finetune = bool(cfg.FINETUNE.FINETUNE)
+    batch = finetune_batch_per_process(cfg, env.world_size) if finetune else int(cfg.TRAIN.BATCH_SIZE_PER_GPU)
+    train_loader, train_set = build_loader(cfg, "train", rank=env.rank, world_size=env.world_size, batch_size=batch)
     val_loader, val_set = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size)
     check_same_classes(train_set, val_set)
     classes = list(train_set.classes)
     _check_num_classes(cfg, classes, train_set.split_dir)
 
     model = _initial_model(cfg, with_pretrained=resume_from is None)
+    modes = TrainModes(frozen=(), train_mode=True)
+    if finetune:
+        modes = TrainModes(tuple(freeze_layers(model, frozen_prefixes(cfg, model))), bool(cfg.FINETUNE.TRAIN_MODE))
     model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    lr = scaled_lr(cfg, env.world_size)
+    lr = float(cfg.FINETUNE.BASE_LR) if finetune else scaled_lr(cfg, env.world_size)
     optimizer = build_optimizer(cfg, model, lr, env.device)
     mixup = build_mixup(cfg, len(classes))
-    log.info(
-        "optimizer %s, lr %.3g (TRAIN.LR %.3g x %d processes x %d accumulation steps%s), batch %d per step",
-        cfg.TRAIN.OPTIMIZER, lr, cfg.TRAIN.LR, env.world_size, settings.accum_steps,
-        "" if cfg.TRAIN.SCALE_LR else ", SCALE_LR off: not scaled",
-        cfg.TRAIN.BATCH_SIZE_PER_GPU * env.world_size * settings.accum_steps,
-    )
+    if finetune:
+        log.info(
+            "fine-tuning %d steps: optimizer %s, lr %.3g (FINETUNE.BASE_LR, global), batch %d = %d per process "
+            "x %d processes x %d accumulation steps", cfg.FINETUNE.STEPS, cfg.FINETUNE.OPTIMIZER, lr,
+            cfg.FINETUNE.BATCH_SIZE, batch, env.world_size, settings.accum_steps,
+        )
+    else:
+        log.info(
+            "optimizer %s, lr %.3g (TRAIN.LR %.3g x %d processes x %d accumulation steps%s), batch %d per step",
+            cfg.TRAIN.OPTIMIZER, lr, cfg.TRAIN.LR, env.world_size, settings.accum_steps,
+            "" if cfg.TRAIN.SCALE_LR else ", SCALE_LR off: not scaled",
+            batch * env.world_size * settings.accum_steps,
+        )
     return TrainingRun(
         cfg=cfg, env=env, folder=folder, settings=settings,
         train_loader=train_loader, val_loader=val_loader, classes=classes, first_val_image=val_set.samples[0][0],
-        model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer),
+        model=model, optimizer=optimizer,
+        scheduler=build_step_scheduler(cfg, optimizer) if finetune else build_scheduler(cfg, optimizer),
         scaler=torch.amp.GradScaler(env.device.type, enabled=settings.uses_grad_scaler),
         ema=ModelEmaV3(model, decay=float(cfg.TRAIN.EMA.DECAY)) if cfg.TRAIN.EMA.ENABLED else None,
         mixup=mixup, criterion=build_criterion(cfg, mixup), start_epoch=int(cfg.TRAIN.BEGIN_EPOCH),
+        set_train_mode=modes,
     )
 
 
@@ -245,11 +265,12 @@ def _resume(run: TrainingRun, resume_from: Path) -> None:
         read_training(resume_from), run.cfg, run.classes,
         model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler, ema=run.ema,
     )
-    run.start_epoch, run.best_top1 = state.epoch, state.best_top1
+    run.start_epoch, run.start_step, run.best_top1 = state.epoch, state.step or 0, state.best_top1
     if not restore_rng(state.rng, run.env.rank):
         log.warning("%s holds no generator state for rank %d: continuing with fresh seeds", resume_from, run.env.rank)
-    log.info("resumed from %s at epoch %d (best top-1 so far %s)", resume_from, run.start_epoch,
-             "-" if run.best_top1 is None else f"{run.best_top1:.2f}")
+    log.info("resumed from %s at %s %d (best top-1 so far %s)", resume_from, *(
+        ("step", run.start_step) if state.step is not None else ("epoch", run.start_epoch)),
+        "-" if run.best_top1 is None else f"{run.best_top1:.2f}")
 
 
 def _wrap(model: torch.nn.Module, cfg: CfgNode, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -329,12 +350,7 @@ def _evaluate_epoch(
     due = epoch >= cfg.TRAIN.EVAL_BEGIN_EPOCH and ((epoch + 1) % cfg.TRAIN.EVAL_EVERY == 0 or epoch + 1 == run.end_epoch)
     if not due:
         return None, None
-    broadcast_buffers(eval_model)
-    if run.ema is not None:
-        broadcast_buffers(run.ema.module)
-    val = evaluate(eval_model, run.val_loader, run.settings, bad_files=run.bad_val)
-    ema_val = evaluate(run.ema.module, run.val_loader, run.settings, bad_files=run.bad_val) if run.ema is not None else None
-    return val, ema_val
+    return evaluate_with_ema(eval_model, run.ema, run.val_loader, run.settings, bad_files=run.bad_val)
 
 
 def _record_epoch(
@@ -399,7 +415,8 @@ def _finish(run: TrainingRun) -> dict[str, Any]:
     weights = best_path if best_path.exists() else final_path
     log.info("done: best val top-1 %s", f"{run.best_top1:.2f}%" if run.best_top1 is not None else "n/a")
     log.info("checkpoint: %s", run.checkpoint_path)
-    log.info("try it: cvt predict --cfg %s --weights %s %s", folder / "config.yaml", weights, run.first_val_image)
+    if Path(run.first_val_image).is_file():  # not for datasets held in batch files (CIFAR)
+        log.info("try it: cvt predict --cfg %s --weights %s %s", folder / "config.yaml", weights, run.first_val_image)
     return {
         "output_dir": str(folder),
         "checkpoint": str(run.checkpoint_path),

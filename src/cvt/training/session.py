@@ -19,9 +19,21 @@ from yacs.config import CfgNode
 
 from ..files import ensure_folder
 
-__all__ = ["StopSignals", "reproducibility", "run_logging"]
+__all__ = ["StopSignals", "TrainingInterrupted", "reproducibility", "run_logging"]
 
 log = logging.getLogger("cvt")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint.
+
+    A KeyboardInterrupt, so the CLI's Ctrl-C handling (exit code 130) covers it.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
 
 
 class StopSignals:

@@ -32,6 +32,8 @@ from ..weights.read import Checkpoint, read_checkpoint
 from .distributed import all_gather
 
 __all__ = [
+    "METRICS",
+    "MODEL_BEST",
     "ResumeState",
     "capture_rng",
     "read_training",
@@ -42,6 +44,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Files of the run folder that both the epoch and the step loops write.
+METRICS = "metrics.jsonl"
+MODEL_BEST = "model_best.pth"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,11 +144,13 @@ def save_training(
     class_names: Sequence[str],
     cfg: CfgNode,
     rng: list[dict[str, Any]],
+    step: int | None = None,
 ) -> None:
     """Write checkpoint.pth atomically: the old file stays whole until the new one is on disk.
 
     `model` is the bare network (not a DDP or compiled wrapper), so the keys are the official ones.
-    `epoch` counts the epochs completed; resuming starts at that epoch.
+    `epoch` counts the epochs completed; resuming starts at that epoch. A step-based (fine-tuning)
+    run saves `step`, the optimizer steps completed, instead, and resumes at that step.
     """
     atomic_torch_save(
         {
@@ -158,6 +166,7 @@ def save_training(
             "act": model.act,
             "config": cfg.dump(),
             "rng": rng,
+            **({"step": step} if step is not None else {}),
         },
         path,
     )
@@ -168,6 +177,7 @@ class ResumeState:
     epoch: int  # the epoch to start at (= epochs completed)
     best_top1: float | None
     rng: list[dict[str, Any]] | None
+    step: int | None = None  # a step-based run's optimizer steps completed; None for epoch runs
 
 
 def read_training(path: Path) -> Checkpoint:
@@ -209,6 +219,11 @@ def restore_training(
     if ckpt.class_names is not None and list(ckpt.class_names) != list(class_names):
         raise UserError(f"cannot resume from {where}: its {len(ckpt.class_names)} class names differ from the training folder's {len(class_names)}; {fix}")
 
+    step_based = bool(cfg.FINETUNE.FINETUNE)
+    if ("step" in extra) != step_based:
+        written, wanted = ("a step-based (FINETUNE.FINETUNE)", "an epoch") if "step" in extra else ("an epoch", "a step-based")
+        raise UserError(f"cannot resume from {where}: it was written by {written} run and this is {wanted} run; "
+                        f"set FINETUNE.FINETUNE as it was, or {fix}")
     load_checkpoint(model, ckpt)
     load_optimizer_state(optimizer, extra["optimizer"])
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
@@ -220,7 +235,8 @@ def restore_training(
             ema.module.load_state_dict(extra["ema"])
         else:  # EMA switched on while resuming: start the average from the resumed weights
             ema.module.load_state_dict(model.state_dict())
-    return ResumeState(epoch=int(extra["epoch"]), best_top1=extra.get("best_top1"), rng=extra.get("rng"))
+    step = int(extra["step"]) if "step" in extra else None
+    return ResumeState(epoch=int(extra["epoch"]), best_top1=extra.get("best_top1"), rng=extra.get("rng"), step=step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,9 +244,10 @@ def restore_training(
 # --------------------------------------------------------------------------------------------------
 
 
-def truncate_metrics(path: Path, start_epoch: int) -> None:
+def truncate_metrics(path: Path, start_epoch: int, key: str = "epoch") -> None:
     """Keep only the records of epochs before `start_epoch`, so the epochs about to be (re)run appear
-    exactly once; a torn last line from a crash is dropped with them. Rewritten atomically."""
+    exactly once; a torn last line from a crash is dropped with them. Rewritten atomically.
+    `key` 'step' does the same for a step-based run's records (kept: step < `start_epoch`)."""
     if not path.exists():
         return
     kept: list[str] = []
@@ -239,6 +256,6 @@ def truncate_metrics(path: Path, start_epoch: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < start_epoch:
+        if isinstance(record, dict) and isinstance(record.get(key), int) and record[key] < start_epoch:
             kept.append(json.dumps(record) + "\n")
     atomic_write_text(path, "".join(kept))

@@ -1,0 +1,268 @@
+"""Fine-tuning as the paper transfers CvT (ViT's protocol): FINETUNE.FINETUNE trains for FINETUNE.STEPS
+optimizer steps instead of epochs.
+
+* The batch FINETUNE.BATCH_SIZE and the rate FINETUNE.BASE_LR are global: the batch is split over the
+  processes and TRAIN.ACCUM_STEPS, and the rate is never scaled.
+* The schedule (`build_step_scheduler`) is set before every optimizer step from the step number alone.
+* Every FINETUNE.EVAL_EVERY steps, and after the last, the run evaluates, appends one line to
+  metrics.jsonl (keyed by `step`), writes TensorBoard scalars at that step, keeps model_best.pth and
+  saves checkpoint.pth with the steps completed.
+* The data is one stream of passes over the training set, each pass's order a function of SEED and
+  the pass (the loader's `set_window`); a step is ACCUM_STEPS batches, and a pass ends with its last
+  whole step. Training between two evaluations starts the loader at its position in the stream,
+  with worker seeds a function of that position, so a run resumed from checkpoint.pth sees the same
+  batches as one that never stopped; under DETERMINISTIC it equals it bit for bit.
+* FROZEN_LAYERS (or LINEAR_PROBE: all but the head) freezes parameters and keeps those modules in eval
+  mode, so their BatchNorm statistics stay as loaded; TRAIN_MODE False runs the whole network in eval
+  mode while it trains.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from timm.data import Mixup
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from yacs.config import CfgNode
+
+from ..errors import UserError
+from ..files import append_jsonl
+from ..models.cvt import ConvolutionalVisionTransformer
+from ..weights.export import save_official
+from .distributed import DistEnv, all_reduce_sum
+from .loop import BadFileLog, EpochResult, LoopSettings, evaluate_with_ema, train_one_epoch
+from .session import StopSignals, TrainingInterrupted
+from .state import METRICS, MODEL_BEST, truncate_metrics
+
+__all__ = ["TrainModes", "finetune_batch_per_process", "freeze_layers", "frozen_prefixes", "run_steps"]
+
+log = logging.getLogger("cvt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: batch, frozen layers, train modes
+# --------------------------------------------------------------------------------------------------
+
+
+def finetune_batch_per_process(cfg: CfgNode, world_size: int) -> int:
+    """FINETUNE.BATCH_SIZE split over `world_size` processes and TRAIN.ACCUM_STEPS micro-batches."""
+    total, accum = int(cfg.FINETUNE.BATCH_SIZE), int(cfg.TRAIN.ACCUM_STEPS)
+    parts = world_size * accum
+    if total % parts:
+        raise UserError(
+            f"FINETUNE.BATCH_SIZE {total} does not split evenly over {world_size} process(es) x "
+            f"{accum} accumulation steps (TRAIN.ACCUM_STEPS); make it a multiple of {parts}"
+        )
+    return total // parts
+
+
+def frozen_prefixes(cfg: CfgNode, model: nn.Module) -> list[str]:
+    """FINETUNE.FROZEN_LAYERS, or under LINEAR_PROBE every top-level part of the model but the head."""
+    if cfg.FINETUNE.LINEAR_PROBE:
+        return [name for name, _ in model.named_children() if name != "head"]
+    return list(cfg.FINETUNE.FROZEN_LAYERS)
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def freeze_layers(model: nn.Module, prefixes: list[str]) -> list[nn.Module]:
+    """Stop the gradients of every parameter under `prefixes` (module or parameter names, matched at
+    dots: 'stage1' covers 'stage1.blocks.0.mlp.fc1.weight', not 'stage10'); returns the modules under
+    them, which `TrainModes` keeps in eval mode."""
+    modules = [m for name, m in model.named_modules() if name and any(_under(name, p) for p in prefixes)]
+    params = [p for name, p in model.named_parameters() if any(_under(name, q) for q in prefixes)]
+    names = [name for name, _ in model.named_modules() if name] + [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(_under(name, prefix) for name in names):
+            tops = ", ".join(name for name, _ in model.named_children())
+            raise UserError(f"FINETUNE.FROZEN_LAYERS: {prefix!r} names no part of the model; names start with {tops}")
+    for param in params:
+        param.requires_grad_(False)
+    if prefixes:
+        log.info("frozen: %s (%d parameter tensors, %.2fM values)", ", ".join(prefixes), len(params),
+                 sum(p.numel() for p in params) / 1e6)
+    return modules
+
+
+@dataclass(frozen=True)
+class TrainModes:
+    """Puts a model in its fine-tuning mode: train mode (or eval mode everywhere when not
+    `train_mode`), with the frozen modules always in eval mode."""
+
+    frozen: tuple[nn.Module, ...]
+    train_mode: bool
+
+    def __call__(self, model: nn.Module) -> None:
+        model.train(self.train_mode)
+        for module in self.frozen:
+            module.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The step loop
+# --------------------------------------------------------------------------------------------------
+
+
+class StepRun(Protocol):
+    """What the step loop uses of `cvt.training.run.TrainingRun` (which sits above this module)."""
+
+    cfg: CfgNode
+    env: DistEnv
+    folder: Path
+    settings: LoopSettings
+    train_loader: Any  # a FolderLoader, with set_window
+    val_loader: Any
+    model: ConvolutionalVisionTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: nn.Module
+    start_step: int
+    set_train_mode: TrainModes
+    best_top1: float | None
+    bad_train: BadFileLog
+    bad_val: BadFileLog
+    last_record: dict[str, Any]
+
+    @property
+    def checkpoint_path(self) -> Path: ...
+
+    def save(self, epochs_completed: int, step: int | None = None) -> None: ...
+
+    def how_to_resume(self) -> str: ...
+
+
+def run_steps(run: StepRun, stop: StopSignals, train_model: nn.Module, eval_model: nn.Module) -> None:
+    """Steps start_step .. FINETUNE.STEPS: train, evaluate every EVAL_EVERY steps, record, save."""
+    total, every = int(run.cfg.FINETUNE.STEPS), int(run.cfg.FINETUNE.EVAL_EVERY)
+    step = run.start_step
+    if step >= total:
+        log.info("all %d steps (FINETUNE.STEPS) are done already; raise FINETUNE.STEPS to train on", total)
+    steps_per_pass = _steps_per_pass(run)
+    if run.env.is_main:
+        truncate_metrics(run.folder / METRICS, step + 1, key="step")
+    writer = None
+    if run.cfg.TENSORBOARD and run.env.is_main:
+        writer = SummaryWriter(str(run.folder / "tensorboard"), purge_step=step + 1)
+    try:
+        while step < total:
+            end = min(total, (step // every + 1) * every)
+            result = _train_steps(run, train_model, step, end, steps_per_pass, stop)
+            step += result.steps
+            if result.interrupted:
+                _stop_mid_segment(run, step, stop)
+            val, ema_val = evaluate_with_ema(eval_model, run.ema, run.val_loader, run.settings, bad_files=run.bad_val)
+            is_best = run.best_top1 is None or val["top1"] > run.best_top1
+            if is_best:
+                run.best_top1 = val["top1"]
+            _record(run, step, total, result, val, ema_val, is_best, writer)
+            run.save(0, step=step)
+            stop_flag = torch.tensor([float(stop.requested() and step < total)], device=run.env.device)
+            if all_reduce_sum(stop_flag).item():
+                log.warning("stopped after step %d; a resume continues from there", step)
+                log.warning("to resume: %s", run.how_to_resume())
+                raise TrainingInterrupted(stop.signum or signal.SIGINT, run.checkpoint_path)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _steps_per_pass(run: StepRun) -> int:
+    run.train_loader.set_epoch(0)  # the whole pass, to count its batches
+    batches, accum = len(run.train_loader), run.settings.accum_steps
+    if batches < accum:
+        raise UserError(
+            f"one pass over the training set gives each process {batches} batch(es), fewer than one optimizer "
+            f"step's {accum} (TRAIN.ACCUM_STEPS); lower FINETUNE.BATCH_SIZE or TRAIN.ACCUM_STEPS"
+        )
+    return batches // accum
+
+
+def _train_steps(run: StepRun, train_model: nn.Module, start: int, end: int, steps_per_pass: int,
+                 stop: StopSignals) -> EpochResult:
+    """Optimizer steps start .. end - 1 (across passes where they span several), as one result."""
+    accum = run.settings.accum_steps
+    parts: list[EpochResult] = []
+    step = start
+    while step < end:
+        data_pass, offset = divmod(step, steps_per_pass)
+        count = min(end - step, steps_per_pass - offset)
+        run.train_loader.set_window(data_pass, offset * accum, count * accum)
+
+        def set_rate(k: int, first: int = step) -> None:
+            run.scheduler.step_update(first + k + 1)  # the schedule counts updates from 1
+
+        with torch.autograd.set_detect_anomaly(bool(run.cfg.TRAIN.DETECT_ANOMALY)):
+            part = train_one_epoch(
+                train_model, run.train_loader, run.criterion, run.optimizer, run.settings,
+                epoch=data_pass, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
+                stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
+                set_train_mode=run.set_train_mode, before_step=set_rate,
+                label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}",
+            )
+        parts.append(part)
+        step += part.steps
+        if part.interrupted:
+            break
+    images = sum(p.images for p in parts)
+    return EpochResult(
+        lr=run.optimizer.param_groups[-1]["lr"],  # the last step's (the head's under layer-wise decay)
+        loss=sum(p.loss * p.images for p in parts) / images if images else float("nan"),
+        images=images, time_s=sum(p.time_s for p in parts), steps=step - start,
+        skipped_steps=sum(p.skipped_steps for p in parts), interrupted=any(p.interrupted for p in parts),
+    )
+
+
+def _stop_mid_segment(run: StepRun, step: int, stop: StopSignals) -> None:
+    """As an epoch run's mid-epoch stop: save the steps reached (not under DETERMINISTIC, which keeps
+    the last evaluation's checkpoint so a resume stays bit-exact), say how to resume, and raise."""
+    if run.cfg.DETERMINISTIC:
+        log.warning("interrupted at step %d: the steps since the last checkpoint are discarded (DETERMINISTIC)", step)
+    else:
+        run.save(0, step=step)
+        log.warning("interrupted at step %d: saved; a resume continues from there", step)
+    log.warning("to resume: %s", run.how_to_resume())
+    checkpoint = run.checkpoint_path if run.checkpoint_path.exists() else None
+    raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint)
+
+
+def _record(run: StepRun, step: int, total: int, result: EpochResult, val: dict[str, float],
+            ema_val: dict[str, float] | None, is_best: bool, writer: SummaryWriter | None) -> None:
+    """The evaluation's log line, metrics.jsonl record, TensorBoard scalars, and model_best.pth."""
+    record: dict[str, Any] = {
+        "step": step, "lr": result.lr, "train_loss": result.loss,
+        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+        "images_per_sec": round(result.images_per_sec, 2), "time_s": round(result.time_s, 3),
+    }
+    if result.skipped_steps:
+        record["skipped_steps"] = result.skipped_steps
+    if ema_val:
+        record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
+    run.last_record = record
+    log.info("step %d/%d: train loss %.4f, val top-1 %.2f, top-5 %.2f, loss %.4f, %.0f img/s, %.1f s",
+             step, total, result.loss, val["top1"], val["top5"], val["loss"], result.images_per_sec, result.time_s)
+    if not run.env.is_main:
+        return
+    # The record first, then model_best.pth, then (in the caller) the checkpoint: a crash in between
+    # redoes these steps, and the resume drops their record (see run.py's epoch records).
+    append_jsonl(run.folder / METRICS, record)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(key, value, step)
+        writer.flush()
+    if is_best:
+        save_official(run.model, run.folder / MODEL_BEST)
+    if run.cfg.TRAIN.SAVE_ALL_MODELS:
+        save_official(run.model, run.folder / f"model_step{step}.pth")
