@@ -16,7 +16,8 @@ from torch import nn
 from cvt.config import load_config
 from cvt.training.state import load_optimizer_state, capture_rng, restore_rng, truncate_metrics
 from cvt.training.distributed import all_reduce_sum, init_distributed, select_device
-from cvt.training.loop import LoopSettings, autocast_dtype, build_criterion, evaluate, train_one_epoch
+from cvt.training.loop import (LoopSettings, autocast_dtype, build_criterion, eval_autocast_dtype, evaluate,
+                               train_one_epoch)
 from cvt.training.optim import build_optimizer, build_scheduler, no_decay_names, param_groups, scaled_lr
 from cvt.errors import UserError
 from cvt.models import create_model
@@ -272,11 +273,51 @@ def test_evaluate_counts_every_image_and_skips_empty_batches():
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
 
 
+def test_evaluation_runs_in_float32_unless_test_amp():
+    """The release tests without autocast: AMP.ENABLED (the recipes' setting) leaves evaluation in float32."""
+    model = _tiny().eval()
+    batches = _batches(2, 4)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _, _ in batches])
+    expected = nn.functional.cross_entropy(logits, torch.cat([y for _, y, _ in batches])).item()
+    fp32 = evaluate(model, batches, LoopSettings.from_config(_cfg("AMP.ENABLED", True), CPU))
+    assert fp32["loss"] == pytest.approx(expected, rel=1e-6)
+    bf16 = evaluate(model, batches, LoopSettings.from_config(_cfg("AMP.ENABLED", True, "TEST.AMP", True), CPU))
+    assert bf16["loss"] != pytest.approx(expected, rel=1e-6)  # autocast only when asked
+
+
+def test_gradient_scaler_overflow_skips_are_counted():
+    """A float16-range overflow makes the scaler skip the step and lower its scale, as in the release;
+    the epoch counts those steps. A scale of 2**127 overflows float32 too, so this runs on the CPU."""
+    model = _tiny("linear")
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    result = train_one_epoch(model, _batches(3, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=0, scaler=scaler)
+    assert result.overflow_steps == round(math.log2(2.0**127 / scaler.get_scale())) > 0
+    assert result.steps == 3 and result.skipped_steps == 0
+    if result.overflow_steps == 3:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    modest = train_one_epoch(model, _batches(3, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=1,
+                             scaler=torch.amp.GradScaler("cpu", init_scale=16.0))
+    assert modest.overflow_steps == 0
+    plain = train_one_epoch(model, _batches(1, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=2,
+                            scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert plain.overflow_steps is None  # no scaler, nothing to count
+
+
 def test_autocast_dtype_and_criterion_choice():
     assert autocast_dtype(_cfg("AMP.ENABLED", False), CPU) is None
     assert autocast_dtype(_cfg("AMP.ENABLED", True), CPU) == torch.bfloat16
     with pytest.raises(UserError, match="float16"):
         autocast_dtype(_cfg("AMP.ENABLED", True, "AMP.DTYPE", "float16"), CPU)
+    # On CUDA 'auto' is the release's float16 with a gradient scaler on every GPU; bfloat16 one key away.
+    cuda = torch.device("cuda")
+    assert autocast_dtype(_cfg("AMP.ENABLED", True), cuda) == torch.float16
+    assert autocast_dtype(_cfg("AMP.ENABLED", True, "AMP.DTYPE", "bfloat16"), cuda) == torch.bfloat16
+    settings = LoopSettings.from_config(_cfg("AMP.ENABLED", True), cuda)
+    assert settings.uses_grad_scaler and settings.eval_amp_dtype is None  # evaluation in float32
+    assert eval_autocast_dtype(_cfg("AMP.ENABLED", True, "TEST.AMP", True), cuda) == torch.float16
 
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

@@ -84,6 +84,14 @@ def test_test_reports_the_same_numbers_as_training(run, data):
         for key in ("top1", "top5", "loss"):
             assert result[key] == written[key] == run["metrics"][f"val_{key}"]
         assert written["images"] == sum(VAL_PER_CLASS)
+    # No TEST.MODEL_FILE: the run folder's model_best.pth, as the release's test tool; log and file name it.
+    run_test(config(data, folder.parent.parent))
+    written = json.loads((folder / "test_metrics.json").read_text())
+    assert written["model_file"] == str(folder / "model_best.pth")
+    best = max((json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()),
+               key=lambda r: r["val_top1"])  # the first epoch reaching the best top-1 wrote model_best.pth
+    assert written["top1"] == best["val_top1"] and written["loss"] == best["val_loss"]
+    assert f"testing {folder / 'model_best.pth'}" in (folder / "log.txt").read_text()
 
 
 @pytest.mark.slow

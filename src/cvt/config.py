@@ -100,8 +100,8 @@ def get_defaults() -> CfgNode:
     cfg.AMP = CfgNode()
     cfg.AMP.ENABLED = False
     cfg.AMP.MEMORY_FORMAT = "nchw"
-    # Ours: the autocast dtype. 'auto' means bfloat16 on CPU, and on CUDA bfloat16 where the GPU
-    # supports it, else float16 with a gradient scaler.
+    # Ours: the autocast dtype. 'auto' is the release's float16 with a gradient scaler on CUDA, and
+    # bfloat16 on the CPU; 'bfloat16' needs no scaler and cannot overflow.
     cfg.AMP.DTYPE = "auto"
 
     cfg.CUDNN = CfgNode()
@@ -239,6 +239,9 @@ def get_defaults() -> CfgNode:
     cfg.TEST.MODEL_FILE = ""
     cfg.TEST.REAL_LABELS = False
     cfg.TEST.VALID_LABELS = ""
+    # Ours: evaluate (`cvt test` and during training) under autocast in AMP.DTYPE. Off: float32, as
+    # the release tests, whatever AMP.ENABLED says.
+    cfg.TEST.AMP = False
 
     cfg.DEBUG = CfgNode()
     cfg.DEBUG.DEBUG = False

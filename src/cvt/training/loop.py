@@ -39,12 +39,13 @@ class LoopSettings:
     """What the config says about how to run the steps, resolved for one device."""
 
     device: torch.device
-    amp_dtype: torch.dtype | None  # None: autocast off
+    amp_dtype: torch.dtype | None  # training autocast; None: off
     channels_last: bool
     accum_steps: int
     clip_grad_norm: float
     nonfinite_loss: str  # 'stop' | 'skip'
     print_freq: int
+    eval_amp_dtype: torch.dtype | None = None  # evaluation autocast; None: float32, as the release tests
 
     @classmethod
     def from_config(cls, cfg: CfgNode, device: torch.device) -> LoopSettings:
@@ -56,6 +57,7 @@ class LoopSettings:
             clip_grad_norm=float(cfg.TRAIN.CLIP_GRAD_NORM),
             nonfinite_loss=cfg.TRAIN.NONFINITE_LOSS,
             print_freq=int(cfg.PRINT_FREQ),
+            eval_amp_dtype=eval_autocast_dtype(cfg, device),
         )
 
     @property
@@ -66,6 +68,9 @@ class LoopSettings:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def eval_autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.eval_amp_dtype, enabled=self.eval_amp_dtype is not None)
+
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(self.device, non_blocking=True, memory_format=fmt)
@@ -73,16 +78,22 @@ class LoopSettings:
 
 
 def autocast_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype AMP.ENABLED / AMP.DTYPE ask for on `device`, or None for full float32."""
-    if not cfg.AMP.ENABLED:
-        return None
-    wanted = cfg.AMP.DTYPE
+    """The training autocast dtype AMP.ENABLED / AMP.DTYPE ask for on `device`, or None for float32."""
+    return _amp_dtype(cfg.AMP.DTYPE, device) if cfg.AMP.ENABLED else None
+
+
+def eval_autocast_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
+    """The evaluation autocast dtype: None (float32, as the release tests) unless TEST.AMP."""
+    return _amp_dtype(cfg.AMP.DTYPE, device) if cfg.TEST.AMP else None
+
+
+def _amp_dtype(wanted: str, device: torch.device) -> torch.dtype:
+    """AMP.DTYPE on `device`. 'auto' is the release's float16 (with a gradient scaler) on CUDA and
+    bfloat16 on the CPU, whose autocast has no fast float16 path."""
     if device.type != "cuda":
         if wanted == "float16":
             raise UserError("AMP.DTYPE float16 needs a CUDA GPU; on the CPU use bfloat16 (or 'auto')")
         return torch.bfloat16
-    if wanted == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if wanted == "bfloat16" else torch.float16
 
 
@@ -132,6 +143,7 @@ class EpochResult:
     time_s: float
     steps: int  # optimizer steps taken
     skipped_steps: int  # steps dropped for a non-finite loss
+    overflow_steps: int | None  # steps the float16 gradient scaler skipped on overflow; None: no scaler
     interrupted: bool  # a stop was requested; the epoch ended early
 
     @property
@@ -157,6 +169,7 @@ class EpochTally:
         self.group_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.group_images = 0
         self.group_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.overflows: torch.Tensor | None = None  # on the device; stays None without a gradient scaler
         self.start = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, batch: int) -> None:
@@ -164,8 +177,11 @@ class EpochTally:
         self.group_images += batch
         self.group_nonfinite |= ~torch.isfinite(loss.detach())
 
-    def end_step(self, taken: bool) -> None:
-        """Close the optimizer step: its loss counts if it was taken, not if it was skipped."""
+    def end_step(self, taken: bool, overflow: torch.Tensor | None = None) -> None:
+        """Close the optimizer step: its loss counts if it was taken, not if it was skipped for a
+        non-finite loss. `overflow` (a device bool) says the gradient scaler skipped it."""
+        if overflow is not None:
+            self.overflows = overflow.long() if self.overflows is None else self.overflows + overflow
         if taken:
             self.loss_sum += self.group_loss_sum
             self.images += self.group_images
@@ -194,6 +210,8 @@ class EpochTally:
             time_s=time.perf_counter() - self.start,
             steps=self.steps,
             skipped_steps=self.skipped,
+            # Every rank's scaler saw the same all-reduced gradients, so the local count is the count.
+            overflow_steps=None if self.overflows is None else int(self.overflows.item()),
             interrupted=interrupted,
         )
 
@@ -244,18 +262,23 @@ def train_one_epoch(
         # One collective per optimizer step carries both decisions every rank must share.
         flags = torch.stack([tally.group_nonfinite.float(), torch.tensor(float(stop_requested()), device=settings.device)])
         nonfinite_ranks, stop_ranks = all_reduce_sum(flags).tolist()
+        overflow = None
         if nonfinite_ranks:
             _nonfinite_step(settings, epoch, tally, index)
         else:
-            _optimizer_step(model, optimizer, settings, scaler, ema)
-        tally.end_step(taken=not nonfinite_ranks)
+            overflow = _optimizer_step(model, optimizer, settings, scaler, ema)
+        tally.end_step(taken=not nonfinite_ranks, overflow=overflow)
         optimizer.zero_grad(set_to_none=True)
         progress.step_done(tally, optimizer.param_groups[0]["lr"], index)
         if stop_ranks:
             interrupted = True
             break
     progress.close()
-    return tally.result(lr, interrupted)
+    result = tally.result(lr, interrupted)
+    if result.overflow_steps:
+        log.info("epoch %d: the float16 gradient scaler skipped %d of %d optimizer steps (gradient overflow; "
+                 "the scale was lowered)", epoch, result.overflow_steps, result.steps)
+    return result
 
 
 def _forward_backward(
@@ -278,7 +301,10 @@ def _forward_backward(
 def _optimizer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings,
     scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None,
-) -> None:
+) -> torch.Tensor | None:
+    """Clip, step and update; returns whether the gradient scaler skipped the step (a device bool,
+    read without a host sync: the scaler lowers its scale exactly when it skips), or None without one."""
+    scale_before = scaler._get_scale_async().clone() if scaler.is_enabled() else None
     if settings.clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -287,6 +313,7 @@ def _optimizer_step(
     scaler.update()
     if ema is not None:
         ema.update(unwrap_model(model))
+    return None if scale_before is None else scaler._get_scale_async() < scale_before
 
 
 def _nonfinite_step(settings: LoopSettings, epoch: int, tally: EpochTally, index: int) -> None:
@@ -353,7 +380,7 @@ def evaluate(
         if images.shape[0] == 0:  # every file of this batch was unreadable
             continue
         images, targets = settings.to_device(images, targets)
-        with settings.autocast():
+        with settings.eval_autocast():
             output = model(images)
         output = output.float()
         losses = F.cross_entropy(output, targets, reduction="none")

@@ -380,6 +380,8 @@ def _epoch_record(epoch: int, lr: float, result: EpochResult, val: dict[str, flo
     }
     if result.skipped_steps:
         record["skipped_steps"] = result.skipped_steps
+    if result.overflow_steps is not None:
+        record["scaler_skipped_steps"] = result.overflow_steps
     if ema_val:
         record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
     return record
@@ -416,7 +418,7 @@ def _finish(run: TrainingRun) -> dict[str, Any]:
 
 
 def test(cfg: CfgNode) -> dict[str, Any]:
-    """Evaluate TEST.MODEL_FILE (default: the run folder's final_state.pth) on DATASET.TEST_SET.
+    """Evaluate TEST.MODEL_FILE (default, as the release: the run folder's model_best.pth) on DATASET.TEST_SET.
 
     Prints top-1, top-5 and loss and writes test_metrics.json in the run folder. The numbers are
     the same for any number of processes.
@@ -428,9 +430,10 @@ def test(cfg: CfgNode) -> dict[str, Any]:
 
 
 def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
-    model_file = Path(cfg.TEST.MODEL_FILE) if cfg.TEST.MODEL_FILE else folder / FINAL_STATE
+    model_file = Path(cfg.TEST.MODEL_FILE) if cfg.TEST.MODEL_FILE else folder / MODEL_BEST
     if not cfg.TEST.MODEL_FILE and not model_file.exists():
         raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
+    log.info("testing %s", model_file)
     ckpt = read_checkpoint(model_file)
     if ckpt.num_classes is not None and ckpt.num_classes != cfg.MODEL.NUM_CLASSES:
         raise UserError(
