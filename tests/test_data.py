@@ -17,6 +17,7 @@ from cvt.config import get_defaults
 from cvt.data import (
     BadImageError,
     ImageFolderDataset,
+    RepeatAugAccumSampler,
     ShardSampler,
     build_loader,
     build_mixup,
@@ -422,12 +423,38 @@ def test_train_order_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
     assert list(loader.sampler) != orders[0]
 
 
-def test_repeated_aug_sampler_and_too_small_dataset(tmp_path: Path) -> None:
+def test_repeated_aug_only_over_several_replicas_and_too_small_dataset(tmp_path: Path) -> None:
     make_split(tmp_path, "train", {"a": 4, "b": 4})
+    # One process: a plain shuffle, as the release (its RA sampler is used only when distributed).
     loader, _ = build_loader(config(tmp_path, **{"DATASET.SAMPLER": "repeated_aug"}), "train")
+    assert isinstance(loader.sampler, DistributedSampler) and sorted(loader.sampler) == list(range(8))
+    loader, _ = build_loader(config(tmp_path, **{"DATASET.SAMPLER": "repeated_aug"}), "train", rank=1, world_size=2)
     assert isinstance(loader.sampler, RepeatAugSampler)
     with pytest.raises(UserError, match="TRAIN.BATCH_SIZE_PER_GPU: 16 is more than the 8 images"):
         build_loader(config(tmp_path, **{"TRAIN.BATCH_SIZE_PER_GPU": 16}), "train")
+
+
+@pytest.mark.parametrize("world_size, accum_steps", [(1, 4), (2, 3)])
+def test_accumulation_spreads_repeated_aug_as_over_that_many_gpus(world_size: int, accum_steps: int) -> None:
+    """Each micro-batch position of each process is one virtual replica: its indices are timm's
+    RepeatAugSampler's (the release's RASampler) on world_size x accum_steps replicas, batch by batch."""
+    dataset, batch = range(1000), 16
+    replicas = world_size * accum_steps
+    for epoch in (0, 5):
+        for rank in range(world_size):
+            sampler = RepeatAugAccumSampler(dataset, rank=rank, world_size=world_size, accum_steps=accum_steps,
+                                            batch_size=batch, shuffle=True)
+            sampler.set_epoch(epoch)
+            stream = list(sampler)
+            assert len(stream) == len(sampler) > 0
+            batches = [stream[i:i + batch] for i in range(0, len(stream), batch)]
+            for a in range(accum_steps):
+                reference = RepeatAugSampler(dataset, num_replicas=replicas, rank=rank * accum_steps + a, shuffle=True)
+                reference.set_epoch(epoch)
+                expected = list(reference)[: len(reference) // batch * batch]
+                assert sum(batches[a::accum_steps], []) == expected
+    # The three copies of an image land on three replicas: never twice in one micro-batch.
+    assert all(len(set(b)) == len(b) for b in batches)
 
 
 def test_build_mixup() -> None:

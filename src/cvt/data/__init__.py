@@ -14,6 +14,7 @@ from .digits import default_digits_root, ensure_digits_dataset
 from .loader import (
     Batch,
     BatchCollate,
+    RepeatAugAccumSampler,
     ShardSampler,
     build_loader,
     build_mixup,
@@ -28,6 +29,7 @@ __all__ = [
     "Batch",
     "BatchCollate",
     "ImageFolderDataset",
+    "RepeatAugAccumSampler",
     "ShardSampler",
     "build_loader",
     "build_mixup",

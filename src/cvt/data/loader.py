@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ __all__ = [
     "Batch",
     "BatchCollate",
     "FolderLoader",
+    "RepeatAugAccumSampler",
     "ShardSampler",
     "build_loader",
     "build_mixup",
@@ -92,6 +93,39 @@ class ShardSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing: the order is fixed. Present so callers can treat every loader's sampler alike."""
+
+
+class RepeatAugAccumSampler(Sampler[int]):
+    """Repeated augmentation over processes x ACCUM_STEPS virtual replicas, for gradient accumulation
+    standing in for GPUs: process `rank`'s micro-batch a of optimizer step s is batch s of timm's
+    RepeatAugSampler on replica rank * accum_steps + a of world_size * accum_steps, so an optimizer
+    step sees the images (and the copies of each image spread over micro-batches) it would see on the
+    recipe's GPUs. Only full batches are yielded, ACCUM_STEPS of them per step.
+    """
+
+    def __init__(self, dataset: Sized, *, rank: int, world_size: int, accum_steps: int, batch_size: int,
+                 shuffle: bool) -> None:
+        replicas = world_size * accum_steps
+        self.replicas = [
+            RepeatAugSampler(dataset, num_replicas=replicas, rank=rank * accum_steps + a, shuffle=shuffle)
+            for a in range(accum_steps)
+        ]
+        self.batch_size = batch_size
+        self.steps = len(self.replicas[0]) // batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        streams = [list(replica) for replica in self.replicas]
+        size = self.batch_size
+        for step in range(self.steps):
+            for stream in streams:
+                yield from stream[step * size:(step + 1) * size]
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size * len(self.replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        for replica in self.replicas:
+            replica.set_epoch(epoch)
 
 
 class FolderLoader(DataLoader):
@@ -204,9 +238,18 @@ def build_loader(
 
 
 def _train_sampler(cfg: CfgNode, dataset: ImageFolderDataset, rank: int, world_size: int) -> Sampler:
+    """As the release: repeated augmentation only over several replicas (processes, here also
+    gradient-accumulation steps); one process shuffles plainly, so an epoch sees every image once."""
     kind = cfg.DATASET.SAMPLER
-    if kind == "repeated_aug":
+    accum_steps = int(cfg.TRAIN.ACCUM_STEPS)
+    if kind == "repeated_aug" and accum_steps > 1:
+        return RepeatAugAccumSampler(dataset, rank=rank, world_size=world_size, accum_steps=accum_steps,
+                                     batch_size=int(cfg.TRAIN.BATCH_SIZE_PER_GPU), shuffle=cfg.TRAIN.SHUFFLE)
+    if kind == "repeated_aug" and world_size > 1:
         return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=cfg.TRAIN.SHUFFLE)
+    if kind == "repeated_aug":
+        logger.info("DATASET.SAMPLER repeated_aug: one process shuffles plainly, as the release does")
+        kind = "default"
     if kind == "default":
         return DistributedSampler(
             dataset,
