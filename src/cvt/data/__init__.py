@@ -11,6 +11,7 @@ from .dataset import (
     load_rgb,
 )
 from .digits import default_digits_root, ensure_digits_dataset
+from .labels import RealLabels, read_class_map, read_valid_labels
 from .loader import (
     Batch,
     BatchCollate,
@@ -29,6 +30,7 @@ __all__ = [
     "Batch",
     "BatchCollate",
     "ImageFolderDataset",
+    "RealLabels",
     "RepeatAugAccumSampler",
     "ShardSampler",
     "build_loader",
@@ -38,6 +40,8 @@ __all__ = [
     "default_digits_root",
     "ensure_digits_dataset",
     "load_rgb",
+    "read_class_map",
+    "read_valid_labels",
     "resolve_dataset_root",
     "test_output_size",
 ]

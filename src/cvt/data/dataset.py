@@ -165,7 +165,11 @@ def _list_images(class_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 class ImageFolderDataset(Dataset):
-    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order.
+    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order, or
+    in ``class_names`` (a class map, DATASET.CLASS_MAP), which must name exactly the split's folders.
+
+    ``index_targets`` makes each item's target its index in ``samples`` instead of its class, for an
+    evaluation that needs more about each image than its class (ImageNet-ReaL labels).
 
     ``replace_bad`` chooses what a skipped bad file becomes: True (training) returns the next
     readable sample instead (following indices, wrapping), so every batch keeps its size, which
@@ -182,6 +186,8 @@ class ImageFolderDataset(Dataset):
         bad_files: str = "skip",
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         replace_bad: bool = True,
+        class_names: Sequence[str] | None = None,
+        index_targets: bool = False,
     ) -> None:
         if bad_files not in BAD_FILE_POLICIES:
             raise UserError(
@@ -194,6 +200,7 @@ class ImageFolderDataset(Dataset):
         self.bad_files = bad_files
         self.max_pixels = max_pixels
         self.replace_bad = replace_bad
+        self.index_targets = index_targets
 
         if not self.split_dir.is_dir():
             raise UserError(
@@ -201,6 +208,8 @@ class ImageFolderDataset(Dataset):
                 f"{self.root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
             )
         self.classes: list[str] = _find_classes(self.split_dir)
+        if class_names is not None:
+            self.classes = _mapped_classes(self.split_dir, self.classes, list(class_names))
         if not self.classes:
             raise UserError(
                 f"{self.split_dir}: no class folders; put each class's images in its own subfolder, "
@@ -228,7 +237,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> Item:
         bad: list[BadFile] = []
         for step in range(len(self.samples)):
-            path, target = self.samples[(index + step) % len(self.samples)]
+            sample = (index + step) % len(self.samples)
+            path, target = self.samples[sample]
             try:
                 image = load_rgb(path, self.max_pixels)
             except BadImageError as err:
@@ -242,11 +252,23 @@ class ImageFolderDataset(Dataset):
                 if not self.replace_bad:
                     return None, target, bad
                 continue
-            return self.transform(image), target, bad
+            return self.transform(image), (sample if self.index_targets else target), bad
         raise UserError(
             f"{self.split_dir}: none of its {len(self.samples)} images can be read "
             f"(e.g. {bad[0][0]}: {bad[0][1]}); fix or replace the files"
         )
+
+
+def _mapped_classes(split_dir: Path, folders: list[str], class_names: list[str]) -> list[str]:
+    """`class_names` (the class map's order) after checking they are exactly the split's folders."""
+    missing = sorted(set(class_names) - set(folders))
+    unmapped = sorted(set(folders) - set(class_names))
+    if missing or unmapped:
+        raise UserError(
+            f"{split_dir}: class folders differ from DATASET.CLASS_MAP (missing folders: {short_list(missing)}; "
+            f"folders not in the map: {short_list(unmapped)}); give the split exactly the map's class folders"
+        )
+    return class_names
 
 
 def stop_error(bad: BadFile) -> UserError:

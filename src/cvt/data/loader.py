@@ -39,6 +39,7 @@ from ..config import SAMPLERS
 from ..errors import UserError, short_list
 from .dataset import BadFile, ImageFolderDataset, Item, stop_error
 from .digits import ensure_digits_dataset
+from .labels import read_class_map
 from .transforms import build_transform, test_output_size
 
 __all__ = [
@@ -178,16 +179,19 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     class_names: Sequence[str] | None = None,
+    index_targets: bool = False,
 ) -> tuple[DataLoader, ImageFolderDataset]:
     """The loader of one split ('train' or 'test') for process `rank` of `world_size`, and its dataset.
 
     `class_names` (from a checkpoint) must equal the split's class folders: a different set or
-    order would silently map predictions to the wrong classes.
+    order would silently map predictions to the wrong classes. Class indices follow
+    DATASET.CLASS_MAP when set. `index_targets`: see `ImageFolderDataset`.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     is_train = split == "train"
     root = resolve_dataset_root(cfg)
+    class_map = read_class_map(cfg.DATASET.CLASS_MAP, root) if cfg.DATASET.CLASS_MAP else None
     dataset = ImageFolderDataset(
         root,
         cfg.DATASET.TRAIN_SET if is_train else cfg.DATASET.TEST_SET,
@@ -196,6 +200,8 @@ def build_loader(
         max_pixels=int(cfg.DATASET.MAX_IMAGE_PIXELS),
         # Evaluation must not count an image twice, so a bad file is dropped, not replaced.
         replace_bad=is_train,
+        class_names=class_map,
+        index_targets=index_targets,
     )
     if class_names is not None:
         _check_class_names(dataset, list(class_names))

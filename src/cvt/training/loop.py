@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 from yacs.config import CfgNode
 
+from ..data.labels import RealLabels
 from ..errors import UserError
 from .distributed import all_gather, all_reduce_sum, is_main_process
 
@@ -361,8 +362,14 @@ def evaluate(
     settings: LoopSettings,
     *,
     bad_files: BadFileLog | None = None,
+    valid_labels: Sequence[int] | None = None,
+    real_labels: RealLabels | None = None,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of `model` over `loader`.
+
+    `valid_labels` (TEST.VALID_LABELS): only those logit columns, in index order, before loss and
+    accuracy, as the release. `real_labels` (TEST.REAL_LABELS): the loader's targets are sample indices
+    into it, and ImageNet-ReaL top-1/top-5 (`real_top1`, `real_top5`) are added, counted like the rest.
 
     Every rank sums its per-image losses and correct counts; the sums are all-reduced and divided
     once. The correct counts are integers, so top-1 and top-5 do not depend on how the images were
@@ -373,16 +380,23 @@ def evaluate(
     """
     model.eval()
     bad_files = bad_files or BadFileLog()
-    # loss sum, top-1 correct, top-5 correct, images
-    sums = torch.zeros(4, dtype=torch.float64, device=settings.device)
+    columns = None if valid_labels is None else torch.tensor(list(valid_labels), device=settings.device)
+    real = None if real_labels is None else real_labels.to(settings.device)
+    # loss sum, top-1 correct, top-5 correct, images; ReaL top-1, top-5, images with ReaL labels
+    sums = torch.zeros(7, dtype=torch.float64, device=settings.device)
     for images, targets, skipped_files in loader:
         bad_files.add(skipped_files)
         if images.shape[0] == 0:  # every file of this batch was unreadable
             continue
         images, targets = settings.to_device(images, targets)
+        samples = targets
+        if real is not None:
+            targets = real.targets[samples]
         with settings.eval_autocast():
             output = model(images)
         output = output.float()
+        if columns is not None:
+            output = output.index_select(1, columns)
         losses = F.cross_entropy(output, targets, reduction="none")
         k = min(5, output.shape[1])
         top = output.topk(k, dim=1).indices
@@ -391,7 +405,13 @@ def evaluate(
         sums[1] += hits[:, :1].sum()
         sums[2] += hits.sum()
         sums[3] += targets.shape[0]
-    loss_sum, top1, top5, count = all_reduce_sum(sums).tolist()
+        if real is not None:
+            sums[4:] += real.hits(top, samples)
+    loss_sum, top1, top5, count, real_top1, real_top5, real_count = all_reduce_sum(sums).tolist()
     if count == 0:
         raise UserError("evaluation saw no readable image; check the test split's folder and files")
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "images": int(count)}
+    metrics = {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "images": int(count)}
+    if real is not None:
+        metrics.update(real_top1=100.0 * real_top1 / max(real_count, 1), real_top5=100.0 * real_top5 / max(real_count, 1),
+                       real_images=int(real_count))
+    return metrics
