@@ -140,7 +140,7 @@ def get_defaults() -> CfgNode:
     cfg.AMP.ENABLED = False
     cfg.AMP.MEMORY_FORMAT = "nchw"
     # Ours: the autocast dtype. 'auto' is the release's float16 with a gradient scaler on CUDA, and
-    # bfloat16 on the CPU; 'bfloat16' needs no scaler and cannot overflow.
+    # bfloat16 on the CPU; 'bfloat16' has float32's range and needs no scaler.
     cfg.AMP.DTYPE = "auto"
 
     cfg.CUDNN = CfgNode()
