@@ -161,7 +161,7 @@ class EpochTally:
     """The running sums of one epoch, kept on the device so a step costs no host sync: the loss of
     the optimizer step being accumulated (its micro-batches), and of the steps taken so far."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, counts_overflows: bool = False) -> None:
         self.device = device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.images = 0
@@ -170,7 +170,8 @@ class EpochTally:
         self.group_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.group_images = 0
         self.group_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.overflows: torch.Tensor | None = None  # on the device; stays None without a gradient scaler
+        # Steps the gradient scaler skipped, on the device; None without a scaler.
+        self.overflows = torch.zeros((), dtype=torch.long, device=device) if counts_overflows else None
         self.start = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, batch: int) -> None:
@@ -181,8 +182,8 @@ class EpochTally:
     def end_step(self, taken: bool, overflow: torch.Tensor | None = None) -> None:
         """Close the optimizer step: its loss counts if it was taken, not if it was skipped for a
         non-finite loss. `overflow` (a device bool) says the gradient scaler skipped it."""
-        if overflow is not None:
-            self.overflows = overflow.long() if self.overflows is None else self.overflows + overflow
+        if overflow is not None and self.overflows is not None:
+            self.overflows += overflow
         if taken:
             self.loss_sum += self.group_loss_sum
             self.images += self.group_images
@@ -245,7 +246,7 @@ def train_one_epoch(
     lr = optimizer.param_groups[0]["lr"]
     progress = _Progress(epoch, num_batches, settings.print_freq, world_size)
     _sync(settings.device)
-    tally = EpochTally(settings.device)
+    tally = EpochTally(settings.device, counts_overflows=scaler.is_enabled())
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
     for index, (images, targets, skipped_files) in enumerate(loader):
