@@ -1,12 +1,15 @@
 """The experiment configuration: defaults, files, inheritance, overrides, validation, helpers."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 from yacs.config import CfgNode
 
 from cvt.config import (
+    KEYS_WITHOUT_EFFECT,
+    config_from_settings,
     get_defaults,
     list_experiments,
     load_config,
@@ -73,8 +76,32 @@ def test_defaults_load_and_every_key_documented():
     for key in ("SEED", "DETERMINISTIC", "DIST_TIMEOUT_S", "TENSORBOARD", "MODEL.ACTIVATION", "AMP.DTYPE",
                 "TRAIN.ACCUM_STEPS", "TRAIN.EMA.ENABLED", "TRAIN.EMA.DECAY", "TRAIN.NONFINITE_LOSS",
                 "TRAIN.GRAD_CHECKPOINTING", "TRAIN.COMPILE", "TRAIN.EVAL_EVERY", "DATASET.BAD_FILES",
-                "DATASET.MAX_IMAGE_PIXELS"):
+                "DATASET.MAX_IMAGE_PIXELS", "TEST.AMP", "DATASET.CLASS_MAP", *KEYS_WITHOUT_EFFECT):
         assert f"`{key}`" in documented
+
+
+def test_keys_without_effect_warn_once_each_when_set(caplog):
+    defaults = get_defaults()
+    for key in KEYS_WITHOUT_EFFECT:  # each one a real key
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+    with caplog.at_level(logging.WARNING, logger="cvt.config"):
+        load_config(None)
+        assert not caplog.records
+        cfg = load_config(None, ["DEBUG.DEBUG", "True", "AUG.DROPBLOCK_LAYERS", "[2]", "TRAIN.GAMMA1", "0.99"])
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == [
+        "config key AUG.DROPBLOCK_LAYERS", "config key DEBUG.DEBUG"]  # GAMMA1 at its default: silent
+    assert all("has no effect" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cvt.config"):
+        config_from_settings({"DEBUG.DEBUG": True})  # a stored config: warned about when its run started
+    assert not caplog.records and cfg.DEBUG.DEBUG
+
+
+def test_real_labels_exclude_valid_labels():
+    with pytest.raises(UserError, match="TEST.REAL_LABELS"):
+        load_config(None, ["TEST.REAL_LABELS", "True", "TEST.VALID_LABELS", "subset.txt"])
 
 
 # ---- the published files -----------------------------------------------------------------------------
@@ -82,8 +109,10 @@ def test_defaults_load_and_every_key_documented():
 
 @needs_reference
 @pytest.mark.parametrize("path", OFFICIAL, ids=lambda p: p.stem)
-def test_official_files_load_unchanged(path):
-    cfg = load_config(path)
+def test_official_files_load_unchanged(path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cvt.config"):
+        cfg = load_config(path)
+    assert not caplog.records  # they set no key without effect to anything but its default
     assert cfg.NAME == path.stem
     assert output_dir(cfg) == Path("OUTPUT/imagenet") / path.stem
     assert cfg.TRAIN.OPTIMIZER == "adamW" and cfg.TRAIN.END_EPOCH == 300

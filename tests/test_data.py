@@ -1,6 +1,7 @@
 """cvt.data: folder datasets, bad files, image modes, transforms, loaders and the digits demo."""
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -17,6 +18,8 @@ from cvt.config import get_defaults
 from cvt.data import (
     BadImageError,
     ImageFolderDataset,
+    RealLabels,
+    RepeatAugAccumSampler,
     ShardSampler,
     build_loader,
     build_mixup,
@@ -24,6 +27,8 @@ from cvt.data import (
     check_same_classes,
     ensure_digits_dataset,
     load_rgb,
+    read_class_map,
+    read_valid_labels,
     resolve_dataset_root,
 )
 from cvt.data.digits import default_digits_root
@@ -100,6 +105,62 @@ def test_classes_are_sorted_folder_names_and_files_sorted(tmp_path: Path) -> Non
     ]
     image, target, bad = ds[2]
     assert image.shape == (3, 10, 12) and target == 1 and bad == []
+
+
+def test_class_map_orders_numbered_folders_for_train_and_test(tmp_path: Path) -> None:
+    """ImageNet-V2 names its folders 0 ... 999: sorted as strings, 10 comes before 2. A class map
+    (timm's convention: line number = class index) gives each folder its own index, in both splits."""
+    names = [str(i) for i in range(12)]
+    for split in ("train", "val"):
+        make_split(tmp_path, split, {name: 1 for name in names})
+    assert ImageFolderDataset(tmp_path, "val", to_tensor).classes[:4] == ["0", "1", "10", "11"]  # the trap
+    (tmp_path / "map.txt").write_text("\n".join(names) + "\n")
+    for split in ("train", "test"):
+        _, ds = build_loader(config(tmp_path, **{"DATASET.CLASS_MAP": "map.txt"}), split)  # found in the root
+        assert ds.classes == names
+        assert all(Path(path).parent.name == str(target) for path, target in ds.samples)
+
+    write_image(tmp_path / "val" / "12" / "x.png")
+    with pytest.raises(UserError, match=r"folders not in the map: 12"):
+        build_loader(config(tmp_path, **{"DATASET.CLASS_MAP": str(tmp_path / "map.txt")}), "test")
+    (tmp_path / "dup.txt").write_text("0\n1\n0\n")
+    with pytest.raises(UserError, match="'0' appears twice"):
+        read_class_map(tmp_path / "dup.txt", tmp_path)
+    with pytest.raises(UserError, match="DATASET.CLASS_MAP: nothing.txt not found"):
+        read_class_map("nothing.txt", tmp_path)
+
+
+def test_valid_labels_are_unique_sorted_indices(tmp_path: Path) -> None:
+    (tmp_path / "subset.txt").write_text("7\n2\n7\n0\n")
+    assert read_valid_labels(tmp_path / "subset.txt", 10) == [0, 2, 7]  # the release's mask: index order
+    (tmp_path / "bad.txt").write_text("3\n10\n")
+    with pytest.raises(UserError, match="class index 10 .* outside the model's 10 classes"):
+        read_valid_labels(tmp_path / "bad.txt", 10)
+    (tmp_path / "words.txt").write_text("n01440764\n")
+    with pytest.raises(UserError, match="line 1 .* not a class index"):
+        read_valid_labels(tmp_path / "words.txt", 10)
+
+
+def test_real_labels_follow_the_image_number_in_the_file_name(tmp_path: Path) -> None:
+    (tmp_path / "real.json").write_text(json.dumps([[0], [], [2, 1], [1]]))
+    samples = [("val/c/ILSVRC2012_val_00000003.JPEG", 2), ("val/a/ILSVRC2012_val_00000002.JPEG", 0),
+               ("val/a/ILSVRC2012_val_00000001.JPEG", 0)]
+    real = RealLabels.read(tmp_path / "real.json", samples)
+    assert real.targets.tolist() == [2, 0, 0]
+    assert real.labels.tolist() == [[2, 1], [-1, -1], [0, -1]]
+    top = torch.tensor([[1, 0], [0, 1], [1, 0]])  # top-2 predictions of samples 0, 1, 2
+    # sample 0: top-1 is a ReaL label; sample 1 has none (left out); sample 2: only in its top-2
+    assert real.hits(top, torch.tensor([0, 1, 2])).tolist() == [1, 2, 2]
+    with pytest.raises(UserError, match="ILSVRC2012_val_NNNNNNNN"):
+        RealLabels.read(tmp_path / "real.json", [("val/a/cat.jpg", 0)])
+    with pytest.raises(UserError, match="ILSVRC2012_val_NNNNNNNN"):
+        RealLabels.read(tmp_path / "real.json", [("val/a/ILSVRC2012_val_00000005.JPEG", 0)])
+
+
+def test_index_targets_give_sample_indices(tmp_path: Path) -> None:
+    make_split(tmp_path, "val", {"a": 2, "b": 3})
+    ds = ImageFolderDataset(tmp_path, "val", to_tensor, replace_bad=False, index_targets=True)
+    assert [ds[i][1] for i in range(5)] == [0, 1, 2, 3, 4]
 
 
 def test_missing_split_names_folder_and_layout(tmp_path: Path) -> None:
@@ -385,6 +446,22 @@ def test_timm_posterize_at_full_magnitude_gives_black_not_an_error() -> None:
     assert np.asarray(out).max() == 0
 
 
+def test_finetune_without_train_aug_uses_the_release_light_transform() -> None:
+    """FINETUNE.FINETUNE with USE_TRAIN_AUG false: the release resizes to (size + 32) squared with
+    AUG.INTERPOLATION, crops size at random and flips; the timm paths take precedence, as there."""
+    cfg = get_defaults()
+    cfg.TRAIN.IMAGE_SIZE = [24, 24]
+    cfg.FINETUNE.FINETUNE = True
+    transform = build_transform(cfg, is_train=True)
+    assert [type(t).__name__ for t in transform.transforms] == [
+        "Resize", "RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    resize = transform.transforms[0]
+    assert tuple(resize.size) == (56, 56) and resize.interpolation.value == "bilinear"  # AUG.INTERPOLATION 2
+    assert transform(Image.new("RGB", (50, 30))).shape == (3, 24, 24)
+    cfg.FINETUNE.USE_TRAIN_AUG = True
+    assert type(build_transform(cfg, is_train=True).transforms[0]).__name__ == "RandomResizedCrop"
+
+
 def test_train_transform_plain_path() -> None:
     cfg = get_defaults()
     cfg.TRAIN.IMAGE_SIZE = [24, 24]
@@ -422,12 +499,38 @@ def test_train_order_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
     assert list(loader.sampler) != orders[0]
 
 
-def test_repeated_aug_sampler_and_too_small_dataset(tmp_path: Path) -> None:
+def test_repeated_aug_only_over_several_replicas_and_too_small_dataset(tmp_path: Path) -> None:
     make_split(tmp_path, "train", {"a": 4, "b": 4})
+    # One process: a plain shuffle, as the release (its RA sampler is used only when distributed).
     loader, _ = build_loader(config(tmp_path, **{"DATASET.SAMPLER": "repeated_aug"}), "train")
+    assert isinstance(loader.sampler.base, DistributedSampler) and sorted(loader.sampler) == list(range(8))
+    loader, _ = build_loader(config(tmp_path, **{"DATASET.SAMPLER": "repeated_aug"}), "train", rank=1, world_size=2)
     assert isinstance(loader.sampler.base, RepeatAugSampler)
     with pytest.raises(UserError, match="TRAIN.BATCH_SIZE_PER_GPU: 16 is more than the 8 images"):
         build_loader(config(tmp_path, **{"TRAIN.BATCH_SIZE_PER_GPU": 16}), "train")
+
+
+@pytest.mark.parametrize("world_size, accum_steps", [(1, 4), (2, 3)])
+def test_accumulation_spreads_repeated_aug_as_over_that_many_gpus(world_size: int, accum_steps: int) -> None:
+    """Each micro-batch position of each process is one virtual replica: its indices are timm's
+    RepeatAugSampler's (the release's RASampler) on world_size x accum_steps replicas, batch by batch."""
+    dataset, batch = range(1000), 16
+    replicas = world_size * accum_steps
+    for epoch in (0, 5):
+        for rank in range(world_size):
+            sampler = RepeatAugAccumSampler(dataset, rank=rank, world_size=world_size, accum_steps=accum_steps,
+                                            batch_size=batch, shuffle=True)
+            sampler.set_epoch(epoch)
+            stream = list(sampler)
+            assert len(stream) == len(sampler) > 0
+            batches = [stream[i:i + batch] for i in range(0, len(stream), batch)]
+            for a in range(accum_steps):
+                reference = RepeatAugSampler(dataset, num_replicas=replicas, rank=rank * accum_steps + a, shuffle=True)
+                reference.set_epoch(epoch)
+                expected = list(reference)[: len(reference) // batch * batch]
+                assert sum(batches[a::accum_steps], []) == expected
+    # The three copies of an image land on three replicas: never twice in one micro-batch.
+    assert all(len(set(b)) == len(b) for b in batches)
 
 
 def test_build_mixup() -> None:

@@ -16,7 +16,8 @@ from torch import nn
 from cvt.config import load_config
 from cvt.training.state import load_optimizer_state, capture_rng, restore_rng, truncate_metrics
 from cvt.training.distributed import all_reduce_sum, init_distributed, select_device
-from cvt.training.loop import LoopSettings, autocast_dtype, build_criterion, evaluate, train_one_epoch
+from cvt.training.loop import (LoopSettings, autocast_dtype, build_criterion, eval_autocast_dtype, evaluate,
+                               train_one_epoch)
 from cvt.training.optim import build_optimizer, build_scheduler, no_decay_names, param_groups, scaled_lr
 from cvt.errors import UserError
 from cvt.models import create_model
@@ -272,11 +273,103 @@ def test_evaluate_counts_every_image_and_skips_empty_batches():
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
 
 
+def _release_scores(logits, targets, valid, real):
+    """The release's test() with RealLabelsImagenet, written out: a boolean column mask (index order),
+    plain cross-entropy, top-k over the kept columns; ReaL counts an image with labels when any of its
+    top-k is one of them."""
+    mask = [i in set(valid) for i in range(logits.shape[1])] if valid else None
+    out = logits[:, mask] if mask else logits
+    pred = out.topk(5, 1).indices
+    correct = {k: [] for k in (1, 5)}
+    for p, labels in zip(pred.tolist(), real or []):
+        if labels:
+            for k in (1, 5):
+                correct[k].append(any(c in labels for c in p[:k]))
+    return {
+        "loss": nn.functional.cross_entropy(out, targets).item(),
+        "top1": 100 * (pred[:, 0] == targets).float().mean().item(),
+        "top5": 100 * (pred == targets[:, None]).any(1).float().mean().item(),
+        **({f"real_top{k}": 100 * float(np.mean(correct[k])) for k in (1, 5)} if real else {}),
+    }
+
+
+def test_valid_labels_and_real_labels_score_as_the_release():
+    from cvt.data.labels import RealLabels
+
+    model = _tiny(num_classes=20).eval()
+    valid = [1, 3, 4, 8, 9, 12, 15, 19]  # the test folder holds these 8 classes, in index order
+    batches = _batches(3, 6, num_classes=len(valid), seed=1)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _, _ in batches])
+    targets = torch.cat([y for _, y, _ in batches])
+    metrics = evaluate(model, batches, _settings(), valid_labels=valid)
+    for key, value in _release_scores(logits, targets, valid, None).items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6), key
+
+    g = torch.Generator().manual_seed(2)
+    real_lists = [sorted(set(torch.randint(0, 20, (int(n),), generator=g).tolist()))
+                  for n in torch.randint(0, 4, (18,), generator=g)]
+    width = max(map(len, real_lists))
+    real = RealLabels(targets=torch.randint(0, 20, (18,), generator=g),
+                      labels=torch.tensor([r + [-1] * (width - len(r)) for r in real_lists]))
+    indexed = [(x, torch.arange(i * 6, i * 6 + 6), []) for i, (x, _, _) in enumerate(batches)]  # sample indices
+    metrics = evaluate(model, indexed, _settings(), real_labels=real)
+    expected = _release_scores(logits, real.targets, None, real_lists)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6), key
+    assert metrics["real_images"] == sum(1 for r in real_lists if r)
+    # Counts, not per-shard means: two shards (as two processes get) add up to the whole exactly.
+    shards = [evaluate(model, indexed[i::2], _settings(), real_labels=real) for i in (0, 1)]
+    for key in ("real_top1", "real_top5"):
+        hits = sum(round(m[key] * m["real_images"] / 100) for m in shards)
+        assert hits == round(metrics[key] * metrics["real_images"] / 100)
+
+
+def test_evaluation_runs_in_float32_unless_test_amp():
+    """The release tests without autocast: AMP.ENABLED (the recipes' setting) leaves evaluation in float32."""
+    model = _tiny().eval()
+    batches = _batches(2, 4)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _, _ in batches])
+    expected = nn.functional.cross_entropy(logits, torch.cat([y for _, y, _ in batches])).item()
+    fp32 = evaluate(model, batches, LoopSettings.from_config(_cfg("AMP.ENABLED", True), CPU))
+    assert fp32["loss"] == pytest.approx(expected, rel=1e-6)
+    bf16 = evaluate(model, batches, LoopSettings.from_config(_cfg("AMP.ENABLED", True, "TEST.AMP", True), CPU))
+    assert bf16["loss"] != pytest.approx(expected, rel=1e-6)  # autocast only when asked
+
+
+def test_gradient_scaler_overflow_skips_are_counted():
+    """A float16-range overflow makes the scaler skip the step and lower its scale, as in the release;
+    the epoch counts those steps. A scale of 2**127 overflows float32 too, so this runs on the CPU."""
+    model = _tiny("linear")
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    result = train_one_epoch(model, _batches(3, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=0, scaler=scaler)
+    assert result.overflow_steps == round(math.log2(2.0**127 / scaler.get_scale())) > 0
+    assert result.steps == 3 and result.skipped_steps == 0
+    if result.overflow_steps == 3:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    modest = train_one_epoch(model, _batches(3, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=1,
+                             scaler=torch.amp.GradScaler("cpu", init_scale=16.0))
+    assert modest.overflow_steps == 0
+    plain = train_one_epoch(model, _batches(1, 4), nn.CrossEntropyLoss(), opt, _settings(), epoch=2,
+                            scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert plain.overflow_steps is None  # no scaler, nothing to count
+
+
 def test_autocast_dtype_and_criterion_choice():
     assert autocast_dtype(_cfg("AMP.ENABLED", False), CPU) is None
     assert autocast_dtype(_cfg("AMP.ENABLED", True), CPU) == torch.bfloat16
     with pytest.raises(UserError, match="float16"):
         autocast_dtype(_cfg("AMP.ENABLED", True, "AMP.DTYPE", "float16"), CPU)
+    # On CUDA 'auto' is the release's float16 with a gradient scaler on every GPU; bfloat16 one key away.
+    cuda = torch.device("cuda")
+    assert autocast_dtype(_cfg("AMP.ENABLED", True), cuda) == torch.float16
+    assert autocast_dtype(_cfg("AMP.ENABLED", True, "AMP.DTYPE", "bfloat16"), cuda) == torch.bfloat16
+    settings = LoopSettings.from_config(_cfg("AMP.ENABLED", True), cuda)
+    assert settings.uses_grad_scaler and settings.eval_amp_dtype is None  # evaluation in float32
+    assert eval_autocast_dtype(_cfg("AMP.ENABLED", True, "TEST.AMP", True), cuda) == torch.float16
 
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

@@ -132,6 +132,18 @@ def test_published_init():
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
 
 
+def test_head_bias_keeps_pytorch_default_init_as_the_release():
+    """The release's init skips the head, whose bias keeps nn.Linear's uniform(+-1/sqrt(fan_in));
+    every other Linear bias is zero. A re-initialised head (fine-tuning) is built the same way."""
+    model = create_model(TINY_SPEC, num_classes=1000)
+    bound = 1 / 48 ** 0.5
+    for head in (model.head, (model.reset_classifier(500), model.head)[1]):
+        bias = head.bias.detach()
+        assert bias.abs().max() <= bound and bias.abs().max() > 0.9 * bound
+        assert bias.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)  # uniform, not zero
+        assert head.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

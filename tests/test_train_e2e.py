@@ -84,6 +84,14 @@ def test_test_reports_the_same_numbers_as_training(run, data):
         for key in ("top1", "top5", "loss"):
             assert result[key] == written[key] == run["metrics"][f"val_{key}"]
         assert written["images"] == sum(VAL_PER_CLASS)
+    # No TEST.MODEL_FILE: the run folder's model_best.pth, as the release's test tool; log and file name it.
+    run_test(config(data, folder.parent.parent))
+    written = json.loads((folder / "test_metrics.json").read_text())
+    assert written["model_file"] == str(folder / "model_best.pth")
+    best = max((json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()),
+               key=lambda r: r["val_top1"])  # the first epoch reaching the best top-1 wrote model_best.pth
+    assert written["top1"] == best["val_top1"] and written["loss"] == best["val_loss"]
+    assert f"testing {folder / 'model_best.pth'}" in (folder / "log.txt").read_text()
 
 
 @pytest.mark.slow
@@ -199,6 +207,46 @@ def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], pretrained[k]) for k in state if k.startswith("stage0."))
     assert not torch.equal(state["head.weight"], pretrained["head.weight"])
+
+
+@pytest.mark.slow
+def test_init_weights_false_leaves_pretrained_unloaded_as_the_release(run, data, tmp_path):
+    pretrained = torch.load(run["final_state"], weights_only=True)
+    for init_weights in (True, False):
+        cfg = config(data, tmp_path, "MODEL.PRETRAINED", run["final_state"], "MODEL.INIT_WEIGHTS", init_weights)
+        state = engine_train._initial_model(cfg, with_pretrained=True).state_dict()
+        assert torch.equal(state["head.weight"], pretrained["head.weight"]) == init_weights
+
+
+@pytest.mark.slow
+def test_test_scores_a_class_subset_and_imagenet_real_labels(run, data, tmp_path):
+    """TEST.VALID_LABELS on a folder of two of the three classes, and TEST.REAL_LABELS on validation
+    images named as ImageNet's, with real.json in DATASET.ROOT beside the split folders."""
+    subset = tmp_path / "subset"
+    for name in (CLASSES[0], CLASSES[2]):
+        shutil.copytree(data / "val" / name, subset / "val" / name)
+    (tmp_path / "valid.txt").write_text("2\n0\n")
+    for weights in (run["final_state"], run["checkpoint"]):  # the checkpoint also checks the subset's names
+        result = run_test(config(subset, tmp_path, "TEST.MODEL_FILE", weights, "TEST.VALID_LABELS", tmp_path / "valid.txt"))
+        assert result["images"] == VAL_PER_CLASS[0] + VAL_PER_CLASS[2] and 0 <= result["top1"] <= 100
+    with pytest.raises(UserError, match="TEST.VALID_LABELS names 1 classes but .* has 2 class folders"):
+        (tmp_path / "one.txt").write_text("1\n")
+        run_test(config(subset, tmp_path, "TEST.MODEL_FILE", run["final_state"], "TEST.VALID_LABELS", tmp_path / "one.txt"))
+
+    real_root, labels, number = tmp_path / "real", [], 0
+    for target, name in enumerate(CLASSES):
+        for image in sorted((data / "val" / name).iterdir()):
+            number += 1
+            (real_root / "val" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, real_root / "val" / name / f"ILSVRC2012_val_{number:08d}.png")
+            labels.append([target] if number != 2 else [])  # image 2 has no ReaL label: left out
+    (real_root / "real.json").write_text(json.dumps(labels))
+    result = run_test(config(real_root, tmp_path, "TEST.MODEL_FILE", run["final_state"], "TEST.REAL_LABELS", True))
+    written = json.loads((Path(result["output_dir"]) / "test_metrics.json").read_text())
+    assert written["real_images"] == number - 1 and {"real_top1", "real_top5", "top1"} <= set(written)
+    plain = run_test(config(data, tmp_path, "TEST.MODEL_FILE", run["final_state"]))
+    assert written["top1"] == plain["top1"]  # the same images; ReaL leaves the ordinary scores alone
+    assert written["real_top5"] == 100.0  # each image's one ReaL label is its class: 3 classes, top-5
 
 
 def test_compiled_training_with_gradient_checkpointing_saves_plain_official_keys(data, tmp_path):

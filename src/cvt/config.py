@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -39,6 +40,8 @@ __all__ = [
 
 COMMAND_LINE = "the command line"
 
+log = logging.getLogger(__name__)
+
 # The one home of every name list and limit a key accepts: validation below and the code that acts on
 # the key both read them from here.
 MEMORY_FORMATS = ("nchw", "nhwc")
@@ -61,6 +64,34 @@ PIL_INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4
 # PIL's own default limit: about 89 megapixels, far above any training image.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
+# Keys accepted so that the release's files load, but without effect here, with why. A value other than
+# the default logs one warning naming the key. A key that gains a meaning leaves this table.
+_NOT_READ_BY_THE_RELEASE = "the release does not read it either"
+_TSV = "the release's TSV data format is unpublished; this project reads image folders"
+KEYS_WITHOUT_EFFECT: dict[str, str] = {
+    "DATA_DIR": _NOT_READ_BY_THE_RELEASE,
+    "GPUS": "the processes come from torchrun (run.sh -g)",
+    "MULTIPROCESSING_DISTRIBUTED": "the processes come from torchrun (run.sh -g)",
+    "LOG_DIR": "the log is written to the run folder",
+    "RANK": "the rank comes from torchrun (the release overwrites it too)",
+    "VERBOSE": "it only made the release log every initialised tensor",
+    "MODEL_SUMMARY": "`cvt info` reports parameters and multiply-adds",
+    "MODEL.NAME": "the one model built is CvT ('cls_cvt')",
+    "DATASET.DATA_FORMAT": _TSV,
+    "DATASET.LABELMAP": _TSV,
+    "DATASET.TRAIN_TSV_LIST": _TSV,
+    "DATASET.TEST_TSV_LIST": _TSV,
+    "DATASET.TARGET_SIZE": _NOT_READ_BY_THE_RELEASE,
+    "AUG.DROPBLOCK_LAYERS": _NOT_READ_BY_THE_RELEASE,
+    "AUG.DROPBLOCK_KEEP_PROB": _NOT_READ_BY_THE_RELEASE,
+    "AUG.DROPBLOCK_BLOCK_SIZE": _NOT_READ_BY_THE_RELEASE,
+    "AUG.MIXCUT_AND_MIXUP": _NOT_READ_BY_THE_RELEASE,
+    "AUG.TIMM_AUG.RE_SPLIT": "the release passes it to timm without augmentation splits, where it changes nothing",
+    "TRAIN.GAMMA1": _NOT_READ_BY_THE_RELEASE,
+    "TRAIN.GAMMA2": _NOT_READ_BY_THE_RELEASE,
+    "DEBUG.DEBUG": _NOT_READ_BY_THE_RELEASE,
+}
+
 
 def get_defaults() -> CfgNode:
     """A fresh, unfrozen node holding every key with its default value."""
@@ -79,6 +110,8 @@ def get_defaults() -> CfgNode:
     cfg.PRINT_FREQ = 20
     cfg.VERBOSE = True
     cfg.PIN_MEMORY = True
+    cfg.RANK = 0
+    cfg.MODEL_SUMMARY = False
     # ---- ours ----
     # Seed of every random number generator (Python, NumPy, torch, the data loader workers).
     cfg.SEED = 0
@@ -129,8 +162,8 @@ def get_defaults() -> CfgNode:
     cfg.AMP = CfgNode()
     cfg.AMP.ENABLED = False
     cfg.AMP.MEMORY_FORMAT = "nchw"
-    # Ours: the autocast dtype. 'auto' means bfloat16 on CPU, and on CUDA bfloat16 where the GPU
-    # supports it, else float16 with a gradient scaler.
+    # Ours: the autocast dtype. 'auto' is the release's float16 with a gradient scaler on CUDA, and
+    # bfloat16 on the CPU; 'bfloat16' has float32's range and needs no scaler.
     cfg.AMP.DTYPE = "auto"
 
     cfg.CUDNN = CfgNode()
@@ -164,6 +197,9 @@ def get_defaults() -> CfgNode:
     cfg.DATASET.TRAIN_TSV_LIST = []
     cfg.DATASET.TEST_TSV_LIST = []
     cfg.DATASET.SAMPLER = "default"
+    # Ours: a class map (timm's convention: a text file, one class folder name a line, line number =
+    # class index) instead of sorted folder names, for train and test; relative paths may be in ROOT.
+    cfg.DATASET.CLASS_MAP = ""
     cfg.DATASET.TARGET_SIZE = -1
     # Ours: what to do with an unreadable or corrupt image: 'skip' it (counted and logged) or 'stop'.
     cfg.DATASET.BAD_FILES = "skip"
@@ -268,6 +304,9 @@ def get_defaults() -> CfgNode:
     cfg.TEST.MODEL_FILE = ""
     cfg.TEST.REAL_LABELS = False
     cfg.TEST.VALID_LABELS = ""
+    # Ours: evaluate (`cvt test` and during training) under autocast in AMP.DTYPE. Off: float32, as
+    # the release tests, whatever AMP.ENABLED says.
+    cfg.TEST.AMP = False
 
     cfg.DEBUG = CfgNode()
     cfg.DEBUG.DEBUG = False
@@ -521,8 +560,11 @@ def _parse_overrides(opts: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def load_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = ()) -> CfgNode:
-    """Defaults, then the experiment file (a path or a packaged name), then overrides; validated, frozen."""
+def load_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = (), *, warn: bool = True) -> CfgNode:
+    """Defaults, then the experiment file (a path or a packaged name), then overrides; validated, frozen.
+
+    With `warn`, each key of KEYS_WITHOUT_EFFECT set to a value other than its default logs a warning.
+    """
     cfg = get_defaults()
     if cfg_file is not None:
         path = resolve_config_path(cfg_file)
@@ -536,8 +578,24 @@ def load_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = ()) ->
     # without the base files.
     cfg.BASE = [""]
     validate_config(cfg)
+    if warn:
+        _warn_keys_without_effect(cfg)
     cfg.freeze()
     return cfg
+
+
+def _value(node: CfgNode, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def _warn_keys_without_effect(cfg: CfgNode) -> None:
+    defaults = get_defaults()
+    for key, why in KEYS_WITHOUT_EFFECT.items():
+        value = _value(cfg, key)
+        if value != _value(defaults, key):
+            log.warning("config key %s is %r but has no effect in this project: %s", key, value, why)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,6 +690,8 @@ def _validate_finetune(ft: CfgNode) -> None:
 
 
 def _validate_choices(cfg: CfgNode) -> None:
+    _require(not (cfg.TEST.REAL_LABELS and cfg.TEST.VALID_LABELS), "TEST.REAL_LABELS", cfg.TEST.REAL_LABELS,
+             "false when TEST.VALID_LABELS is set (ReaL labels index all 1000 ImageNet classes)")
     _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)
     _require_choice("AMP.DTYPE", cfg.AMP.DTYPE, AMP_DTYPES)
     _require_choice("DIST_BACKEND", cfg.DIST_BACKEND, DIST_BACKENDS)
@@ -687,8 +747,10 @@ def settings_as_opts(settings: Mapping[str, Any], prefix: str = "") -> list[str]
 
 
 def config_from_settings(settings: Mapping[str, Any]) -> CfgNode:
-    """The defaults with `settings` ({'TEST.IMAGE_SIZE': [...], ...} or nested) applied, validated."""
-    return load_config(None, settings_as_opts(settings))
+    """The defaults with `settings` ({'TEST.IMAGE_SIZE': [...], ...} or nested) applied, validated.
+
+    Stored settings (a checkpoint's config) were warned about when their run loaded them: no warnings."""
+    return load_config(None, settings_as_opts(settings), warn=False)
 
 
 def config_from_yaml_text(text: str, source: str) -> CfgNode:

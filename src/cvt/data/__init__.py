@@ -14,9 +14,11 @@ from .dataset import (
 )
 from .digits import default_digits_root, ensure_digits_dataset
 from .downstream import build_downstream_dataset
+from .labels import RealLabels, read_class_map, read_valid_labels
 from .loader import (
     Batch,
     BatchCollate,
+    RepeatAugAccumSampler,
     ShardSampler,
     WindowSampler,
     build_dataset,
@@ -34,6 +36,8 @@ __all__ = [
     "BatchCollate",
     "ImageFolderDataset",
     "ImageListDataset",
+    "RealLabels",
+    "RepeatAugAccumSampler",
     "ShardSampler",
     "WindowSampler",
     "build_dataset",
@@ -45,6 +49,8 @@ __all__ = [
     "default_digits_root",
     "ensure_digits_dataset",
     "load_rgb",
+    "read_class_map",
+    "read_valid_labels",
     "resolve_dataset_root",
     "test_output_size",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +168,9 @@ def _list_images(class_dir: Path) -> list[str]:
 class ImageListDataset(Dataset):
     """Images from a list of ``(path, class index)`` samples, that survives bad files.
 
+    ``index_targets`` makes each item's target its index in ``samples`` instead of its class, for an
+    evaluation that needs more about each image than its class (ImageNet-ReaL labels).
+
     ``replace_bad`` chooses what a skipped bad file becomes: True (training) returns the next
     readable sample instead (following indices, wrapping), so every batch keeps its size, which
     timm's Mixup needs; False (evaluation, where no sample may count twice) returns
@@ -186,6 +189,7 @@ class ImageListDataset(Dataset):
         bad_files: str = "skip",
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         replace_bad: bool = True,
+        index_targets: bool = False,
     ) -> None:
         if bad_files not in BAD_FILE_POLICIES:
             raise UserError(
@@ -199,6 +203,7 @@ class ImageListDataset(Dataset):
         self.bad_files = bad_files
         self.max_pixels = max_pixels
         self.replace_bad = replace_bad
+        self.index_targets = index_targets
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -206,7 +211,8 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> Item:
         bad: list[BadFile] = []
         for step in range(len(self.samples)):
-            path, target = self.samples[(index + step) % len(self.samples)]
+            sample = (index + step) % len(self.samples)
+            path, target = self.samples[sample]
             try:
                 image = load_rgb(path, self.max_pixels)
             except BadImageError as err:
@@ -220,7 +226,7 @@ class ImageListDataset(Dataset):
                 if not self.replace_bad:
                     return None, target, bad
                 continue
-            return self.transform(image), target, bad
+            return self.transform(image), (sample if self.index_targets else target), bad
         raise UserError(
             f"{self.split_dir}: none of its {len(self.samples)} images can be read "
             f"(e.g. {bad[0][0]}: {bad[0][1]}); fix or replace the files"
@@ -228,7 +234,8 @@ class ImageListDataset(Dataset):
 
 
 class ImageFolderDataset(ImageListDataset):
-    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order."""
+    """ROOT/<split>/<class>/<image>, class index = position of the class folder in sorted order, or
+    in ``class_names`` (a class map, DATASET.CLASS_MAP), which must name exactly the split's folders."""
 
     def __init__(
         self,
@@ -239,6 +246,8 @@ class ImageFolderDataset(ImageListDataset):
         bad_files: str = "skip",
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         replace_bad: bool = True,
+        class_names: Sequence[str] | None = None,
+        index_targets: bool = False,
     ) -> None:
         self.root = Path(root)
         split_dir = self.root / split
@@ -248,6 +257,8 @@ class ImageFolderDataset(ImageListDataset):
                 f"{self.root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
             )
         classes = _find_classes(split_dir)
+        if class_names is not None:
+            classes = _mapped_classes(split_dir, classes, list(class_names))
         if not classes:
             raise UserError(
                 f"{split_dir}: no class folders; put each class's images in its own subfolder, "
@@ -268,7 +279,19 @@ class ImageFolderDataset(ImageListDataset):
         if empty:
             logger.warning("%s: %d class folder(s) hold no images: %s", split_dir, len(empty), ", ".join(empty))
         super().__init__(samples, classes, split_dir, transform, split=split, bad_files=bad_files,
-                         max_pixels=max_pixels, replace_bad=replace_bad)
+                         max_pixels=max_pixels, replace_bad=replace_bad, index_targets=index_targets)
+
+
+def _mapped_classes(split_dir: Path, folders: list[str], class_names: list[str]) -> list[str]:
+    """`class_names` (the class map's order) after checking they are exactly the split's folders."""
+    missing = sorted(set(class_names) - set(folders))
+    unmapped = sorted(set(folders) - set(class_names))
+    if missing or unmapped:
+        raise UserError(
+            f"{split_dir}: class folders differ from DATASET.CLASS_MAP (missing folders: {short_list(missing)}; "
+            f"folders not in the map: {short_list(unmapped)}); give the split exactly the map's class folders"
+        )
+    return class_names
 
 
 def stop_error(bad: BadFile) -> UserError:

@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +41,14 @@ from ..errors import UserError, short_list
 from .dataset import BadFile, ImageFolderDataset, ImageListDataset, Item, stop_error
 from .digits import ensure_digits_dataset
 from .downstream import build_downstream_dataset
+from .labels import read_class_map
 from .transforms import build_transform, test_output_size
 
 __all__ = [
     "Batch",
     "BatchCollate",
     "FolderLoader",
+    "RepeatAugAccumSampler",
     "ShardSampler",
     "WindowSampler",
     "build_dataset",
@@ -121,6 +123,39 @@ class WindowSampler(Sampler[int]):
         return max(0, min(len(self.base), len(self.base) if stop is None else stop) - start)  # type: ignore[arg-type]
 
 
+class RepeatAugAccumSampler(Sampler[int]):
+    """Repeated augmentation over processes x ACCUM_STEPS virtual replicas, for gradient accumulation
+    standing in for GPUs: process `rank`'s micro-batch a of optimizer step s is batch s of timm's
+    RepeatAugSampler on replica rank * accum_steps + a of world_size * accum_steps, so an optimizer
+    step sees the images (and the copies of each image spread over micro-batches) it would see on the
+    recipe's GPUs. Only full batches are yielded, ACCUM_STEPS of them per step.
+    """
+
+    def __init__(self, dataset: Sized, *, rank: int, world_size: int, accum_steps: int, batch_size: int,
+                 shuffle: bool) -> None:
+        replicas = world_size * accum_steps
+        self.replicas = [
+            RepeatAugSampler(dataset, num_replicas=replicas, rank=rank * accum_steps + a, shuffle=shuffle)
+            for a in range(accum_steps)
+        ]
+        self.batch_size = batch_size
+        self.steps = len(self.replicas[0]) // batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        streams = [list(replica) for replica in self.replicas]
+        size = self.batch_size
+        for step in range(self.steps):
+            for stream in streams:
+                yield from stream[step * size:(step + 1) * size]
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size * len(self.replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        for replica in self.replicas:
+            replica.set_epoch(epoch)
+
+
 class FolderLoader(DataLoader):
     """A DataLoader with per-epoch seeding that raises the 'stop' policy's bad-file error in the main
     process.
@@ -177,9 +212,10 @@ def resolve_dataset_root(cfg: CfgNode) -> Path:
     )
 
 
-def build_dataset(cfg: CfgNode, split: str) -> ImageListDataset:
+def build_dataset(cfg: CfgNode, split: str, *, index_targets: bool = False) -> ImageListDataset:
     """The dataset of one split ('train' or 'test'): DATASET.DATASET's published format for the names
-    `cvt.data.downstream` reads, else the folder dataset ROOT/<split>/<class>/<image>."""
+    `cvt.data.downstream` reads, else the folder dataset ROOT/<split>/<class>/<image> (classes in
+    DATASET.CLASS_MAP's order when set). `index_targets`: see `ImageListDataset`."""
     is_train = split == "train"
     options = dict(
         bad_files=cfg.DATASET.BAD_FILES,
@@ -191,7 +227,9 @@ def build_dataset(cfg: CfgNode, split: str) -> ImageListDataset:
     transform = build_transform(cfg, is_train)
     if cfg.DATASET.DATASET in DOWNSTREAM_DATASETS:
         return build_downstream_dataset(cfg.DATASET.DATASET, Path(cfg.DATASET.ROOT), split_name, transform, **options)
-    return ImageFolderDataset(resolve_dataset_root(cfg), split_name, transform, **options)
+    root = resolve_dataset_root(cfg)
+    class_map = read_class_map(cfg.DATASET.CLASS_MAP, root) if cfg.DATASET.CLASS_MAP else None
+    return ImageFolderDataset(root, split_name, transform, class_names=class_map, index_targets=index_targets, **options)
 
 
 def build_loader(
@@ -202,17 +240,19 @@ def build_loader(
     world_size: int = 1,
     class_names: Sequence[str] | None = None,
     batch_size: int | None = None,
+    index_targets: bool = False,
 ) -> tuple[DataLoader, ImageListDataset]:
     """The loader of one split ('train' or 'test') for process `rank` of `world_size`, and its dataset.
 
     `class_names` (from a checkpoint) must equal the split's class folders: a different set or
-    order would silently map predictions to the wrong classes. `batch_size` replaces the config's
-    batch per process (a fine-tuning run splits FINETUNE.BATCH_SIZE).
+    order would silently map predictions to the wrong classes. Class indices follow
+    DATASET.CLASS_MAP when set. `batch_size` replaces the config's batch per process (a fine-tuning
+    run splits FINETUNE.BATCH_SIZE). `index_targets`: see `ImageListDataset`.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     is_train = split == "train"
-    dataset = build_dataset(cfg, split)
+    dataset = build_dataset(cfg, split, index_targets=index_targets)
     if class_names is not None:
         _check_class_names(dataset, list(class_names))
 
@@ -255,9 +295,18 @@ def build_loader(
 
 
 def _train_sampler(cfg: CfgNode, dataset: ImageListDataset, rank: int, world_size: int) -> Sampler:
+    """As the release: repeated augmentation only over several replicas (processes, here also
+    gradient-accumulation steps); one process shuffles plainly, so an epoch sees every image once."""
     kind = cfg.DATASET.SAMPLER
-    if kind == "repeated_aug":
+    accum_steps = int(cfg.TRAIN.ACCUM_STEPS)
+    if kind == "repeated_aug" and accum_steps > 1:
+        return RepeatAugAccumSampler(dataset, rank=rank, world_size=world_size, accum_steps=accum_steps,
+                                     batch_size=int(cfg.TRAIN.BATCH_SIZE_PER_GPU), shuffle=cfg.TRAIN.SHUFFLE)
+    if kind == "repeated_aug" and world_size > 1:
         return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=cfg.TRAIN.SHUFFLE)
+    if kind == "repeated_aug":
+        logger.info("DATASET.SAMPLER repeated_aug: one process shuffles plainly, as the release does")
+        kind = "default"
     if kind == "default":
         return DistributedSampler(
             dataset,

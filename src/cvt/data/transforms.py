@@ -4,6 +4,8 @@ Training takes one of two paths, chosen as the release does:
 
 * AUG.TIMM_AUG.USE_LOADER or USE_TRANSFORM: timm's `create_transform` (RandAugment, random erasing,
   colour jitter, flips), the CvT-13 recipe;
+* FINETUNE.FINETUNE with FINETUNE.USE_TRAIN_AUG false: resize to (size + 32) squared, random crop,
+  horizontal flip (the release's fine-tuning augmentation);
 * otherwise the plain path: RandomResizedCrop, horizontal flip, optional colour jitter, grayscale and
   Gaussian blur, the CvT-21 recipe.
 
@@ -97,6 +99,8 @@ def build_transform(cfg: CfgNode, is_train: bool) -> Transform:
         timm_aug = cfg.AUG.TIMM_AUG
         if timm_aug.USE_LOADER or timm_aug.USE_TRANSFORM:
             return _timm_train_transform(cfg)
+        if cfg.FINETUNE.FINETUNE and not cfg.FINETUNE.USE_TRAIN_AUG:
+            return _finetune_train_transform(cfg, normalize)
         return _plain_train_transform(cfg, normalize)
 
     interpolation = interpolation_mode(cfg.TEST.INTERPOLATION, "TEST.INTERPOLATION")
@@ -157,6 +161,19 @@ def _timm_train_transform(cfg: CfgNode) -> Transform:
     )
     _patch_posterize(transform)
     return transform
+
+
+def _finetune_train_transform(cfg: CfgNode, normalize: T.Normalize) -> Transform:
+    """The release's light fine-tuning augmentation: a square resize 32 pixels above the crop, a random
+    crop and a horizontal flip."""
+    crop = cfg.TRAIN.IMAGE_SIZE[0]
+    return T.Compose([
+        T.Resize((crop + 32, crop + 32), interpolation=interpolation_mode(cfg.AUG.INTERPOLATION, "AUG.INTERPOLATION")),
+        T.RandomCrop((crop, crop)),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize,
+    ])
 
 
 def _plain_train_transform(cfg: CfgNode, normalize: T.Normalize) -> Transform:

@@ -328,7 +328,8 @@ class ConvolutionalVisionTransformer(nn.Module):
     # --- init ------------------------------------------------------------------------------------
 
     def init_weights(self, method: str = "trunc_norm") -> None:
-        """The release's init: Linear trunc-normal(.02) or xavier-uniform, zero biases; norms 1/0."""
+        """The release's init: Linear trunc-normal(.02) or xavier-uniform, zero biases; norms 1/0;
+        the head trunc-normal(.02) with PyTorch's default bias (the release's init skips the head)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 if method == "xavier":
@@ -344,7 +345,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             if stage.cls_token is not None:
                 trunc_normal_(stage.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
+            _init_head(self.head)
 
     # --- timm-style API --------------------------------------------------------------------------
 
@@ -370,13 +371,13 @@ class ConvolutionalVisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one (trunc-normal .02, zero bias)."""
+        """Replace the head with a freshly initialised one, as the release builds it (trunc-normal .02
+        weight, PyTorch's default uniform bias)."""
         self.num_classes = num_classes
         if num_classes > 0:
             device, dtype = self.norm.weight.device, self.norm.weight.dtype
             self.head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            _init_head(self.head)
         else:
             self.head = nn.Identity()
 
@@ -403,6 +404,13 @@ class ConvolutionalVisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+
+def _init_head(head: nn.Linear) -> None:
+    """The release's head: trunc-normal(.02) weight; the bias keeps nn.Linear's own init,
+    uniform(+-1/sqrt(fan_in)), drawn afresh so that a second init_weights call re-initialises it."""
+    trunc_normal_(head.weight, std=0.02)
+    bound = 1.0 / math.sqrt(head.in_features)
+    nn.init.uniform_(head.bias, -bound, bound)
 
 
 def create_model(

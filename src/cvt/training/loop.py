@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 from yacs.config import CfgNode
 
+from ..data.labels import RealLabels
 from ..errors import UserError
 from .distributed import all_gather, all_reduce_sum, broadcast_buffers, is_main_process
 
@@ -40,12 +41,13 @@ class LoopSettings:
     """What the config says about how to run the steps, resolved for one device."""
 
     device: torch.device
-    amp_dtype: torch.dtype | None  # None: autocast off
+    amp_dtype: torch.dtype | None  # training autocast; None: off
     channels_last: bool
     accum_steps: int
     clip_grad_norm: float
     nonfinite_loss: str  # 'stop' | 'skip'
     print_freq: int
+    eval_amp_dtype: torch.dtype | None = None  # evaluation autocast; None: float32, as the release tests
 
     @classmethod
     def from_config(cls, cfg: CfgNode, device: torch.device) -> LoopSettings:
@@ -57,6 +59,7 @@ class LoopSettings:
             clip_grad_norm=float(cfg.FINETUNE.CLIP_GRAD_NORM if cfg.FINETUNE.FINETUNE else cfg.TRAIN.CLIP_GRAD_NORM),
             nonfinite_loss=cfg.TRAIN.NONFINITE_LOSS,
             print_freq=int(cfg.PRINT_FREQ),
+            eval_amp_dtype=eval_autocast_dtype(cfg, device),
         )
 
     @property
@@ -67,6 +70,9 @@ class LoopSettings:
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def eval_autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.eval_amp_dtype, enabled=self.eval_amp_dtype is not None)
+
     def to_device(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(self.device, non_blocking=True, memory_format=fmt)
@@ -74,16 +80,22 @@ class LoopSettings:
 
 
 def autocast_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype AMP.ENABLED / AMP.DTYPE ask for on `device`, or None for full float32."""
-    if not cfg.AMP.ENABLED:
-        return None
-    wanted = cfg.AMP.DTYPE
+    """The training autocast dtype AMP.ENABLED / AMP.DTYPE ask for on `device`, or None for float32."""
+    return _amp_dtype(cfg.AMP.DTYPE, device) if cfg.AMP.ENABLED else None
+
+
+def eval_autocast_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
+    """The evaluation autocast dtype: None (float32, as the release tests) unless TEST.AMP."""
+    return _amp_dtype(cfg.AMP.DTYPE, device) if cfg.TEST.AMP else None
+
+
+def _amp_dtype(wanted: str, device: torch.device) -> torch.dtype:
+    """AMP.DTYPE on `device`. 'auto' is the release's float16 (with a gradient scaler) on CUDA and
+    bfloat16 on the CPU, whose autocast has no fast float16 path."""
     if device.type != "cuda":
         if wanted == "float16":
             raise UserError("AMP.DTYPE float16 needs a CUDA GPU; on the CPU use bfloat16 (or 'auto')")
         return torch.bfloat16
-    if wanted == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if wanted == "bfloat16" else torch.float16
 
 
@@ -133,6 +145,7 @@ class EpochResult:
     time_s: float
     steps: int  # optimizer steps taken
     skipped_steps: int  # steps dropped for a non-finite loss
+    overflow_steps: int | None  # steps the float16 gradient scaler skipped on overflow; None: no scaler
     interrupted: bool  # a stop was requested; the epoch ended early
 
     @property
@@ -149,7 +162,7 @@ class EpochTally:
     """The running sums of one epoch, kept on the device so a step costs no host sync: the loss of
     the optimizer step being accumulated (its micro-batches), and of the steps taken so far."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, counts_overflows: bool = False) -> None:
         self.device = device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.images = 0
@@ -158,6 +171,8 @@ class EpochTally:
         self.group_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.group_images = 0
         self.group_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        # Steps the gradient scaler skipped, on the device; None without a scaler.
+        self.overflows = torch.zeros((), dtype=torch.long, device=device) if counts_overflows else None
         self.start = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, batch: int) -> None:
@@ -165,8 +180,11 @@ class EpochTally:
         self.group_images += batch
         self.group_nonfinite |= ~torch.isfinite(loss.detach())
 
-    def end_step(self, taken: bool) -> None:
-        """Close the optimizer step: its loss counts if it was taken, not if it was skipped."""
+    def end_step(self, taken: bool, overflow: torch.Tensor | None = None) -> None:
+        """Close the optimizer step: its loss counts if it was taken, not if it was skipped for a
+        non-finite loss. `overflow` (a device bool) says the gradient scaler skipped it."""
+        if overflow is not None and self.overflows is not None:
+            self.overflows += overflow
         if taken:
             self.loss_sum += self.group_loss_sum
             self.images += self.group_images
@@ -195,6 +213,8 @@ class EpochTally:
             time_s=time.perf_counter() - self.start,
             steps=self.steps,
             skipped_steps=self.skipped,
+            # Every rank's scaler saw the same all-reduced gradients, so the local count is the count.
+            overflow_steps=None if self.overflows is None else int(self.overflows.item()),
             interrupted=interrupted,
         )
 
@@ -235,7 +255,7 @@ def train_one_epoch(
     lr = optimizer.param_groups[-1]["lr"]  # the last group's: the head's under layer-wise decay
     progress = _Progress(label or f"epoch {epoch}", num_batches, settings.print_freq, world_size)
     _sync(settings.device)
-    tally = EpochTally(settings.device)
+    tally = EpochTally(settings.device, counts_overflows=scaler.is_enabled())
     interrupted = False
     optimizer.zero_grad(set_to_none=True)
     for index, (images, targets, skipped_files) in enumerate(loader):
@@ -253,20 +273,25 @@ def train_one_epoch(
         # One collective per optimizer step carries both decisions every rank must share.
         flags = torch.stack([tally.group_nonfinite.float(), torch.tensor(float(stop_requested()), device=settings.device)])
         nonfinite_ranks, stop_ranks = all_reduce_sum(flags).tolist()
+        overflow = None
         if nonfinite_ranks:
             _nonfinite_step(settings, epoch, tally, index)
         else:
             if before_step is not None:
                 before_step(tally.steps)
-            _optimizer_step(model, optimizer, settings, scaler, ema)
-        tally.end_step(taken=not nonfinite_ranks)
+            overflow = _optimizer_step(model, optimizer, settings, scaler, ema)
+        tally.end_step(taken=not nonfinite_ranks, overflow=overflow)
         optimizer.zero_grad(set_to_none=True)
         progress.step_done(tally, optimizer.param_groups[-1]["lr"], index)
         if stop_ranks:
             interrupted = True
             break
     progress.close()
-    return tally.result(lr, interrupted)
+    result = tally.result(lr, interrupted)
+    if result.overflow_steps:
+        log.info("epoch %d: the float16 gradient scaler skipped %d of %d optimizer steps (gradient overflow; "
+                 "the scale was lowered)", epoch, result.overflow_steps, result.steps)
+    return result
 
 
 def _forward_backward(
@@ -289,7 +314,10 @@ def _forward_backward(
 def _optimizer_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings,
     scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None,
-) -> None:
+) -> torch.Tensor | None:
+    """Clip, step and update; returns whether the gradient scaler skipped the step (a device bool,
+    read without a host sync: the scaler lowers its scale exactly when it skips), or None without one."""
+    scale_before = scaler._get_scale_async().clone() if scaler.is_enabled() else None
     if settings.clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -298,6 +326,7 @@ def _optimizer_step(
     scaler.update()
     if ema is not None:
         ema.update(unwrap_model(model))
+    return None if scale_before is None else scaler._get_scale_async() < scale_before
 
 
 def _nonfinite_step(settings: LoopSettings, epoch: int, tally: EpochTally, index: int) -> None:
@@ -345,8 +374,14 @@ def evaluate(
     settings: LoopSettings,
     *,
     bad_files: BadFileLog | None = None,
+    valid_labels: Sequence[int] | None = None,
+    real_labels: RealLabels | None = None,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of `model` over `loader`.
+
+    `valid_labels` (TEST.VALID_LABELS): only those logit columns, in index order, before loss and
+    accuracy, as the release. `real_labels` (TEST.REAL_LABELS): the loader's targets are sample indices
+    into it, and ImageNet-ReaL top-1/top-5 (`real_top1`, `real_top5`) are added, counted like the rest.
 
     Every rank sums its per-image losses and correct counts; the sums are all-reduced and divided
     once. The correct counts are integers, so top-1 and top-5 do not depend on how the images were
@@ -357,16 +392,23 @@ def evaluate(
     """
     model.eval()
     bad_files = bad_files or BadFileLog()
-    # loss sum, top-1 correct, top-5 correct, images
-    sums = torch.zeros(4, dtype=torch.float64, device=settings.device)
+    columns = None if valid_labels is None else torch.tensor(list(valid_labels), device=settings.device)
+    real = None if real_labels is None else real_labels.to(settings.device)
+    # loss sum, top-1 correct, top-5 correct, images; ReaL top-1, top-5, images with ReaL labels
+    sums = torch.zeros(7, dtype=torch.float64, device=settings.device)
     for images, targets, skipped_files in loader:
         bad_files.add(skipped_files)
         if images.shape[0] == 0:  # every file of this batch was unreadable
             continue
         images, targets = settings.to_device(images, targets)
-        with settings.autocast():
+        samples = targets
+        if real is not None:
+            targets = real.targets[samples]
+        with settings.eval_autocast():
             output = model(images)
         output = output.float()
+        if columns is not None:
+            output = output.index_select(1, columns)
         losses = F.cross_entropy(output, targets, reduction="none")
         k = min(5, output.shape[1])
         top = output.topk(k, dim=1).indices
@@ -375,10 +417,16 @@ def evaluate(
         sums[1] += hits[:, :1].sum()
         sums[2] += hits.sum()
         sums[3] += targets.shape[0]
-    loss_sum, top1, top5, count = all_reduce_sum(sums).tolist()
+        if real is not None:
+            sums[4:] += real.hits(top, samples)
+    loss_sum, top1, top5, count, real_top1, real_top5, real_count = all_reduce_sum(sums).tolist()
     if count == 0:
         raise UserError("evaluation saw no readable image; check the test split's folder and files")
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "images": int(count)}
+    metrics = {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "images": int(count)}
+    if real is not None:
+        metrics.update(real_top1=100.0 * real_top1 / max(real_count, 1), real_top5=100.0 * real_top5 / max(real_count, 1),
+                       real_images=int(real_count))
+    return metrics
 
 
 def evaluate_with_ema(

@@ -44,7 +44,8 @@ from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..config import output_dir, save_config
-from ..data import build_loader, build_mixup, check_same_classes
+from ..data import ImageFolderDataset, build_loader, build_mixup, check_same_classes, resolve_dataset_root
+from ..data.labels import REAL_LABELS_FILE, RealLabels, read_valid_labels
 from ..errors import UserError
 from ..files import append_jsonl, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
@@ -220,7 +221,10 @@ def _initial_model(cfg: CfgNode, with_pretrained: bool) -> ConvolutionalVisionTr
         torch.default_generator.manual_seed(int(cfg.SEED))  # the CPU generator only: CUDA's stays per rank
         model = build_model(cfg)
     if cfg.MODEL.PRETRAINED and with_pretrained:
-        load_pretrained(cfg, model)
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_pretrained(cfg, model)
+        else:  # the release's model builder loads MODEL.PRETRAINED only under MODEL.INIT_WEIGHTS
+            log.warning("MODEL.PRETRAINED %s not loaded: MODEL.INIT_WEIGHTS is false", cfg.MODEL.PRETRAINED)
     return model
 
 
@@ -396,6 +400,8 @@ def _epoch_record(epoch: int, lr: float, result: EpochResult, val: dict[str, flo
     }
     if result.skipped_steps:
         record["skipped_steps"] = result.skipped_steps
+    if result.overflow_steps is not None:
+        record["scaler_skipped_steps"] = result.overflow_steps
     if ema_val:
         record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
     return record
@@ -433,7 +439,7 @@ def _finish(run: TrainingRun) -> dict[str, Any]:
 
 
 def test(cfg: CfgNode) -> dict[str, Any]:
-    """Evaluate TEST.MODEL_FILE (default: the run folder's final_state.pth) on DATASET.TEST_SET.
+    """Evaluate TEST.MODEL_FILE (default, as the release: the run folder's model_best.pth) on DATASET.TEST_SET.
 
     Prints top-1, top-5 and loss and writes test_metrics.json in the run folder. The numbers are
     the same for any number of processes.
@@ -444,19 +450,42 @@ def test(cfg: CfgNode) -> dict[str, Any]:
         return _test(cfg, env, folder)
 
 
+def _test_data(
+    cfg: CfgNode, env: DistEnv, class_names: list[str] | None
+) -> tuple[DataLoader, ImageFolderDataset, list[int] | None, RealLabels | None]:
+    """The test loader and dataset, with TEST.VALID_LABELS (the class subset the folder holds) and
+    TEST.REAL_LABELS (ImageNet-ReaL labels of its images, the loader's targets then being sample indices)."""
+    valid_labels = read_valid_labels(cfg.TEST.VALID_LABELS, cfg.MODEL.NUM_CLASSES) if cfg.TEST.VALID_LABELS else None
+    if class_names is not None and valid_labels is not None:
+        class_names = [class_names[i] for i in valid_labels]
+    # A checkpoint that knows its classes maps its outputs by name; build_loader checks the folders match.
+    loader, dataset = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size, class_names=class_names,
+                                   index_targets=cfg.TEST.REAL_LABELS)
+    if valid_labels is None:
+        _check_num_classes(cfg, list(dataset.classes), dataset.split_dir)
+    elif len(dataset.classes) != len(valid_labels):
+        raise UserError(
+            f"TEST.VALID_LABELS names {len(valid_labels)} classes but {dataset.split_dir} has {len(dataset.classes)} "
+            "class folders; test on a folder holding exactly those classes, in index order"
+        )
+    real_labels = None
+    if cfg.TEST.REAL_LABELS:
+        real_labels = RealLabels.read(resolve_dataset_root(cfg) / REAL_LABELS_FILE, dataset.samples)
+    return loader, dataset, valid_labels, real_labels
+
+
 def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
-    model_file = Path(cfg.TEST.MODEL_FILE) if cfg.TEST.MODEL_FILE else folder / FINAL_STATE
+    model_file = Path(cfg.TEST.MODEL_FILE) if cfg.TEST.MODEL_FILE else folder / MODEL_BEST
     if not cfg.TEST.MODEL_FILE and not model_file.exists():
         raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
+    log.info("testing %s", model_file)
     ckpt = read_checkpoint(model_file)
     if ckpt.num_classes is not None and ckpt.num_classes != cfg.MODEL.NUM_CLASSES:
         raise UserError(
             f"{model_file} has a {ckpt.num_classes}-class head but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}; "
             f"set MODEL.NUM_CLASSES {ckpt.num_classes} (and test on a folder with those classes)"
         )
-    # A checkpoint that knows its classes maps its outputs by name; build_loader checks the folders match.
-    loader, dataset = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size, class_names=ckpt.class_names)
-    _check_num_classes(cfg, list(dataset.classes), dataset.split_dir)
+    loader, dataset, valid_labels, real_labels = _test_data(cfg, env, ckpt.class_names)
 
     model = build_model(cfg)
     load_checkpoint(model, ckpt)
@@ -464,7 +493,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
     model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     bad_files = BadFileLog()
     start = time.perf_counter()
-    metrics = evaluate(model, loader, settings, bad_files=bad_files)
+    metrics = evaluate(model, loader, settings, bad_files=bad_files, valid_labels=valid_labels, real_labels=real_labels)
     elapsed = time.perf_counter() - start
     result: dict[str, Any] = {
         "model_file": str(model_file),
@@ -472,6 +501,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
         "top1": metrics["top1"],
         "top5": metrics["top5"],
         "loss": metrics["loss"],
+        **{key: metrics[key] for key in ("real_top1", "real_top5", "real_images") if key in metrics},
         "images": metrics["images"],
         "skipped_files": bad_files.count_over_ranks(),
         "processes": env.world_size,
@@ -483,5 +513,8 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
             "test %s on %s: top-1 %.3f%%, top-5 %.3f%%, loss %.4f (%d images)",
             model_file, dataset.split_dir, result["top1"], result["top5"], result["loss"], result["images"],
         )
+        if real_labels is not None:
+            log.info("ImageNet-ReaL: top-1 %.3f%%, top-5 %.3f%% (%d images with ReaL labels)",
+                     result["real_top1"], result["real_top5"], result["real_images"])
     result["output_dir"] = str(folder)
     return result
