@@ -13,7 +13,6 @@ import cvt.training.finetune as finetune_module
 from cvt import UserError
 from cvt.config import list_experiments, load_config
 from cvt.data import build_loader
-from cvt.models.cvt import create_model
 from cvt.training.optim import build_optimizer, build_step_scheduler, layer_depths
 from cvt.training.run import TrainingInterrupted, build_model, train
 from cvt.weights.export import save_official
@@ -21,7 +20,6 @@ from cvt.weights.read import read_checkpoint
 
 from helpers import (
     CLASSES,
-    PET_BREEDS,
     TINY_SPEC,
     config,
     make_cifar,

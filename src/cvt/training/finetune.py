@@ -220,8 +220,15 @@ def _train_steps(run: StepRun, train_model: nn.Module, start: int, end: int, ste
         lr=run.optimizer.param_groups[-1]["lr"],  # the last step's (the head's under layer-wise decay)
         loss=sum(p.loss * p.images for p in parts) / images if images else float("nan"),
         images=images, time_s=sum(p.time_s for p in parts), steps=step - start,
-        skipped_steps=sum(p.skipped_steps for p in parts), interrupted=any(p.interrupted for p in parts),
+        skipped_steps=sum(p.skipped_steps for p in parts),
+        overflow_steps=_total_overflows(parts),
+        interrupted=any(p.interrupted for p in parts),
     )
+
+
+def _total_overflows(parts: list[EpochResult]) -> int | None:
+    counts = [p.overflow_steps for p in parts if p.overflow_steps is not None]
+    return sum(counts) if counts else None
 
 
 def _stop_mid_segment(run: StepRun, step: int, stop: StopSignals) -> None:
