@@ -169,7 +169,11 @@ def _list_images(class_dir: Path, split_dir: Path, walked: set[str]) -> list[str
     walked.add(os.path.realpath(class_dir))
     while pending:
         folder = pending.pop()
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:  # as os.walk, go on without it; unlike it, say so
+            logger.warning("%s: cannot list this folder (%s): its images are left out", folder, e.strerror or e)
+            continue
         subfolders: list[str] = []
         for entry in entries:
             if _is_hidden(entry.name):
