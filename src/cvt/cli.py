@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="checkpoint: any supported format")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--cfg", help="experiment file or name, if the checkpoint does not say its architecture")
+    p.add_argument("--force", action="store_true", help="hf: replace files already in the output folder")
     p.add_argument("output", help="output file (official, safetensors) or folder (hf)")
 
     sub.add_parser("list", help="model names and packaged experiment files")
@@ -161,7 +162,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .weights.export import export_checkpoint
 
-    model = export_checkpoint(args.weights, args.format, args.output, cfg_file=args.cfg)
+    model = export_checkpoint(args.weights, args.format, args.output, cfg_file=args.cfg, force=args.force)
     print(f"wrote {args.output} ({args.format} layout, {model.num_classes} classes)")
     return 0
 
@@ -193,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    for stream in (sys.stdout, sys.stderr):
+        # File names need not be UTF-8 (they reach us as surrogate escapes): print them escaped,
+        # under any console encoding, rather than die mid-output.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _COMMANDS[args.command](args)
@@ -205,6 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`cvt predict ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except RuntimeError as e:
+        # torch reports a killed data-loader worker wherever the main process happens to be
+        from .data.loader import worker_failure
+
+        failure = worker_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 2
     except OSError as e:  # a path the system refused (permissions, disk full, a file in the way)
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)

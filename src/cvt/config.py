@@ -9,8 +9,10 @@ a float is expected, a list where a tuple is, 'true'/'false' strings for boolean
 from __future__ import annotations
 
 import ast
+import codecs
 import difflib
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -34,6 +36,7 @@ __all__ = [
     "save_config",
     "config_from_settings",
     "config_from_yaml_text",
+    "settings_from_yaml_text",
     "settings_as_opts",
     "spec_from_config",
 ]
@@ -59,6 +62,11 @@ FINETUNE_DECAY_TYPES = ("step", "cosine", "linear")
 # DATASET.DATASET names read in their published on-disk formats (cvt.data.downstream); any other name
 # is a folder dataset, ROOT/<split>/<class>/<image>.
 DOWNSTREAM_DATASETS = ("cifar10", "cifar100", "pets", "flowers102")
+EARLIER_RESULTS_ACTIONS = ("refuse", "move", "overwrite")
+# Experiment files nest a few levels; these limits stop a crafted file (5,000 levels, an alias bomb)
+# long before it costs a RecursionError or gigabytes.
+MAX_YAML_DEPTH = 100
+MAX_YAML_NODES = 100_000  # after expanding aliases
 # PIL's integer resampling codes, as the release's config stores interpolation, and their names.
 PIL_INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 # PIL's own default limit: about 89 megapixels, far above any training image.
@@ -242,6 +250,10 @@ def get_defaults() -> CfgNode:
 
     cfg.TRAIN = CfgNode()
     cfg.TRAIN.AUTO_RESUME = True
+    # Ours: a fresh start in a run folder that holds an earlier run's results (metrics.jsonl,
+    # model_best.pth, final_state.pth) but nothing to resume: 'refuse' (one line), 'move' them into
+    # a subfolder earlier-<date-time>/, or 'overwrite' them.
+    cfg.TRAIN.EARLIER_RESULTS = "refuse"
     cfg.TRAIN.CHECKPOINT = ""
     cfg.TRAIN.LR_SCHEDULER = CfgNode()
     cfg.TRAIN.LR_SCHEDULER.METHOD = "timm"
@@ -476,13 +488,100 @@ def _merge(node: CfgNode, data: Mapping[Any, Any], source: str, root: CfgNode, p
             node[key] = _coerce(value, current, full_key, source)
 
 
+class _YamlLimitError(Exception):
+    """A config file `_ConfigLoader` refuses; the message says why."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (YAML says a mapping's keys are unique; PyYAML
+    silently keeps the last), nesting deeper than MAX_YAML_DEPTH, and aliases that expand to more
+    than MAX_YAML_NODES nodes or refer to themselves."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _YamlLimitError(f"nested more than {MAX_YAML_DEPTH} levels deep (at line {line})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node, {}, set())
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in first_line:
+                raise _YamlLimitError(f"duplicate key {key_node.value!r} at lines {first_line[key_node.value]} and {line}")
+            first_line[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes `node` becomes once its aliases are copied out (memoised: linear time)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _YamlLimitError(f"an alias refers to itself (at line {node.start_mark.line + 1})")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    if size > MAX_YAML_NODES:
+        raise _YamlLimitError(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
+    sizes[key] = size
+    return size
+
+
+def _decode_config(raw: bytes, source: str) -> str:
+    """UTF-8 text, or a one-line error naming the encoding the file has instead."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"config file {source} is UTF-16 encoded (PowerShell's default); save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"config file {source} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}; "
+            "a binary file?); give a YAML file saved as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise UserError(f"config file {source} holds NUL bytes (UTF-16 without a byte order mark, or a binary file); save it as UTF-8")
+    return text
+
+
+def _safe_yaml(text: str) -> Any:
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read config file {str(path)!r}: {e.strerror}; check the path") from None
+    text = _decode_config(raw, repr(str(path)))
     try:
-        data = yaml.safe_load(text)
+        data = _safe_yaml(text)
+    except _YamlLimitError as e:
+        raise UserError(f"config file {str(path)!r}: {e}; fix the file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -615,9 +714,21 @@ def _require_choice(key: str, value: str, choices: Sequence[str], *, ignore_case
 
 def validate_config(cfg: CfgNode) -> None:
     """Refuse values no run could use, with one line naming the key; called by `load_config`."""
+    _validate_finite(cfg)
     _validate_numbers(cfg)
     _validate_choices(cfg)
     _validate_model_and_sizes(cfg)
+
+
+def _validate_finite(node: CfgNode, prefix: str = "") -> None:
+    """No key takes inf or NaN (`1e400` reads as inf): they would fail only at the first step."""
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            _validate_finite(value, f"{prefix}{key}.")
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+            _require(False, prefix + key, value, "a finite number")
 
 
 def _validate_numbers(cfg: CfgNode) -> None:
@@ -698,6 +809,7 @@ def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("TRAIN.OPTIMIZER", cfg.TRAIN.OPTIMIZER, OPTIMIZERS, ignore_case=True)
     _require_choice("DATASET.SAMPLER", cfg.DATASET.SAMPLER, SAMPLERS)
     _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATIONS)
+    _require_choice("TRAIN.EARLIER_RESULTS", cfg.TRAIN.EARLIER_RESULTS, EARLIER_RESULTS_ACTIONS)
     _require_choice("TRAIN.NONFINITE_LOSS", cfg.TRAIN.NONFINITE_LOSS, NONFINITE_LOSS_ACTIONS)
     _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_POLICIES)
     _require_choice("AUG.MIXUP_MODE", cfg.AUG.MIXUP_MODE, MIXUP_MODES)
@@ -753,15 +865,22 @@ def config_from_settings(settings: Mapping[str, Any]) -> CfgNode:
     return load_config(None, settings_as_opts(settings), warn=False)
 
 
+def settings_from_yaml_text(text: str, source: str) -> dict[str, Any]:
+    """The nested {key: value} mapping of a stored config (YAML text, as `save_config` writes)."""
+    try:
+        data = _safe_yaml(text)
+    except (yaml.YAMLError, _YamlLimitError) as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = f"{getattr(e, 'problem', None) or e}" + (f" at line {mark.line + 1}" if mark is not None else "")
+        raise UserError(f"{source} is not valid YAML ({problem}); give the experiment file with --cfg") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source} is not a mapping of config keys; give the experiment file with --cfg")
+    return data
+
+
 def config_from_yaml_text(text: str, source: str) -> CfgNode:
     """A stored config (YAML text, as `save_config` writes), validated as any experiment file is."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise UserError(f"{source} is not valid YAML; give the experiment file with --cfg") from None
-    if not isinstance(data, Mapping):
-        raise UserError(f"{source} is not a mapping of config keys; give the experiment file with --cfg")
-    return config_from_settings(data)
+    return config_from_settings(settings_from_yaml_text(text, source))
 
 
 def output_dir(cfg: CfgNode) -> Path:

@@ -5,6 +5,9 @@ folder name in sorted order). What differs is what happens when something is wro
 
 * a missing split, a split with no class folders or with no images stops with one `UserError` line
   before any training starts;
+* class folders may hold links, to files and to folders outside the split; a link back into the
+  split or to a folder above it (a loop, or another class's images) is not followed, and said once;
+* EXIF orientation is applied on load, so a phone photo trains upright, as it is displayed;
 * an unreadable image (empty, truncated, not an image, a decompression bomb) never crashes a run that
   is hours in: with ``bad_files='skip'`` it is reported through the batch and replaced (training) or
   dropped (evaluation); with ``bad_files='stop'`` it stops the run naming the file.
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, get_worker_info
 
 from ..config import BAD_FILE_POLICIES, DEFAULT_MAX_IMAGE_PIXELS
@@ -42,7 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+    ".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
 )
 
 BadFile = tuple[str, str]
@@ -92,6 +95,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                     "allowed (a decompression bomb?); raise DATASET.MAX_IMAGE_PIXELS if it is genuine",
                 )
             image.load()  # decode now, while the file is open, so errors surface here
+            image = ImageOps.exif_transpose(image)  # upright, as viewers show it
     except BadImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -148,16 +152,45 @@ def _find_classes(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
 
 
-def _list_images(class_dir: Path) -> list[str]:
-    """Image files under one class folder (subfolders included, as torchvision's), sorted."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _list_images(class_dir: Path, split_dir: Path, walked: set[str]) -> list[str]:
+    """Image files under one class folder (subfolders included, as torchvision's), sorted.
+
+    Links to files are followed, and links to folders outside the split folder; a folder already in
+    `walked` (real paths, shared by the split's classes) is never entered twice, and a link into
+    the split or above it is not followed: a link to '.' would count images again, one to '..' take
+    another class's images, and together they would walk forever.
+    """
+    split_real = os.path.realpath(split_dir)
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))  # deterministic walk order
-        found.extend(
-            os.path.join(dirpath, name)
-            for name in sorted(filenames)
-            if not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
-        )
+    pending = [str(class_dir)]
+    walked.add(os.path.realpath(class_dir))
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:  # as os.walk, go on without it; unlike it, say so
+            logger.warning("%s: cannot list this folder (%s): its images are left out", folder, e.strerror or e)
+            continue
+        subfolders: list[str] = []
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            if not entry.is_dir():
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(entry.path)
+                continue
+            real = os.path.realpath(entry.path)
+            looping = entry.is_symlink() and (_inside(real, split_real) or _inside(split_real, real))
+            if looping or real in walked:
+                logger.warning("%s: a link to %s, a folder already in the dataset's walk: not followed", entry.path, real)
+                continue
+            walked.add(real)
+            subfolders.append(entry.path)
+        pending.extend(reversed(subfolders))  # depth first in name order, as os.walk's top-down walk
     return found
 
 
@@ -266,8 +299,9 @@ class ImageFolderDataset(ImageListDataset):
             )
         samples: list[tuple[str, int]] = []
         empty: list[str] = []
+        walked = {os.path.realpath(split_dir / name) for name in classes}
         for index, name in enumerate(classes):
-            files = _list_images(split_dir / name)
+            files = _list_images(split_dir / name, split_dir, walked)
             if not files:
                 empty.append(name)
             samples.extend((path, index) for path in files)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 from collections.abc import Iterator, Sequence, Sized
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "build_loader",
     "build_mixup",
     "resolve_dataset_root",
+    "worker_failure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,10 +193,43 @@ class FolderLoader(DataLoader):
         self.generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in super().__iter__():
-            if self.stop_on_bad and batch[2]:
-                raise stop_error(batch[2][0])
-            yield batch
+        try:
+            for batch in super().__iter__():
+                if self.stop_on_bad and batch[2]:
+                    raise stop_error(batch[2][0])
+                yield batch
+        except UserError as e:
+            raise _unwrapped(e) from None
+        except RuntimeError as e:
+            failure = worker_failure(e)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+def _unwrapped(error: UserError) -> UserError:
+    """A UserError raised in a worker process reaches this one with the worker's traceback in its
+    message: keep the one line it was raised with."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught UserError in DataLoader worker"):
+        return UserError(lines[-1].split(": ", 1)[-1])
+    return error
+
+
+_WORKER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (exited unexpectedly|is killed by signal: [^.]+)")
+
+
+def worker_failure(error: BaseException) -> UserError | None:
+    """The one-line error for torch's report of a data-loader worker that died (killed by the
+    system, usually for memory), or None when `error` is something else."""
+    match = _WORKER_DEATH.search(str(error))
+    if match is None:
+        return None
+    pids, how = match.groups()
+    return UserError(
+        f"data-loader worker process {pids.strip()} {how} (the system kills workers when memory runs out); "
+        "the last saved checkpoint is intact: run the same command again, with fewer WORKERS if memory is short"
+    )
 
 
 def resolve_dataset_root(cfg: CfgNode) -> Path:
@@ -321,12 +356,14 @@ def _train_sampler(cfg: CfgNode, dataset: ImageListDataset, rank: int, world_siz
 
 def _detach_from_stop_signals(worker_id: int) -> None:
     """A worker's own process group (see the module docstring), and the default handlers back: a
-    forked worker inherits the training process's SIGINT/SIGTERM handler, which would log a stop
+    forked worker inherits the training process's SIGINT/SIGTERM/SIGHUP handler, which would log a stop
     request it cannot act on and keep the DataLoader from terminating a stuck worker."""
     if hasattr(os, "setpgid"):  # POSIX
         os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _check_class_names(dataset: ImageListDataset, expected: list[str]) -> None:

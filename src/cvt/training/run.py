@@ -17,7 +17,11 @@ TRAIN.CHECKPOINT when set) at the first epoch not completed, restoring weights, 
 EMA, best top-1 and every rank's random number generators. With DETERMINISTIC the resumed run's
 weights equal an uninterrupted run's, bit for bit.
 
-Signals: SIGINT or SIGTERM lets the current optimizer step finish, then every rank stops at that same
+A fresh start never destroys an earlier run's results: in a folder that holds them with nothing to
+resume from, TRAIN.EARLIER_RESULTS says whether to refuse (the default), move them into a subfolder,
+or overwrite them. A lock (`.lock`) keeps a second run out of a folder in use.
+
+Signals: SIGINT, SIGTERM or SIGHUP lets the current optimizer step finish, then every rank stops at that same
 step. The run saves checkpoint.pth with the interrupted epoch marked not completed, holding the
 weights reached mid-epoch, so a resume redoes that epoch from them; under DETERMINISTIC the partial
 epoch is discarded instead and the checkpoint of the last completed epoch is kept, so the resumed
@@ -26,6 +30,7 @@ A second signal aborts at once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -55,7 +60,7 @@ from ..weights.read import read_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
-from .session import StopSignals, TrainingInterrupted, reproducibility, run_logging
+from .session import LOCK_FILE, StopSignals, TrainingInterrupted, lock_run_folder, reproducibility, run_logging
 from .finetune import TrainModes, finetune_batch_per_process, freeze_layers, frozen_prefixes, run_steps
 from .optim import build_step_scheduler
 from .state import (
@@ -153,24 +158,60 @@ def train(cfg: CfgNode) -> dict[str, Any]:
     """
     folder = output_dir(cfg)
     env = init_distributed(float(cfg.DIST_TIMEOUT_S), cfg.DIST_BACKEND)
-    with run_logging(folder if env.is_main else None, env.is_main), reproducibility(cfg, env.rank), \
-            StopSignals() as stop:
+    with lock_run_folder(folder) if env.is_main else contextlib.nullcontext() as took_over:
         resume_from = _resume_path(cfg, folder)
-        run = _set_up(cfg, env, folder, resume_from)
-        if resume_from is not None:
-            _resume(run, resume_from)
-        if cfg.FINETUNE.FINETUNE:
-            run_steps(run, stop, *_wrap(run.model, cfg, env))
-        else:
-            _run_epochs(run, stop)
-        return _finish(run)
+        moved = _keep_earlier_results(cfg, folder, resume_from, env.is_main)  # before log.txt opens: it may move
+        with run_logging(folder if env.is_main else None, env.is_main), reproducibility(cfg, env.rank), \
+                StopSignals() as stop:
+            for line in (took_over, moved):
+                if line:
+                    log.warning("%s", line)
+            run = _set_up(cfg, env, folder, resume_from)
+            if resume_from is not None:
+                _resume(run, resume_from)
+            if env.is_main:  # after the resume, which may refuse this config: config.yaml is what applies
+                save_config(cfg, folder / "config.yaml")
+            if cfg.FINETUNE.FINETUNE:
+                run_steps(run, stop, *_wrap(run.model, cfg, env))
+            else:
+                _run_epochs(run, stop)
+            return _finish(run)
+
+
+def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, is_main: bool) -> str | None:
+    """A fresh start in a folder holding an earlier run's results: refuse, move them aside or overwrite
+    them, as TRAIN.EARLIER_RESULTS says; returns the line to log."""
+    found = [name for name in (METRICS, MODEL_BEST, FINAL_STATE, CHECKPOINT) if (folder / name).exists()]
+    if resume_from is not None or not found:
+        return None
+    action, listed = cfg.TRAIN.EARLIER_RESULTS, ", ".join(found)
+    if action == "overwrite":
+        return f"starting afresh over the earlier results in {folder} ({listed}): TRAIN.EARLIER_RESULTS overwrite"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder / f"earlier-{stamp}"
+    if action == "refuse":
+        why = "TRAIN.AUTO_RESUME is off" if cfg.TRAIN.AUTO_RESUME is False else f"there is no {CHECKPOINT} to resume from"
+        raise UserError(
+            f"{folder} holds an earlier run's results ({listed}) and {why}, so this run would replace them; "
+            f"set TRAIN.EARLIER_RESULTS move to keep them (in {aside.name}/ there), TRAIN.EARLIER_RESULTS "
+            "overwrite to discard them, or give this run another NAME / OUTPUT_DIR"
+        )
+    if is_main:
+        for n in range(1, 1000):  # two moves within one second get distinct folders
+            if not aside.exists():
+                break
+            aside = folder / f"earlier-{stamp}-{n}"
+        aside.mkdir()
+        for entry in sorted(folder.iterdir()):
+            if entry.name != LOCK_FILE and not entry.name.startswith("earlier-"):
+                entry.rename(aside / entry.name)
+    return f"moved the earlier run's results in {folder} to {aside}/ (TRAIN.EARLIER_RESULTS move)"
 
 
 def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) -> TrainingRun:
     """The run folder's config, the data, and the model with its optimizer, schedule, EMA and loss."""
     settings = LoopSettings.from_config(cfg, env.device)
     if env.is_main:
-        save_config(cfg, folder / "config.yaml")
         log.info("run folder %s; %d process(es) on %s", folder, env.world_size, env.device)
     finetune = bool(cfg.FINETUNE.FINETUNE)
     batch = finetune_batch_per_process(cfg, env.world_size) if finetune else int(cfg.TRAIN.BATCH_SIZE_PER_GPU)
@@ -260,6 +301,8 @@ def _resume_path(cfg: CfgNode, folder: Path) -> Path | None:
             raise UserError(f"TRAIN.CHECKPOINT {str(path)!r} does not exist; fix the path or clear the key to start afresh")
         return path
     path = folder / CHECKPOINT
+    if path.exists() and not path.is_file():  # found now, not when the first epoch's save fails
+        raise UserError(f"{path} is not a file (a folder?), but the run saves its checkpoint there; move it away")
     return path if cfg.TRAIN.AUTO_RESUME and path.is_file() else None
 
 

@@ -1,13 +1,17 @@
-"""What a training or test process sets up around its work: logging to the run folder, seeded
-generators and cuDNN switches, and the signals that ask a run to stop after the current step."""
+"""What a training or test process sets up around its work: the lock on the run folder, logging to
+it, seeded generators and cuDNN switches, and the signals that ask a run to stop after the current
+step."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
 import signal
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -17,11 +21,19 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from ..errors import UserError
 from ..files import ensure_folder
 
-__all__ = ["StopSignals", "TrainingInterrupted", "reproducibility", "run_logging"]
+try:
+    import fcntl
+except ImportError:  # Windows: runs there go unlocked
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_FILE", "StopSignals", "TrainingInterrupted", "lock_run_folder", "reproducibility", "run_logging"]
 
 log = logging.getLogger("cvt")
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -37,8 +49,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second one
-    aborts immediately. Installed only in the main thread (Python delivers signals only there).
+    """Turns the first SIGINT/SIGTERM/SIGHUP into a request to stop after the current step; a second
+    one aborts immediately. Installed only in the main thread (Python delivers signals only there).
+    SIGHUP (a closed terminal or ssh session) gets the same resumable save as SIGTERM.
 
     Under torchrun a Ctrl-C reaches every worker twice, from the terminal and forwarded by the agent,
     so there repeats are ignored: the agent itself escalates to SIGKILL after its shutdown timeout.
@@ -65,13 +78,73 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run_folder(folder: Path) -> Iterator[str | None]:
+    """Hold `folder`/.lock while the body runs, so two runs never write one folder; yields a line to
+    log when a crashed run's lock was taken over, else None.
+
+    An flock on the file is the lock: the system releases it when its holder dies, however it dies,
+    so a lock file whose flock is free is stale. The file names its holder (pid, host) for the error
+    the second run gets, and is removed on exit while still locked.
+    """
+    if fcntl is None:
+        yield None
+        return
+    path = ensure_folder(folder) / LOCK_FILE
+    fd, previous = _acquire(path, folder)
+    try:
+        yield None if not previous else (
+            f"took over the lock of an earlier run that is no longer running ({_holder(previous)})"
+        )
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
+
+
+def _acquire(path: Path, folder: Path) -> tuple[int, str]:
+    """(descriptor holding the flock, what the file said before)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            os.close(fd)
+            raise UserError(
+                f"run folder {folder} is in use by another run ({holder}); wait for it to end or stop it, "
+                "or give this run another NAME / OUTPUT_DIR"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file as we locked it: lock the new one
+    previous = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    return fd, previous
+
+
+def _holder(text: str) -> str:
+    try:
+        record = json.loads(text)
+        return f"pid {record['pid']} on host {record['host']}, started {record['started']}"
+    except (ValueError, TypeError, KeyError):
+        return "holder unknown"
 
 
 @contextlib.contextmanager
@@ -86,7 +159,8 @@ def run_logging(folder: Path | None, is_main: bool) -> Iterator[None]:
             handlers.append(logging.StreamHandler())
         if folder is not None:
             ensure_folder(folder)
-            file_handler = logging.FileHandler(folder / "log.txt", encoding="utf-8")
+            # backslashreplace: a file name that is not UTF-8 is logged escaped, not lost in a logging error
+            file_handler = logging.FileHandler(folder / "log.txt", encoding="utf-8", errors="backslashreplace")
             file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             handlers.append(file_handler)
     else:

@@ -23,8 +23,8 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from ..config import spec_from_config
-from ..errors import UserError
+from ..config import settings_from_yaml_text, spec_from_config
+from ..errors import UserError, short_list
 from ..files import atomic_torch_save, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer
 from ..weights.load import load_checkpoint
@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 # Files of the run folder that both the epoch and the step loops write.
 METRICS = "metrics.jsonl"
 MODEL_BEST = "model_best.pth"
+START_AFRESH = (
+    "to start afresh instead, set TRAIN.AUTO_RESUME False TRAIN.EARLIER_RESULTS move (keeps the earlier "
+    "results in a subfolder), or give the run another NAME / OUTPUT_DIR"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,19 +59,84 @@ MODEL_BEST = "model_best.pth"
 # --------------------------------------------------------------------------------------------------
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """The saved optimizer state, computed with this run's kernels: `fused` / `foreach` were chosen
-    for the device (and torch) the checkpoint was written with, and a run resumed elsewhere keeps
-    this run's choice. Set before loading, so the step counters land where the
-    chosen kernel wants them."""
-    kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
-    if len(saved["param_groups"]) != len(kernels):
+# Optimizer settings whose change the saved state cannot follow: amsgrad adds a state tensor.
+_STATE_LAYOUT_SETTINGS = ("amsgrad",)
+_KERNEL_SETTINGS = ("fused", "foreach")  # how the step is computed, not what it computes
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str = "the checkpoint") -> list[str]:
+    """The saved optimizer state (moments, step counts) under this run's settings.
+
+    Every setting of this run's groups (weight decay, betas, momentum, ...: what the config says)
+    replaces the saved one, so a resumed run trains as configured; returns the settings that changed,
+    as 'name old -> new'. A state that cannot serve this optimizer (another kind, other parameter
+    groups) is a UserError. The kernels (`fused` / `foreach`) are chosen for this run's device, and set
+    before loading, so the step counters land where the chosen kernel wants them."""
+    saved_groups = saved["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
         raise UserError(
-            f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this run's "
-            f"{len(kernels)} (TRAIN.WITHOUT_WD_LIST or TRAIN.OPTIMIZER changed?); start a new run"
+            f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
+            f"{len(optimizer.param_groups)} (TRAIN.WITHOUT_WD_LIST or TRAIN.OPTIMIZER changed?); {START_AFRESH}"
         )
-    groups = [{**saved_group, **kernel} for saved_group, kernel in zip(saved["param_groups"], kernels)]
+    groups, changes = [], []
+    for index, (saved_group, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        settings = {k for k in group if k not in ("params", "initial_lr")}
+        saved_settings = {k for k in saved_group if k not in ("params", "initial_lr")}
+        if settings != saved_settings or any(saved_group[k] != group[k] for k in _STATE_LAYOUT_SETTINGS if k in settings):
+            differing = sorted((settings ^ saved_settings) | {k for k in _STATE_LAYOUT_SETTINGS if k in settings})
+            raise UserError(
+                f"cannot resume from {source}: its optimizer state does not suit TRAIN.OPTIMIZER "
+                f"{type(optimizer).__name__} (settings {short_list(differing)} differ: TRAIN.OPTIMIZER or "
+                f"TRAIN.OPTIMIZER_ARGS changed?); {START_AFRESH}"
+            )
+        if len(saved_group["params"]) != len(group["params"]):
+            raise UserError(
+                f"cannot resume from {source}: its optimizer's parameter group {index} holds "
+                f"{len(saved_group['params'])} parameters, this run's {len(group['params'])} "
+                f"(TRAIN.WITHOUT_WD_LIST changed?); {START_AFRESH}"
+            )
+        for key in sorted(settings - {"lr", *_KERNEL_SETTINGS}):
+            change = f"{key} {saved_group[key]} -> {group[key]}"
+            if saved_group[key] != group[key] and change not in changes:
+                changes.append(change)
+        groups.append({**saved_group, **{k: group[k] for k in (*settings, "initial_lr") if k in group}})
     optimizer.load_state_dict({**saved, "param_groups": groups})
+    return changes
+
+
+# The settings the optimizer and the schedule read. All apply as configured on resume (the optimizer's
+# from `load_optimizer_state`, the schedule rebuilt from the config) except WITHOUT_WD_LIST, which
+# decides which saved state belongs to which parameter.
+_RESUME_APPLIED = (
+    "TRAIN.OPTIMIZER", "TRAIN.LR", "TRAIN.SCALE_LR", "TRAIN.ACCUM_STEPS", "TRAIN.WD", "TRAIN.MOMENTUM",
+    "TRAIN.NESTEROV", "TRAIN.OPTIMIZER_ARGS", "TRAIN.END_EPOCH", "TRAIN.LR_SCHEDULER",
+)
+_RESUME_REFUSED = ("TRAIN.WITHOUT_WD_LIST",)
+
+
+def _config_changes(ckpt: Checkpoint, cfg: CfgNode, keys: Sequence[str]) -> list[str]:
+    """'KEY old -> new' for each of `keys` the checkpoint's stored config sets otherwise."""
+    text = ckpt.extra.get("config")
+    if not isinstance(text, str):
+        return []
+    saved = settings_from_yaml_text(text, f"the config stored in {ckpt.source}")
+    changes = []
+    for key in keys:
+        old: Any = saved
+        new: Any = cfg
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+            new = new[part]
+        new = new if not isinstance(new, CfgNode) else _plain(new)
+        if old is not None and _plain(old) != _plain(new):
+            changes.append(f"{key} {old} -> {new}")
+    return changes
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(map(_plain, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _local_rng() -> dict[str, Any]:
@@ -182,14 +251,38 @@ class ResumeState:
 
 def read_training(path: Path) -> Checkpoint:
     """Read a checkpoint.pth to resume from; anything else is a UserError saying what to do."""
-    hint = "delete it, or set TRAIN.AUTO_RESUME False to start afresh (or NAME / OUTPUT_DIR for another folder)"
+    hint = START_AFRESH
     try:
         ckpt = read_checkpoint(path)
     except UserError as e:
         raise UserError(f"cannot resume: {e}; {hint}") from None
     if ckpt.format != "cvt":
         raise UserError(f"cannot resume from {str(path)!r}: it is a {ckpt.format} file, not a training checkpoint.pth; {hint}")
+    problem = _resume_field_problem(ckpt.extra)
+    if problem:
+        raise UserError(f"cannot resume from {str(path)!r}: its {problem}; {hint}")
     return ckpt
+
+
+def _resume_field_problem(extra: dict[str, Any]) -> str | None:
+    """What is wrong with the fields a resume reads, as '<field> is ...', or None."""
+    epoch, best, optimizer = extra.get("epoch"), extra.get("best_top1"), extra.get("optimizer")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return f"'epoch' is {epoch!r}, not a count of epochs"
+    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
+        return f"'best_top1' is {type(best).__name__}, not a number"
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not isinstance(optimizer.get("state"), dict) \
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]):
+        return "'optimizer' is missing or not an optimizer state (state, param_groups)"
+    for field_name in ("scheduler", "scaler"):
+        if extra.get(field_name) is not None and not isinstance(extra[field_name], dict):
+            return f"{field_name!r} is a {type(extra[field_name]).__name__}, not a state dict"
+    if extra.get("ema") is not None and not (isinstance(extra["ema"], dict) and all(isinstance(v, torch.Tensor) for v in extra["ema"].values())):
+        return "'ema' is not a state dict of tensors"
+    if extra.get("rng") is not None and not isinstance(extra["rng"], list):
+        return f"'rng' is a {type(extra['rng']).__name__}, not a list of generator states"
+    return None
 
 
 def restore_training(
@@ -211,7 +304,7 @@ def restore_training(
     """
     extra = ckpt.extra
     where = f"{ckpt.source!r}"
-    fix = "set TRAIN.AUTO_RESUME False or pick another NAME / OUTPUT_DIR to start a new run"
+    fix = START_AFRESH
     spec = spec_from_config(cfg).to_dict()
     if ckpt.spec is not None and dict(ckpt.spec) != spec:
         changed = sorted(k for k in spec if ckpt.spec.get(k) != spec[k])
@@ -224,8 +317,13 @@ def restore_training(
         written, wanted = ("a step-based (FINETUNE.FINETUNE)", "an epoch") if "step" in extra else ("an epoch", "a step-based")
         raise UserError(f"cannot resume from {where}: it was written by {written} run and this is {wanted} run; "
                         f"set FINETUNE.FINETUNE as it was, or {fix}")
+    refused = _config_changes(ckpt, cfg, _RESUME_REFUSED)
+    if refused:
+        raise UserError(f"cannot resume from {where} with another {refused[0]}: it decides which saved optimizer state belongs to which weight; {fix}")
     load_checkpoint(model, ckpt)
-    load_optimizer_state(optimizer, extra["optimizer"])
+    changes = _config_changes(ckpt, cfg, _RESUME_APPLIED) + load_optimizer_state(optimizer, extra["optimizer"], where)
+    if changes:
+        log.warning("resuming with changed settings, applied from now on: %s", "; ".join(changes))
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
         scheduler.load_state_dict(extra["scheduler"])
     if extra.get("scaler"):

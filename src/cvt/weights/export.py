@@ -1,6 +1,7 @@
 """Writing weights: the release's layout, safetensors with what the model needs, and Hugging Face's.
 
-Every file is written atomically (`cvt.files`), so a crash never leaves a half-written file behind.
+Every file is written atomically (`cvt.files`), so a crash never leaves a half-written file behind,
+with a checksum that reading verifies (a .sha256 beside a torch file, `sha256` safetensors metadata).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..config import spec_from_config
 from ..data.transforms import eval_transform_settings
 from .hf_preprocessor import PREPROCESSOR_FILE, hf_preprocessor_config
 from .load import checkpoint_config, model_from_checkpoint
-from .read import read_checkpoint
+from .read import read_checkpoint, tensor_digest
 
 __all__ = ["export_checkpoint", "save_hf", "save_official", "save_safetensors"]
 
@@ -54,6 +55,7 @@ def save_safetensors(
     if eval_settings is not None:
         metadata["eval_transform"] = json.dumps(dict(eval_settings))
     tensors = {k: v.contiguous() for k, v in _cpu_state_dict(model).items()}
+    metadata["sha256"] = tensor_digest(tensors)
     atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
     return Path(path)
 
@@ -63,12 +65,19 @@ def save_hf(
     folder: str | Path,
     class_names: Sequence[str] | None = None,
     eval_settings: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
     reads, and with `eval_settings` (the test transform) ``preprocessor_config.json`` for
     ``AutoImageProcessor``. A model running QuickGELU is exported with a warning: the port computes
-    exact GELU."""
+    exact GELU. Files already in `folder` are replaced only with `force`."""
     folder = Path(folder)
+    names = ["model.safetensors", "config.json"] + ([PREPROCESSOR_FILE] if eval_settings is not None else [])
+    existing = [name for name in names if (folder / name).exists()]
+    if existing and not force:
+        raise UserError(
+            f"{str(folder)!r} already holds {', '.join(existing)}; export to an empty folder, or give --force to replace them"
+        )
     if getattr(model, "act", "gelu") != "gelu":
         log.warning(
             "exporting a QuickGELU model to the Hugging Face layout: transformers' CvT runs exact GELU, "
@@ -79,7 +88,8 @@ def save_hf(
         raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
     tensors = {k: v.detach().cpu().contiguous() for k, v in official_to_hf(model.state_dict()).items()}
     config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names)
-    atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata={"format": "pt"}))
+    metadata = {"format": "pt", "sha256": tensor_digest(tensors)}
+    atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata=metadata))
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     if eval_settings is not None:
         text = json.dumps(hf_preprocessor_config(eval_settings), indent=2) + "\n"
@@ -88,12 +98,14 @@ def save_hf(
 
 
 def export_checkpoint(
-    weights: str | os.PathLike, fmt: str, output: str | os.PathLike, cfg_file: str | os.PathLike | None = None
+    weights: str | os.PathLike, fmt: str, output: str | os.PathLike, cfg_file: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> ConvolutionalVisionTransformer:
     """Convert any checkpoint the project reads to `fmt` ('official', 'safetensors', 'hf') at `output`.
 
     The official layout is a bare state dict; the other two keep how images are to be preprocessed,
-    from `cfg_file` or from what the checkpoint says. Returns the model that was written."""
+    from `cfg_file` or from what the checkpoint says. An hf export replaces files already in the
+    `output` folder only with `force`. Returns the model that was written."""
     ckpt = read_checkpoint(weights)
     cfg = checkpoint_config(ckpt, cfg_file) if fmt != "official" or cfg_file else None
     model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if cfg_file else None)
@@ -103,7 +115,7 @@ def export_checkpoint(
     elif fmt == "safetensors":
         save_safetensors(model, output, ckpt.class_names, eval_settings)
     elif fmt == "hf":
-        save_hf(model, output, ckpt.class_names, eval_settings)
+        save_hf(model, output, ckpt.class_names, eval_settings, force=force)
     else:
         raise UserError(f"export format {fmt!r} is not one of official, safetensors, hf")
     return model

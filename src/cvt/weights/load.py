@@ -48,7 +48,7 @@ def load_checkpoint(
         layers: load only keys under these top-level names (``['stage0', 'stage1']``; ``['*']`` = all),
             the release's MODEL.PRETRAINED_LAYERS.
 
-    Weights from the Hugging Face port switch the model to exact GELU, which they were trained with
+    Non-finite (NaN, inf) weights are refused. Weights from the Hugging Face port switch the model to exact GELU, which they were trained with
     (logged). Returns the read :class:`Checkpoint` (class names, spec, training state).
     """
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
@@ -63,6 +63,9 @@ def load_checkpoint(
     if is_bare_backbone:  # transformers' CvtModel has neither the final LayerNorm nor the head
         expected -= {"norm.weight", "norm.bias"}
 
+    nonfinite = next((k for k, v in incoming.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if nonfinite is not None:  # a diverged run's weights would predict garbage, at any "accuracy"
+        raise UserError(f"checkpoint {ckpt.source!r}: tensor {nonfinite!r} holds NaN or infinite values; use weights saved before the run diverged")
     missing = sorted(expected - incoming.keys())
     unexpected = sorted(incoming.keys() - own.keys())
     mis_shaped = sorted(k for k in incoming.keys() & own.keys() if incoming[k].shape != own[k].shape)

@@ -8,9 +8,14 @@ Formats read (all through ``torch.load(weights_only=True)`` or safetensors, so n
 * Hugging Face ``CvtForImageClassification`` / ``CvtModel`` weights: ``model.safetensors`` or
   ``pytorch_model.bin``, or a folder holding one with its ``config.json``;
 * the project's own ``checkpoint.pth`` and ``.safetensors`` exports (which carry spec and class names).
+
+What a file says is checked before use: a field of the wrong type or size is one `UserError` naming
+the file and the field. The checksum the project writes with a file (a ``.sha256`` beside a torch
+file, ``sha256`` metadata in a .safetensors file) is verified on every read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -23,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError, short_list
+from ..files import verify_checksum
 from ..models.convert import (
     checkpoint_filter_fn,
     class_names_from_hf_config,
@@ -32,7 +38,7 @@ from ..models.convert import (
 )
 from .hf_preprocessor import PREPROCESSOR_FILE, eval_settings_from_hf_preprocessor
 
-__all__ = ["Checkpoint", "read_checkpoint"]
+__all__ = ["Checkpoint", "read_checkpoint", "tensor_digest"]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -57,12 +63,48 @@ class Checkpoint:
         return None if head is None else head.shape[0]
 
 
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of `tensors`, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _bad_field(source: str, field_name: str, problem: str) -> UserError:
+    return UserError(f"checkpoint {source!r}: its {field_name!r} {problem}; use an intact copy or the file it was exported from")
+
+
+def _checked(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` after checking the fields a file supplies, which a crafted or damaged file can get wrong."""
+    source = ckpt.source
+    if ckpt.spec is not None and not isinstance(ckpt.spec, Mapping):
+        raise _bad_field(source, "spec", f"is a {type(ckpt.spec).__name__}, not a mapping of MODEL.SPEC keys")
+    if ckpt.act is not None and not isinstance(ckpt.act, str):
+        raise _bad_field(source, "act", f"is a {type(ckpt.act).__name__}, not an activation name")
+    names = ckpt.class_names
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _bad_field(source, "class_names", "is not a list of strings")
+        if ckpt.num_classes is not None and len(names) != ckpt.num_classes:
+            raise _bad_field(source, "class_names", f"holds {len(names)} names for a head of {ckpt.num_classes} classes")
+    if ckpt.eval_settings is not None and not isinstance(ckpt.eval_settings, Mapping):
+        raise _bad_field(source, "eval_transform", "is not a mapping of config keys")
+    config = ckpt.extra.get("config")
+    if config is not None and not isinstance(config, str):
+        raise _bad_field(source, "config", f"is a {type(config).__name__}, not the YAML text of a config")
+    return ckpt
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
 
 
 def _torch_load(path: Path) -> Any:
+    verify_checksum(path)
     with open(path, "rb") as f:
         magic = f.read(2)
     # torch.save writes a zip archive ("PK"); older torch versions a pickle (protocol marker 0x80).
@@ -103,7 +145,7 @@ def _is_state_dict(obj: Any) -> bool:
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     """Read weights from a file, folder or in-memory dict, in any supported format."""
     if isinstance(source, Mapping):
-        return _from_object(dict(source), "<state dict>")
+        return _checked(_from_object(dict(source), "<state dict>"))
     path = Path(source)
     if path.is_dir():
         return _read_folder(path)
@@ -113,8 +155,10 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint
         raise UserError(f"checkpoint {str(path)!r} is empty (0 bytes); use an intact copy")
     if path.suffix == ".safetensors":
         tensors, metadata = _safetensors_load(path)
-        return _from_safetensors(tensors, metadata, str(path))
-    return _from_object(_torch_load(path), str(path))
+        if "sha256" in metadata and tensor_digest(tensors) != metadata["sha256"]:
+            raise UserError(f"checkpoint {str(path)!r} does not match the checksum in its metadata: the file is corrupt; use an intact copy")
+        return _checked(_from_safetensors(tensors, metadata, str(path)))
+    return _checked(_from_object(_torch_load(path), str(path)))
 
 
 def _read_folder(folder: Path) -> Checkpoint:
@@ -124,23 +168,30 @@ def _read_folder(folder: Path) -> Checkpoint:
     ckpt = read_checkpoint(weights)
     config_file = folder / "config.json"
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{str(config_file)!r} is not valid JSON ({e})") from e
+        config = _read_json(config_file)
+        if not isinstance(config, dict):
+            raise UserError(f"{str(config_file)!r} holds a JSON {type(config).__name__}, not a Hugging Face config object; use an intact copy")
         if config.get("model_type") == "cvt":
-            ckpt.spec = spec_from_hf_config(config)
-            ckpt.class_names = class_names_from_hf_config(config)
-            if num_labels_from_hf_config(config) != ckpt.num_classes:
-                ckpt.class_names = None
+            try:
+                ckpt.spec = spec_from_hf_config(config)
+                ckpt.class_names = class_names_from_hf_config(config)
+                if num_labels_from_hf_config(config) != ckpt.num_classes:
+                    ckpt.class_names = None
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UserError(f"{str(config_file)!r} does not describe a CvT ({type(e).__name__}: {e}); use an intact copy") from None
+            _checked(ckpt)
     preprocessor_file = folder / PREPROCESSOR_FILE
     if preprocessor_file.is_file():
-        try:
-            preprocessor = json.loads(preprocessor_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{str(preprocessor_file)!r} is not valid JSON ({e})") from e
+        preprocessor = _read_json(preprocessor_file)
         ckpt.eval_settings = eval_settings_from_hf_preprocessor(preprocessor) or ckpt.eval_settings
     return ckpt
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{str(path)!r} is not valid JSON ({e})") from None
 
 
 def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> Checkpoint:
@@ -149,9 +200,9 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, s
             state_dict=checkpoint_filter_fn(tensors),
             source=source,
             format="cvt-safetensors",
-            spec=json.loads(metadata["spec"]) if "spec" in metadata else None,
+            spec=_json_metadata(metadata, "spec", source),
             act=metadata.get("act"),
-            class_names=json.loads(metadata["class_names"]) if "class_names" in metadata else None,
+            class_names=_json_metadata(metadata, "class_names", source),
             eval_settings=_json_metadata(metadata, "eval_transform", source),
         )
     return _from_object(tensors, source)
@@ -179,7 +230,7 @@ def _from_object(obj: Any, source: str) -> Checkpoint:
             format="cvt",
             spec=obj.get("spec"),
             act=obj.get("act"),
-            class_names=list(obj["class_names"]) if obj.get("class_names") else None,
+            class_names=obj.get("class_names"),
             extra=extra,
         )
     if "state_dict" in obj and _is_state_dict(obj["state_dict"]):  # the release's training checkpoint
