@@ -170,6 +170,17 @@ def test_a_users_repo_runs_gelu_as_transformers_trained_it(offline, caplog):
     assert asked.act == "quick_gelu" and (_logits(asked, x) - theirs).abs().max() > 1e-4
 
 
+def test_model_pretrained_takes_a_repo_and_model_activation_overrides_it(offline, caplog):
+    opts = ["MODEL.NUM_CLASSES", "3", *(x for k in ("DIM_EMBED", "NUM_HEADS", "DEPTH") for x in (f"MODEL.SPEC.{k}", str(TINY_SPEC[k])))]
+    for activation, expected in (("auto", "gelu"), ("quick_gelu", "quick_gelu")):
+        cfg = load_config(None, [*opts, "MODEL.PRETRAINED", "hf-hub:someone/cvt-tiny", "MODEL.ACTIVATION", activation])
+        model = build_model(cfg)
+        with caplog.at_level(logging.WARNING):
+            load_pretrained(cfg, model)
+        assert model.act == expected
+    assert "was trained with gelu" in caplog.text
+
+
 def test_cli_predict_test_info_and_export_by_name(offline, tmp_path, capsys):
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(image)
