@@ -31,6 +31,8 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
+# id2label holds display names, not the class folders' names (as ImageNet's 'tench, Tinca tinca').
+DISPLAY_NAMES = [f"a {name}" for name in CLASSES]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MICROSOFT_PREPROCESSOR = {  # the older format Microsoft's repos hold
     "feature_extractor_type": "ConvNextFeatureExtractor", "size": 224, "crop_pct": 0.875, "resample": 3,
@@ -72,7 +74,7 @@ def hub_cache(tmp_path_factory) -> dict:
     (_snapshot_folder(cache, "microsoft/cvt-13") / "preprocessor_config.json").write_text(json.dumps(MICROSOFT_PREPROCESSOR))
     tiny = transformers.CvtConfig(
         embed_dim=TINY_SPEC["DIM_EMBED"], num_heads=TINY_SPEC["NUM_HEADS"], depth=TINY_SPEC["DEPTH"],
-        id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)},
+        id2label=dict(enumerate(DISPLAY_NAMES)), label2id={c: i for i, c in enumerate(DISPLAY_NAMES)},
     )
     user = _save_hf(cache, "someone/cvt-tiny", tiny)
     not_cvt = _snapshot(cache, "someone/vit")
@@ -162,7 +164,7 @@ def test_a_users_repo_runs_gelu_as_transformers_trained_it(offline, caplog):
     with caplog.at_level(logging.INFO):
         model, ckpt = model_from_checkpoint("hf-hub:someone/cvt-tiny")
     assert model.act == "gelu" and "not one of the published checkpoints" in caplog.text
-    assert ckpt.class_names == list(CLASSES)
+    assert ckpt.class_names == DISPLAY_NAMES
     with torch.no_grad():
         theirs = offline["user_model"](x).logits
     assert (_logits(model, x) - theirs).abs().max() < 2e-5
@@ -192,6 +194,7 @@ def test_cli_predict_test_info_and_export_by_name(offline, tmp_path, capsys):
     opts = ["MODEL.SPEC.DEPTH", str(TINY_SPEC["DEPTH"])]
     cfg_file = tmp_path / "tiny.yaml"
     config(data, tmp_path / "out", *opts).dump(stream=cfg_file.open("w"))
+    # Display names are no folder names: outputs follow the sorted folders by index, as the release tests.
     assert main(["test", "--model", "hf-hub:someone/cvt-tiny", "--cfg", str(cfg_file)]) == 0
     result = json.loads((tmp_path / "out" / "shapes" / "tiny" / "test_metrics.json").read_text())
     assert result["model_file"] == "hf-hub:someone/cvt-tiny" and result["images"] == 11

@@ -445,8 +445,11 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
             f"{model_file} has a {ckpt.num_classes}-class head but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}; "
             f"set MODEL.NUM_CLASSES {ckpt.num_classes} (and test on a folder with those classes)"
         )
-    # A checkpoint that knows its classes maps its outputs by name; build_loader checks the folders match.
-    loader, dataset = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size, class_names=ckpt.class_names)
+    # A checkpoint that knows its class folders maps its outputs by name; build_loader checks the folders
+    # match. A Hugging Face config's id2label holds display names ('tench, Tinca tinca', not the
+    # folder n01440764): those follow the sorted folders by index, as the release tests.
+    folder_names = None if ckpt.format == "huggingface" else ckpt.class_names
+    loader, dataset = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size, class_names=folder_names)
     _check_num_classes(cfg, list(dataset.classes), dataset.split_dir)
 
     model = build_model(cfg)
