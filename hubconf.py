@@ -12,14 +12,13 @@ dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors"
 # torch.hub imports this file from the repository root; the package lives under src/.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
+import cvt  # noqa: E402
 from cvt.models.zoo import PUBLISHED  # noqa: E402
 
 
 def _entry_point(tag: str):
     def load(pretrained: bool = False, **kwargs):
-        from cvt import create_model
-
-        return create_model(tag, pretrained=pretrained, **kwargs)
+        return cvt.create_model(tag, pretrained=pretrained, **kwargs)
 
     weights = PUBLISHED[tag]
     load.__name__ = tag.replace("-", "_")
