@@ -51,7 +51,7 @@ def test_defaults_hold_the_release_keys_and_ours():
     assert cfg.TRAIN.LR_SCHEDULER.ARGS.sched == "cosine" and cfg.TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit == 1
     assert cfg.AUG.TIMM_AUG.INTERPOLATION == "bicubic"
     assert (cfg.SEED, cfg.DETERMINISTIC, cfg.DIST_TIMEOUT_S, cfg.TENSORBOARD) == (0, False, 600, True)
-    assert (cfg.MODEL.ACTIVATION, cfg.AMP.DTYPE) == ("quick_gelu", "auto")
+    assert (cfg.MODEL.ACTIVATION, cfg.AMP.DTYPE) == ("auto", "auto")
     assert (cfg.TRAIN.ACCUM_STEPS, cfg.TRAIN.EMA.ENABLED, cfg.TRAIN.EMA.DECAY) == (1, False, 0.9998)
     assert (cfg.TRAIN.NONFINITE_LOSS, cfg.TRAIN.GRAD_CHECKPOINTING, cfg.TRAIN.COMPILE) == ("stop", False, False)
     assert cfg.TRAIN.EVAL_EVERY == 1

@@ -38,6 +38,9 @@ def test_parameter_counts_equal_the_paper(name):
 
 def test_list_models():
     assert cvt.list_models() == ["cvt-13", "cvt-21", "cvt-w24"]
+    assert cvt.list_models(pretrained=True) == [
+        "cvt-13", "cvt-13-384", "cvt-13-384-22k", "cvt-21", "cvt-21-384", "cvt-21-384-22k", "cvt-w24-384-22k"
+    ]
 
 
 def test_unknown_name_is_a_user_error():
@@ -71,11 +74,20 @@ def test_projection_methods_and_cls_token(method, cls_token):
 
 
 def test_stage_feature_maps_for_dense_prediction():
+    """timm's forward_intermediates contract: (final features, maps), indices, output_fmt, norm."""
     model = create_model("cvt-13").eval()
+    x = torch.randn(2, 3, 224, 160)
     with torch.no_grad():
-        maps, cls = model.forward_intermediates(torch.randn(2, 3, 224, 160))
-    assert [tuple(m.shape) for m in maps] == [(2, 64, 56, 40), (2, 192, 28, 20), (2, 384, 14, 10)]
-    assert cls.shape == (2, 1, 384)
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, model.forward_features(x))
+        assert [tuple(m.shape) for m in maps] == [(2, 64, 56, 40), (2, 192, 28, 20), (2, 384, 14, 10)]
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [torch.equal(a, b) for a, b in zip(last_two, maps[1:])] == [True, True]
+        (first,) = model.forward_intermediates(x, indices=[0], output_fmt="NHWC", intermediates_only=True)
+        assert torch.equal(first, maps[0].permute(0, 2, 3, 1))
+        (normed,) = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+        assert torch.allclose(normed.flatten(2).transpose(1, 2), model.norm(maps[2].flatten(2).transpose(1, 2)))
+    assert final.shape == (2, 1, 384)
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16]
 
 

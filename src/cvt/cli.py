@@ -37,6 +37,15 @@ def _add_cfg(parser: argparse.ArgumentParser, default: str | None = None, exampl
     parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help=f"config overrides, e.g. {example}")
 
 
+_MODEL_HELP = "a published tag (`cvt list`) or hf-hub:org/repo[@revision], fetched into the Hugging Face cache"
+
+
+def _add_weights(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--weights", help="checkpoint: any supported format (file or folder)")
+    group.add_argument("--model", dest="weights", help=_MODEL_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvt", description="CvT: Convolutional vision Transformers")
     parser.add_argument("--version", action="version", version=f"cvt {__version__}")
@@ -45,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or fine-tune) a model from an experiment file")
     _add_cfg(p, DEFAULT_EXPERIMENT)
 
-    p = sub.add_parser("test", help="evaluate TEST.MODEL_FILE on the test split")
+    p = sub.add_parser("test", help="evaluate TEST.MODEL_FILE (or --model) on the test split")
+    p.add_argument("--model", help=f"weights to test: {_MODEL_HELP}; a tag brings its own experiment (--cfg optional)")
     _add_cfg(p, example="TEST.MODEL_FILE model.pth")
 
     p = sub.add_parser("predict", help="top-k classes of images")
     p.add_argument("--cfg", help="experiment file or name (transform, model spec); default: the checkpoint's own")
-    p.add_argument("--weights", required=True, help="checkpoint: any supported format")
+    _add_weights(p)
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
@@ -59,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters and multiply-adds of a model")
     p.add_argument("--cfg", help="experiment file or name (instead of a model name)")
+    p.add_argument("--model", help="a model name or published tag (at its test size)")
     p.add_argument("--img-size", type=int, help="square input size (default: the config's TEST.IMAGE_SIZE, or 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("args", nargs="*", metavar="NAME | KEY VALUE", help="a model name, or overrides after --cfg")
 
     p = sub.add_parser("export", help="convert a checkpoint to another format")
-    p.add_argument("--weights", required=True, help="checkpoint: any supported format")
+    _add_weights(p)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--cfg", help="experiment file or name, if the checkpoint does not say its architecture")
     p.add_argument("--force", action="store_true", help="hf: replace files already in the output folder")
@@ -90,12 +101,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_test_config
     from .training.run import test
 
-    if not args.cfg:
-        raise UserError("cvt test needs --cfg (the experiment file that defines the data and model)")
-    test(load_config(args.cfg, args.opts))
+    test(load_test_config(args.cfg, args.opts, model=args.model))
     return 0
 
 
@@ -109,10 +118,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         name, spec, num_classes = cfg.NAME, dict(cfg.MODEL.SPEC), cfg.MODEL.NUM_CLASSES
         size = (args.img_size, args.img_size) if args.img_size else tuple(cfg.TEST.IMAGE_SIZE[::-1])
     else:
-        if len(args.args) != 1:
-            raise UserError("cvt info takes one model name (cvt-13, cvt-21, cvt-w24) or --cfg FILE [KEY VALUE ...]")
-        name, spec, num_classes = args.args[0], _model_name(args.args[0]), 1000
-        size = (args.img_size or 224,) * 2
+        names = [args.model] if args.model else args.args
+        if len(names) != 1 or (args.model and args.args):
+            raise UserError("cvt info takes one model name or tag (cvt-13, cvt-13-384-22k, ...) or --cfg FILE [KEY VALUE ...]")
+        name, spec, num_classes = names[0], _model_name(names[0]), 1000
+        size = (args.img_size or _test_size(name),) * 2
     summary = model_summary(spec, num_classes, size)
     if args.json:
         print(json.dumps({"model": name, **{k: summary[k] for k in ("image_size", "params", "gmacs")}}))
@@ -126,15 +136,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _model_name(name: str) -> str:
-    """A model name as given, or a one-line error that points an experiment's name at --cfg."""
+    """A model name or published tag as given, or a one-line error that points an experiment's name at --cfg."""
     from .config import list_experiments
     from .models.spec import list_models
 
-    if name.lower().replace("_", "-") in list_models():
+    if name.lower().replace("_", "-") in list_models() + list_models(pretrained=True):
         return name
     if name in list_experiments():
         raise UserError(f"{name!r} is an experiment, not a model name; use --cfg {name}")
-    raise UserError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, or --cfg EXPERIMENT")
+    raise UserError(
+        f"unknown model {name!r}; choose one of {', '.join(list_models() + list_models(pretrained=True))}, or --cfg EXPERIMENT"
+    )
+
+
+def _test_size(name: str) -> int:
+    from .models.zoo import PUBLISHED
+
+    weights = PUBLISHED.get(name.lower().replace("_", "-"))
+    return weights.image_size if weights else 224
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -172,6 +191,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .models.spec import list_models
 
     print("models:      " + ", ".join(list_models()))
+    print("pretrained:  " + ", ".join(list_models(pretrained=True)))
     print("experiments: " + ", ".join(sorted(list_experiments())))
     return 0
 

@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 from .errors import UserError
 from .files import atomic_write_text
 from .models.spec import ACTIVATIONS, CvtSpec
+from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, PUBLISHED
 
 __all__ = [
     "get_defaults",
@@ -52,6 +53,8 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 DIST_BACKENDS = ("nccl", "gloo")  # for CUDA; CPU processes always use gloo
 OPTIMIZERS = ("sgd", "adam", "adamw")  # compared case-insensitively: the release writes 'adamW'
 SAMPLERS = ("default", "repeated_aug")
+# MODEL.ACTIVATION: "auto" defers to the weights loaded (cvt.weights.load.choose_activation).
+ACTIVATION_CHOICES = ("auto", *ACTIVATIONS)
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 BAD_FILE_POLICIES = ("skip", "stop")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
@@ -187,9 +190,10 @@ def get_defaults() -> CfgNode:
     cfg.MODEL.NUM_CLASSES = 1000
     # Every architecture key explicitly, so a misspelt one is caught; the defaults are CvT-13.
     cfg.MODEL.SPEC = CfgNode(CvtSpec().to_dict())
-    # Ours: the MLP activation. 'quick_gelu' as the published weights were trained; 'gelu' for weights
-    # converted from Hugging Face, which were evaluated with exact GELU.
-    cfg.MODEL.ACTIVATION = "quick_gelu"
+    # Ours: the MLP activation. 'auto': the one the weights loaded (MODEL.PRETRAINED, TEST.MODEL_FILE, a
+    # resumed checkpoint) were trained with, QuickGELU without weights; 'quick_gelu' as the release
+    # trained its checkpoints; 'gelu' as transformers trains (docs/CONFIG.md, "Activation").
+    cfg.MODEL.ACTIVATION = "auto"
 
     cfg.LOSS = CfgNode()
     cfg.LOSS.LABEL_SMOOTHING = 0.0
@@ -215,8 +219,8 @@ def get_defaults() -> CfgNode:
     cfg.DATASET.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
     cfg.INPUT = CfgNode()
-    cfg.INPUT.MEAN = [0.485, 0.456, 0.406]
-    cfg.INPUT.STD = [0.229, 0.224, 0.225]
+    cfg.INPUT.MEAN = list(IMAGENET_MEAN)
+    cfg.INPUT.STD = list(IMAGENET_STD)
 
     cfg.AUG = CfgNode()
     cfg.AUG.SCALE = (0.08, 1.0)
@@ -697,6 +701,21 @@ def _warn_keys_without_effect(cfg: CfgNode) -> None:
             log.warning("config key %s is %r but has no effect in this project: %s", key, value, why)
 
 
+def load_test_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = (), model: str | None = None) -> CfgNode:
+    """The config `cvt test` runs: with `model` (a published tag, hf-hub:org/repo, a file) as
+    TEST.MODEL_FILE; a tag's packaged experiment (architecture, test transform) when no file is given."""
+    if model is None:
+        if not cfg_file:
+            raise UserError("cvt test needs --cfg (the experiment file that defines the data and model), or --model TAG")
+        return load_config(cfg_file, opts)
+    tag = model.lower().replace("_", "-")
+    if not cfg_file:
+        if tag not in PUBLISHED:
+            raise UserError(f"--model {model}: give --cfg (the experiment that defines its architecture); only the published tags have their own")
+        cfg_file = PUBLISHED[tag].experiment
+    return load_config(cfg_file, [*opts, "TEST.MODEL_FILE", model])
+
+
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
@@ -808,7 +827,7 @@ def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("DIST_BACKEND", cfg.DIST_BACKEND, DIST_BACKENDS)
     _require_choice("TRAIN.OPTIMIZER", cfg.TRAIN.OPTIMIZER, OPTIMIZERS, ignore_case=True)
     _require_choice("DATASET.SAMPLER", cfg.DATASET.SAMPLER, SAMPLERS)
-    _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATIONS)
+    _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATION_CHOICES)
     _require_choice("TRAIN.EARLIER_RESULTS", cfg.TRAIN.EARLIER_RESULTS, EARLIER_RESULTS_ACTIONS)
     _require_choice("TRAIN.NONFINITE_LOSS", cfg.TRAIN.NONFINITE_LOSS, NONFINITE_LOSS_ACTIONS)
     _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_POLICIES)

@@ -26,6 +26,7 @@ from yacs.config import CfgNode
 
 from ..config import PIL_INTERPOLATIONS
 from ..errors import UserError
+from ..models.zoo import CROP_PCT
 
 __all__ = [
     "EVAL_TRANSFORM_KEYS",
@@ -37,9 +38,6 @@ __all__ = [
     "test_output_size",
 ]
 
-
-# The centre-crop ratio of the release (and of most ImageNet evaluations).
-CROP_PCT = 0.875
 
 # The config keys the test transform reads. Exported weights carry their values, so that `cvt predict`
 # preprocesses images as the model was evaluated without the experiment file.

@@ -1,5 +1,6 @@
-"""The CvT network: `spec` (the architecture as data, no torch), `kernels` (how it computes per
-device), `cvt` (blocks, network, `create_model`), `convert` (foreign checkpoint layouts).
+"""The CvT network: `spec` (the architecture as data, no torch), `zoo` (the published checkpoints as
+data, no torch), `kernels` (how it computes per device), `cvt` (blocks, network, `create_model`, timm's
+registry), `convert` (foreign checkpoint layouts), `detection` (a backbone for torchvision's detectors).
 
 Names are resolved on first use, so importing `cvt.models.spec` does not load torch.
 """
@@ -15,6 +16,7 @@ _EXPORTS = {
     "list_models": "spec",
     "model_spec": "spec",
     "checkpoint_filter_fn": "convert",
+    "detection_backbone": "detection",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,9 +27,10 @@ __all__ = [
 ]
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Convert a state dict in any supported layout (official release, DataParallel/DDP prefixes,
-    Hugging Face transformers) to this model's keys, which are the official ones."""
+    Hugging Face transformers) to this model's keys, which are the official ones. `model` is unused:
+    timm's pretrained loader passes it."""
     state_dict = dict(state_dict)
     for prefix in ("module.", "_orig_mod."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):

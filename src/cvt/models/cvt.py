@@ -32,13 +32,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
+from .convert import checkpoint_filter_fn
 from .kernels import attention, depthwise_conv, map_to_tokens, to_autocast_dtype, token_linear, tokens_to_map
 from .spec import CvtSpec, check_activation, model_spec
+from .zoo import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, PublishedWeights
 
 QUICK_GELU_ALPHA = 1.702
 
-__all__ = ["ConvolutionalVisionTransformer", "create_model"]
+__all__ = ["ConvolutionalVisionTransformer", "create_model", "cvt_13", "cvt_21", "cvt_w24"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,20 +385,63 @@ class ConvolutionalVisionTransformer(nn.Module):
         else:
             self.head = nn.Identity()
 
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Every stage's feature map (B, C, H, W) at strides 4, 8, 16 (for the published spec) and
-        the last stage's cls token (B, 1, C) or None. Maps are channels-last views."""
-        maps: list[torch.Tensor] = []
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's contract: the stage feature maps `indices` selects (None: all; n: the last n; a list:
+        those, negative from the end) at strides 4, 8, 16 for the published spec, as (B, C, H, W)
+        channels-last views ('NCHW') or (B, H, W, C) ('NHWC'); with `norm`, the last stage's map goes
+        through the final LayerNorm. Returns the intermediates alone with `intermediates_only`, else
+        ``(forward_features(x), intermediates)``; `stop_early` skips the stages after the last one taken.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', not {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        stages = self.stages[: max_index + 1] if stop_early or intermediates_only else self.stages
+        intermediates: list[torch.Tensor] = []
         cls = None
-        for stage in self.stages:
+        for i, stage in enumerate(stages):
             x, cls = stage(x)
-            maps.append(x)
-        return maps, cls
+            if i in take_indices:
+                feature = x
+                if norm and i == self.num_stages - 1:
+                    feature = tokens_to_map(self.norm(map_to_tokens(x)), *x.shape[-2:])
+                intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
+        if intermediates_only:
+            return intermediates
+        return self._final_norm(x, cls), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last one `indices` takes (and the norm, head), as timm's feature
+        wrappers ask; returns the absolute indices."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            delattr(self, f"stage{i}")
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+    def _final_norm(self, last_map: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(cls if cls is not None else map_to_tokens(last_map))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised features before pooling: (B, 1, C) cls token, or (B, H*W, C) tokens."""
-        maps, cls = self.forward_intermediates(x)
-        return self.norm(cls if cls is not None else map_to_tokens(maps[-1]))
+        cls = None
+        for stage in self.stages:
+            x, cls = stage(x)
+        return self._final_norm(x, cls)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, N, C) normalised features -> (B, num_classes) logits (or pooled (B, C))."""
@@ -447,3 +494,60 @@ def create_model(
     return ConvolutionalVisionTransformer(
         spec, num_classes, in_chans=in_chans, act=act, drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# timm's registry: `timm.create_model('cvt_13.ms_in1k', pretrained=True)` once this module is imported
+# (`import cvt` sees to it when timm is imported; see cvt/__init__.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _timm_pretrained_cfg(weights: PublishedWeights) -> dict[str, Any]:
+    return {
+        "hf_hub_id": weights.repo,
+        "num_classes": 1000,
+        "input_size": (3, weights.image_size, weights.image_size),
+        # 224: resize the short side to size / 0.875, centre-crop; 384: resize straight to size x size.
+        "crop_pct": CROP_PCT if weights.center_crop else 1.0,
+        "crop_mode": "center" if weights.center_crop else "squash",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "first_conv": "stage0.patch_embed.proj",
+        "classifier": "head",
+        "license": "mit",
+        "paper_ids": "arXiv:2103.15808",
+    }
+
+
+default_cfgs = generate_default_cfgs({w.timm_name: _timm_pretrained_cfg(w) for w in PUBLISHED.values()})
+
+
+def _create_for_timm(variant: str, pretrained: bool, **kwargs: Any) -> ConvolutionalVisionTransformer:
+    return build_model_with_cfg(
+        ConvolutionalVisionTransformer,
+        variant.replace("-", "_"),
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": (0, 1, 2), "feature_cls": "getter"},
+        spec=model_spec(variant),
+        **kwargs,
+    )
+
+
+@register_model
+def cvt_13(pretrained: bool = False, **kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-13 (20M parameters), for timm."""
+    return _create_for_timm("cvt-13", pretrained, **kwargs)
+
+
+@register_model
+def cvt_21(pretrained: bool = False, **kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-21 (32M parameters), for timm."""
+    return _create_for_timm("cvt-21", pretrained, **kwargs)
+
+
+@register_model
+def cvt_w24(pretrained: bool = False, **kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-W24 (277M parameters), for timm."""
+    return _create_for_timm("cvt-w24", pretrained, **kwargs)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import UserError
+from .zoo import PUBLISHED
 
 __all__ = ["ACTIVATIONS", "INIT_METHODS", "PROJECTION_METHODS", "CvtSpec", "check_activation", "list_models", "model_spec"]
 
@@ -121,7 +122,6 @@ class CvtSpec:
         return size
 
 
-
 _VARIANTS: dict[str, CvtSpec] = {
     "cvt-13": CvtSpec(depth=(1, 2, 10)),
     "cvt-21": CvtSpec(depth=(1, 4, 16)),
@@ -131,14 +131,20 @@ _VARIANTS: dict[str, CvtSpec] = {
 }
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return sorted(_VARIANTS)
+def list_models(pretrained: bool = False) -> list[str]:
+    """Architecture names accepted by :func:`create_model`; with `pretrained`, the tags of the published
+    checkpoints instead (``create_model(tag, pretrained=True)``)."""
+    return list(PUBLISHED) if pretrained else sorted(_VARIANTS)
 
 
 def model_spec(name: str) -> CvtSpec:
+    """The architecture of a variant ('cvt-13') or of a published checkpoint's tag ('cvt-13-384-22k')."""
     key = name.lower().replace("_", "-")
+    if key in PUBLISHED:
+        key = PUBLISHED[key].variant
     if key not in _VARIANTS:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(list_models())} or pass a MODEL.SPEC dict")
+        raise UserError(
+            f"unknown model {name!r}; choose one of {', '.join(list_models())}, a pretrained tag "
+            f"({', '.join(list_models(pretrained=True))}) or pass a MODEL.SPEC dict"
+        )
     return _VARIANTS[key]
-

@@ -84,13 +84,19 @@ TEST_METRICS = "test_metrics.json"
 
 
 def build_model(cfg: CfgNode) -> ConvolutionalVisionTransformer:
-    """The network MODEL.SPEC, MODEL.NUM_CLASSES and MODEL.ACTIVATION describe."""
+    """The network MODEL.SPEC, MODEL.NUM_CLASSES and MODEL.ACTIVATION describe (QuickGELU for 'auto',
+    until weights loaded say otherwise)."""
     return create_model(
         dict(cfg.MODEL.SPEC),
         num_classes=int(cfg.MODEL.NUM_CLASSES),
-        act=cfg.MODEL.ACTIVATION,
+        act=asked_activation(cfg) or "quick_gelu",
         grad_checkpointing=bool(cfg.TRAIN.GRAD_CHECKPOINTING),
     )
+
+
+def asked_activation(cfg: CfgNode) -> str | None:
+    """MODEL.ACTIVATION when set; None for 'auto' (the loaded weights decide)."""
+    return None if cfg.MODEL.ACTIVATION == "auto" else cfg.MODEL.ACTIVATION
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,8 +284,9 @@ def _check_num_classes(cfg: CfgNode, classes: list[str], folder: Path) -> None:
 
 
 def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None:
-    """MODEL.PRETRAINED into `model`: the layers MODEL.PRETRAINED_LAYERS names ('*' = all), with the
-    head left freshly initialised when the file's class count differs (fine-tuning)."""
+    """MODEL.PRETRAINED (a file, a folder, a published tag or hf-hub:org/repo) into `model`: the layers
+    MODEL.PRETRAINED_LAYERS names ('*' = all), with the head left freshly initialised when the file's
+    class count differs (fine-tuning), and the activation MODEL.ACTIVATION chooses."""
     ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     layers = list(cfg.MODEL.PRETRAINED_LAYERS)
     new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
@@ -288,7 +295,7 @@ def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None
             "pretrained %s has %d classes, the model %d: its head is dropped and a new one trained",
             ckpt.source, ckpt.num_classes, model.num_classes,
         )
-    load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers)
+    load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers, act=asked_activation(cfg))
     log.info("loaded pretrained weights from %s (layers: %s)", ckpt.source, ", ".join(layers))
 
 
@@ -482,7 +489,8 @@ def _finish(run: TrainingRun) -> dict[str, Any]:
 
 
 def test(cfg: CfgNode) -> dict[str, Any]:
-    """Evaluate TEST.MODEL_FILE (default, as the release: the run folder's model_best.pth) on DATASET.TEST_SET.
+    """Evaluate TEST.MODEL_FILE (default, as the release: the run folder's model_best.pth; also a
+    published tag or hf-hub:org/repo) on DATASET.TEST_SET.
 
     Prints top-1, top-5 and loss and writes test_metrics.json in the run folder. The numbers are
     the same for any number of processes.
@@ -518,8 +526,8 @@ def _test_data(
 
 
 def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
-    model_file = Path(cfg.TEST.MODEL_FILE) if cfg.TEST.MODEL_FILE else folder / MODEL_BEST
-    if not cfg.TEST.MODEL_FILE and not model_file.exists():
+    model_file = cfg.TEST.MODEL_FILE or folder / MODEL_BEST
+    if not cfg.TEST.MODEL_FILE and not Path(model_file).exists():
         raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
     log.info("testing %s", model_file)
     ckpt = read_checkpoint(model_file)
@@ -528,10 +536,14 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
             f"{model_file} has a {ckpt.num_classes}-class head but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}; "
             f"set MODEL.NUM_CLASSES {ckpt.num_classes} (and test on a folder with those classes)"
         )
-    loader, dataset, valid_labels, real_labels = _test_data(cfg, env, ckpt.class_names)
+    # A checkpoint that knows its class folders maps its outputs by name; build_loader checks the folders
+    # match. A Hugging Face config's id2label holds display names ('tench, Tinca tinca', not the
+    # folder n01440764): those follow the sorted folders by index, as the release tests.
+    folder_names = None if ckpt.format == "huggingface" else ckpt.class_names
+    loader, dataset, valid_labels, real_labels = _test_data(cfg, env, folder_names)
 
     model = build_model(cfg)
-    load_checkpoint(model, ckpt)
+    load_checkpoint(model, ckpt, act=asked_activation(cfg))
     settings = LoopSettings.from_config(cfg, env.device)
     model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     bad_files = BadFileLog()

@@ -329,6 +329,7 @@ def restore_training(
     if extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     if ema is not None:
+        ema.module.set_activation(model.act)  # the EMA copy was made before the checkpoint set it
         if extra.get("ema") is not None:
             ema.module.load_state_dict(extra["ema"])
         else:  # EMA switched on while resuming: start the average from the resumed weights

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import get_defaults
-from ..data.transforms import CROP_PCT
+from ..models.zoo import CROP_PCT
 
 __all__ = ["PREPROCESSOR_FILE", "eval_settings_from_hf_preprocessor", "hf_preprocessor_config"]
 

@@ -2,6 +2,11 @@
 
 Loading is strict: a file that does not fit raises one error that lists the missing, unexpected and
 mis-shaped keys, never a partial load.
+
+The activation is chosen once per load and logged with its reason (`choose_activation`): the one asked
+for (``act=``, MODEL.ACTIVATION), else the one the checkpoint is known to have been trained with, else
+QuickGELU, the release's (a Hugging Face layout file outside the hub cache does not say; Microsoft's
+copies of the release, the common case, need QuickGELU; weights trained in transformers need act='gelu').
 """
 from __future__ import annotations
 
@@ -15,11 +20,11 @@ from yacs.config import CfgNode
 
 from ..config import config_from_settings, config_from_yaml_text, load_config
 from ..errors import UserError, short_list
-from ..models.cvt import ConvolutionalVisionTransformer, create_model
-from ..models.spec import CvtSpec, list_models, model_spec
+from ..models.cvt import ConvolutionalVisionTransformer, create_model as create_network
+from ..models.spec import CvtSpec, check_activation, list_models, model_spec
 from .read import Checkpoint, read_checkpoint
 
-__all__ = ["checkpoint_config", "infer_spec", "load_checkpoint", "model_from_checkpoint"]
+__all__ = ["checkpoint_config", "choose_activation", "create_model", "infer_spec", "load_checkpoint", "model_from_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ def load_checkpoint(
     *,
     backbone_only: bool = False,
     layers: Sequence[str] | None = None,
+    act: str | None = None,
 ) -> Checkpoint:
     """Load weights into ``model``.
 
@@ -47,9 +53,11 @@ def load_checkpoint(
         backbone_only: leave the head out and re-initialise it (fine-tuning to another class count).
         layers: load only keys under these top-level names (``['stage0', 'stage1']``; ``['*']`` = all),
             the release's MODEL.PRETRAINED_LAYERS.
+        act: the MLP activation to run, 'quick_gelu' or 'gelu'; None: the one the weights were trained
+            with (see `choose_activation`). The model is switched to it, and the choice logged.
 
-    Non-finite (NaN, inf) weights are refused. Weights from the Hugging Face port switch the model to exact GELU, which they were trained with
-    (logged). Returns the read :class:`Checkpoint` (class names, spec, training state).
+    Non-finite (NaN, inf) weights are refused. Returns the read :class:`Checkpoint` (class names, spec,
+    training state).
     """
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     incoming = {k: v for k, v in ckpt.state_dict.items() if _selected(k, layers)}
@@ -84,11 +92,28 @@ def load_checkpoint(
             "partial load from %s: %d missing, %d unexpected, %d mis-shaped keys left out",
             ckpt.source, len(missing), len(unexpected), len(mis_shaped),
         )
-    wanted_act = ckpt.act or ("gelu" if ckpt.format == "huggingface" else None)
-    if wanted_act and wanted_act != model.act:
-        log.warning("weights from %s were trained with %s; the model now runs %s too", ckpt.source, wanted_act, wanted_act)
-        model.set_activation(wanted_act)
+    chosen, reason = choose_activation(ckpt, act, model.act)
+    log.info("%s runs %s: %s", ckpt.source, chosen, reason)
+    model.set_activation(chosen)
     return ckpt
+
+
+def choose_activation(ckpt: Checkpoint, act: str | None = None, current: str = "quick_gelu") -> tuple[str, str]:
+    """(activation, why) for running `ckpt`'s weights: `act` when given (warning when the checkpoint is
+    known to be trained with the other one), else the checkpoint's own, else `current` (the model's)."""
+    if act is not None:
+        check_activation(act)
+        if ckpt.act and ckpt.act != act:
+            log.warning("%s was trained with %s (%s), but runs %s as asked", ckpt.source, ckpt.act, ckpt.act_reason, act)
+        return act, "asked for (act= / MODEL.ACTIVATION)"
+    if ckpt.act:
+        return ckpt.act, ckpt.act_reason or "saved with the weights"
+    if ckpt.format == "huggingface" and current == "quick_gelu":
+        return current, (
+            "the Hugging Face layout does not say its activation; the release's checkpoints (Microsoft's hub "
+            "copies) need QuickGELU, weights trained in transformers need act='gelu' (MODEL.ACTIVATION gelu)"
+        )
+    return current, "the model's own; the file does not say"
 
 
 def _mismatch_message(
@@ -143,14 +168,53 @@ def infer_spec(ckpt: Checkpoint) -> dict[str, Any]:
 def model_from_checkpoint(
     source: str | os.PathLike | Mapping[str, Any] | Checkpoint,
     spec: Mapping[str, Any] | CvtSpec | None = None,
+    act: str | None = None,
 ) -> tuple[ConvolutionalVisionTransformer, Checkpoint]:
-    """Build the model a checkpoint was saved from (spec, class count, activation) and load it strictly."""
+    """Build the model a checkpoint was saved from (spec, class count, activation) and load it strictly.
+
+    `source` is anything `read_checkpoint` reads (a file, a folder, a published tag, ``hf-hub:org/repo``)."""
     ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     if ckpt.num_classes is None:
         raise UserError(f"checkpoint {ckpt.source!r} has no classifier head; build the model yourself and load it with backbone_only=True")
-    model = create_model(spec if spec is not None else infer_spec(ckpt), num_classes=ckpt.num_classes, act=ckpt.act or "quick_gelu")
-    load_checkpoint(model, ckpt)
+    model = create_network(spec if spec is not None else infer_spec(ckpt), num_classes=ckpt.num_classes)
+    load_checkpoint(model, ckpt, act=act)
     return model, ckpt
+
+
+def create_model(
+    name_or_spec: str | Mapping[str, Any] | CvtSpec = "cvt-13",
+    pretrained: bool | str | os.PathLike = False,
+    num_classes: int | None = None,
+    *,
+    act: str | None = None,
+    **kwargs: Any,
+) -> ConvolutionalVisionTransformer:
+    """Build a CvT, optionally with weights: ``create_model('cvt-21-384-22k', pretrained=True)``.
+
+    Args:
+        name_or_spec: an architecture (``'cvt-13'``), a published tag (``'cvt-13-384-22k'``, see
+            ``list_models(pretrained=True)``), a MODEL.SPEC dict or a :class:`CvtSpec`.
+        pretrained: True for the weights the tag names; or a file, a folder, another tag or
+            ``'hf-hub:org/repo[@revision]'``.
+        num_classes: head size; default the weights' (1000 without weights). Another count than the
+            weights' keeps their backbone and starts a fresh head (fine-tuning).
+        act: 'quick_gelu' or 'gelu'; default the weights' own (see `choose_activation`), else QuickGELU.
+        kwargs: passed to `cvt.models.create_model` (drop_path_rate, grad_checkpointing, in_chans, spec fields).
+    """
+    if pretrained is False or pretrained is None:
+        return create_network(name_or_spec, 1000 if num_classes is None else num_classes, act=act or "quick_gelu", **kwargs)
+    if pretrained is True:
+        if not isinstance(name_or_spec, str):
+            raise UserError("pretrained=True needs a published tag as the name; or pass the weights as pretrained=PATH")
+        source: str | os.PathLike = name_or_spec
+    else:
+        source = pretrained
+    ckpt = read_checkpoint(source)
+    classes = ckpt.num_classes if num_classes is None else num_classes
+    model = create_network(name_or_spec, 1000 if classes is None else classes, **kwargs)
+    new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
+    load_checkpoint(model, ckpt, backbone_only=new_head, act=act)
+    return model
 
 
 

@@ -7,7 +7,13 @@ Formats read (all through ``torch.load(weights_only=True)`` or safetensors, so n
 * DataParallel / DDP / torch.compile prefixes (``module.``, ``_orig_mod.``);
 * Hugging Face ``CvtForImageClassification`` / ``CvtModel`` weights: ``model.safetensors`` or
   ``pytorch_model.bin``, or a folder holding one with its ``config.json``;
-* the project's own ``checkpoint.pth`` and ``.safetensors`` exports (which carry spec and class names).
+* the project's own ``checkpoint.pth`` and ``.safetensors`` exports (which carry spec and class names);
+* by name: a published tag (``cvt-13``) or ``hf-hub:org/repo[@revision]``, fetched into the Hugging Face
+  cache (`cvt.weights.hub`). An existing path of the same name wins.
+
+What a checkpoint says about its activation (`Checkpoint.act`, with `act_reason`): the project's files
+store it; the published tags and the hub cache's copies of them ran QuickGELU in the release; any other
+hub repo is presumed trained in transformers (GELU); other Hugging Face layout files do not say (None).
 
 What a file says is checked before use: a field of the wrong type or size is one `UserError` naming
 the file and the field. The checksum the project writes with a file (a ``.sha256`` beside a torch
@@ -37,6 +43,7 @@ from ..models.convert import (
     spec_from_hf_config,
 )
 from .hf_preprocessor import PREPROCESSOR_FILE, eval_settings_from_hf_preprocessor
+from .hub import HF_HUB_PREFIX, download, is_hub_name, provenance
 
 __all__ = ["Checkpoint", "read_checkpoint", "tensor_digest"]
 
@@ -51,7 +58,8 @@ class Checkpoint:
     source: str
     format: str  # 'official', 'official-training', 'huggingface', 'cvt', 'cvt-safetensors', 'state-dict'
     spec: dict[str, Any] | None = None
-    act: str | None = None
+    act: str | None = None  # the MLP activation the weights were trained with, where known
+    act_reason: str | None = None  # how that is known, for the log
     class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the rest of a training checkpoint
     # The test transform the weights were evaluated with ({config key: value}), where the file says.
@@ -147,10 +155,15 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint
     if isinstance(source, Mapping):
         return _checked(_from_object(dict(source), "<state dict>"))
     path = Path(source)
+    if not path.exists() and is_hub_name(str(source)):
+        return _read_hub(str(source))
     if path.is_dir():
         return _read_folder(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; check the path")
+        raise UserError(
+            f"checkpoint {str(path)!r} does not exist; check the path, or name a published checkpoint "
+            f"(`cvt list`) or a hub repo ({HF_HUB_PREFIX}org/name)"
+        )
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {str(path)!r} is empty (0 bytes); use an intact copy")
     if path.suffix == ".safetensors":
@@ -159,6 +172,31 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint
             raise UserError(f"checkpoint {str(path)!r} does not match the checksum in its metadata: the file is corrupt; use an intact copy")
         return _checked(_from_safetensors(tensors, metadata, str(path)))
     return _checked(_from_object(_torch_load(path), str(path)))
+
+
+def _read_hub(name: str) -> Checkpoint:
+    hub = download(name)
+    ckpt = _read_folder(hub.folder)
+    ckpt.source = name if hub.published and name == hub.published.tag else f"{name} ({hub.folder})"
+    return ckpt
+
+
+def _set_provenance(ckpt: Checkpoint, folder: Path) -> None:
+    """Activation (and, for a published tag, the release's test transform) of a hub cache snapshot."""
+    found = provenance(folder)
+    if found is None:
+        return
+    repo, published = found
+    if published is not None:
+        ckpt.act = published.act
+        ckpt.act_reason = f"{repo} holds the release's {published.tag} checkpoint, trained with QuickGELU"
+        ckpt.eval_settings = published.eval_settings()
+    else:
+        ckpt.act = "gelu"
+        ckpt.act_reason = (
+            f"{repo} is not one of the published checkpoints, so it is taken as trained in transformers, "
+            "which runs exact GELU (MODEL.ACTIVATION / act= overrides)"
+        )
 
 
 def _read_folder(folder: Path) -> Checkpoint:
@@ -184,6 +222,8 @@ def _read_folder(folder: Path) -> Checkpoint:
     if preprocessor_file.is_file():
         preprocessor = _read_json(preprocessor_file)
         ckpt.eval_settings = eval_settings_from_hf_preprocessor(preprocessor) or ckpt.eval_settings
+    if ckpt.format == "huggingface":
+        _set_provenance(ckpt, folder)
     return ckpt
 
 
@@ -202,6 +242,7 @@ def _from_safetensors(tensors: dict[str, torch.Tensor], metadata: Mapping[str, s
             format="cvt-safetensors",
             spec=_json_metadata(metadata, "spec", source),
             act=metadata.get("act"),
+            act_reason="saved with the weights" if "act" in metadata else None,
             class_names=_json_metadata(metadata, "class_names", source),
             eval_settings=_json_metadata(metadata, "eval_transform", source),
         )
@@ -230,6 +271,7 @@ def _from_object(obj: Any, source: str) -> Checkpoint:
             format="cvt",
             spec=obj.get("spec"),
             act=obj.get("act"),
+            act_reason="saved with the weights" if obj.get("act") else None,
             class_names=obj.get("class_names"),
             extra=extra,
         )
@@ -240,6 +282,6 @@ def _from_object(obj: Any, source: str) -> Checkpoint:
         keys = short_list(list(map(str, obj)), 5)
         raise UserError(f"checkpoint {source!r} is not a CvT state dict (top-level keys: {keys}); is it the right file?")
     if is_hf_state_dict(obj):
-        return Checkpoint(checkpoint_filter_fn(obj), source, "huggingface", act="gelu")
+        return Checkpoint(checkpoint_filter_fn(obj), source, "huggingface")
     return Checkpoint(checkpoint_filter_fn(obj), source, "state-dict")
 
