@@ -17,7 +17,8 @@ from . import __version__
 from .errors import UserError
 
 DEFAULT_EXPERIMENT = "cvt-digits"
-EXPORT_FORMATS = ("official", "hf", "safetensors")
+# As cvt.weights.export.EXPORT_FORMATS (a test checks), named here so that `cvt --help` loads no torch.
+EXPORT_FORMATS = ("official", "hf", "safetensors", "onnx", "torchscript", "exported")
 
 
 def _positive_int(text: str) -> int:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes of images")
     p.add_argument("--cfg", help="experiment file or name (transform, model spec); default: the checkpoint's own")
-    p.add_argument("--weights", required=True, help="checkpoint: any supported format")
+    p.add_argument("--weights", required=True, help="checkpoint: any supported format, or an exported .onnx file")
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="checkpoint: any supported format")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--cfg", help="experiment file or name, if the checkpoint does not say its architecture")
-    p.add_argument("output", help="output file (official, safetensors) or folder (hf)")
+    p.add_argument("output", help="output file (official, safetensors, onnx, torchscript, exported) or folder (hf)")
 
     sub.add_parser("list", help="model names and packaged experiment files")
     for command_parser in sub.choices.values():
