@@ -146,7 +146,8 @@ class _Off(torch.nn.Module):
 
 def test_a_file_that_disagrees_with_the_model_is_refused_and_removed(tiny, tmp_path, capsys, monkeypatch):
     _, weights, _ = tiny
-    monkeypatch.setattr(deploy_module, "_traceable", _Off)
+    write = deploy_module._WRITERS["torchscript"]
+    monkeypatch.setitem(deploy_module._WRITERS, "torchscript", lambda model, *args: write(_Off(model), *args))
     out = tmp_path / "broken.pt"
     assert main(["export", "--weights", str(weights), "--format", "torchscript", str(out)]) == 2
     err = capsys.readouterr().err

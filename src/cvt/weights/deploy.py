@@ -144,11 +144,6 @@ def _exported_bytes(model: nn.Module, example: torch.Tensor, metadata: dict[str,
 _WRITERS = {"onnx": _onnx_bytes, "torchscript": _torchscript_bytes, "exported": _exported_bytes}
 
 
-def _traceable(model: nn.Module) -> nn.Module:
-    """The module the exporters trace: the model itself (a seam for the tests' deliberately broken export)."""
-    return model
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading back
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ class OnnxClassifier:
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types, for a missing file and a corrupt one alike
+        except Exception as e:  # onnxruntime has its own exception types (a corrupt or foreign file)
             raise UserError(f"{os.fspath(path)!r} is not an ONNX model ONNX Runtime can run: {str(e).splitlines()[0]}") from None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
@@ -212,8 +207,8 @@ def deploy(model: nn.Module, fmt: str, output: str | os.PathLike, cfg: CfgNode, 
     """Write `model` as a `fmt` file ('onnx', 'torchscript', 'exported') at `output`, carrying the test
     transform of `cfg`, then run the file and compare with the eager model.
 
-    Returns the largest absolute logit difference seen; above `MAX_ABS_DIFF` the file is removed
-    and a `UserError` says so.
+    The model is put on the CPU in fp32 eval mode (in place). Returns the largest absolute logit
+    difference seen; above `MAX_ABS_DIFF` the file is removed and a `UserError` says so.
     """
     if fmt not in _WRITERS:
         raise UserError(f"deployment format {fmt!r} is not one of {', '.join(DEPLOY_FORMATS)}")
@@ -224,7 +219,7 @@ def deploy(model: nn.Module, fmt: str, output: str | os.PathLike, cfg: CfgNode, 
     # Batch 2: exporters treat sizes 0 and 1 as constants, so a batch of 1 would fix the batch size.
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with portable_kernels(), torch.no_grad(), _quiet_exporters():
-        data = _WRITERS[fmt](_traceable(model), example, metadata)
+        data = _WRITERS[fmt](model, example, metadata)
     atomic_write_bytes(output, data)
     try:
         diff = _verify(model, fmt, output, metadata, (height, width))
