@@ -67,6 +67,7 @@ def test_portable_kernels_switch_the_predicate_and_restore_it():
     assert uses_cpu_kernels(x)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_a_portable_trace_records_only_public_ops():
     model = cvt.create_model(TINY_SPEC, num_classes=3).eval()
     with torch.no_grad(), portable_kernels():
@@ -115,6 +116,7 @@ def test_round_trip_at_any_batch_and_size_with_the_metadata(tiny, exported, fmt)
     assert props["class_names"] == CLASS_NAMES and props["num_classes"] == 3
 
 
+@pytest.mark.slow
 def test_onnx_metadata_props_are_plain_values_other_runtimes_read(exported):
     onnx = pytest.importorskip("onnx")
     props = {p.key: p.value for p in onnx.load(str(exported["onnx"])).metadata_props}

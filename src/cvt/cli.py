@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert a checkpoint to another format")
     p.add_argument("--weights", required=True, help="checkpoint: any supported format")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--cfg", help="experiment file or name, if the checkpoint does not say its architecture")
+    p.add_argument("--cfg", help="experiment file or name, where the checkpoint does not say its architecture or test transform")
     p.add_argument("output", help="output file (official, safetensors, onnx, torchscript, exported) or folder (hf)")
 
     sub.add_parser("list", help="model names and packaged experiment files")
