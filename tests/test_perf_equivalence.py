@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvt.models.cvt import create_model
+from cvt.models.kernels import portable_kernels
 from cvt.models.spec import CvtSpec
 
 from reference_cvt import RefConvBn, RefCvt
@@ -72,14 +73,14 @@ INPUTS = [(1, 224, 224), (3, 224, 224), (1, 160, 208), (3, 160, 208)]
 
 
 @pytest.fixture(params=["cpu", "portable"])
-def kernels(request, monkeypatch):
+def kernels(request):
     """Both kernel paths of the fast model: the CPU one (oneDNN layouts and fused ops) and the portable
     one CUDA takes (F.linear, SDPA), forced here on CPU so its arithmetic is tested without a GPU."""
     if request.param == "portable":
-        import cvt.models.kernels as cvt_module
-
-        monkeypatch.setattr(cvt_module, "uses_cpu_kernels", lambda x: False)
-    return request.param
+        with portable_kernels():
+            yield request.param
+    else:
+        yield request.param
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from . import __version__
 from .errors import UserError
 
 DEFAULT_EXPERIMENT = "cvt-digits"
-EXPORT_FORMATS = ("official", "hf", "safetensors")
+# As cvt.weights.export.EXPORT_FORMATS (a test checks), named here so that `cvt --help` loads no torch.
+EXPORT_FORMATS = ("official", "hf", "safetensors", "onnx", "torchscript", "exported")
 
 
 def _positive_int(text: str) -> int:
@@ -77,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert a checkpoint to another format")
     _add_weights(p)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--cfg", help="experiment file or name, if the checkpoint does not say its architecture")
+    p.add_argument("--cfg", help="experiment file or name, where the checkpoint does not say its architecture or test transform")
     p.add_argument("--force", action="store_true", help="hf: replace files already in the output folder")
-    p.add_argument("output", help="output file (official, safetensors) or folder (hf)")
+    p.add_argument("output", help="output file (official, safetensors, onnx, torchscript, exported) or folder (hf)")
 
     sub.add_parser("list", help="model names and packaged experiment files")
     for command_parser in sub.choices.values():

@@ -1,8 +1,9 @@
 """Predicting classes of image files with any checkpoint the project reads: `Predictor`.
 
 The images are preprocessed as the model was tested: from an experiment file when one is given, else
-from what the checkpoint says (`cvt.weights.load.checkpoint_config`), else, for an ImageNet-sized head
-only, with the ImageNet test transform.
+from what the checkpoint says (`cvt.weights.load.eval_config`), else, for an ImageNet-sized head
+only, with the ImageNet test transform. An exported ONNX file runs through ONNX Runtime, with the
+preprocessing its metadata carries.
 """
 from __future__ import annotations
 
@@ -13,19 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from yacs.config import CfgNode
 
 from .config import load_config, spec_from_config
 from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb
 from .errors import UserError
-from .weights.load import checkpoint_config, model_from_checkpoint
+from .weights.deploy import OnnxClassifier
+from .weights.load import eval_config, model_from_checkpoint
 from .weights.read import Checkpoint, read_checkpoint
 
 __all__ = ["Prediction", "Predictor", "image_files", "resolve_device"]
 
 log = logging.getLogger("cvt")
-
-IMAGENET_CLASSES = 1000
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,8 @@ class Predictor:
     """A model with its test transform and class names, ready to classify image files.
 
     Args:
-        weights: any checkpoint the project reads (path, folder, or a read `Checkpoint`).
+        weights: any checkpoint the project reads (path, folder, or a read `Checkpoint`), or an ONNX
+            file `cvt export` wrote (run by ONNX Runtime on the CPU).
         cfg_file: experiment file or packaged name for the transform and MODEL.SPEC; default: what
             the checkpoint says.
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
@@ -87,30 +87,28 @@ class Predictor:
     def __init__(
         self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto", batch_size: int = 32
     ) -> None:
-        ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
-        self.cfg = self._transform_config(ckpt, cfg_file)
-        self.model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(self.cfg) if cfg_file else None)
-        self.device = resolve_device(device)
-        self.model.to(self.device).eval()
-        self.class_names = ckpt.class_names or [str(i) for i in range(self.model.num_classes)]
+        if isinstance(weights, (str, Path)) and Path(weights).suffix.lower() == ".onnx":
+            self._init_onnx(Path(weights), cfg_file, device)
+        else:
+            ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+            self.cfg = eval_config(ckpt, cfg_file)
+            self.model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(self.cfg) if cfg_file else None)
+            self.device = resolve_device(device)
+            self.model.to(self.device).eval()
+            self.class_names = ckpt.class_names or [str(i) for i in range(self.model.num_classes)]
         self.transform = build_transform(self.cfg, is_train=False)
         self.batch_size = batch_size
 
-    @staticmethod
-    def _transform_config(ckpt: Checkpoint, cfg_file: str | None) -> CfgNode:
-        cfg = checkpoint_config(ckpt, cfg_file)
-        if cfg is not None:
-            return cfg
-        if ckpt.num_classes != IMAGENET_CLASSES:
-            raise UserError(
-                f"{ckpt.source} does not say how its images were preprocessed (size, normalisation); "
-                "give its experiment file with --cfg"
-            )
-        log.info(
-            "%s does not say how its images were preprocessed: using the ImageNet test transform "
-            "(resize to 256, centre crop 224); give --cfg to change it", ckpt.source,
-        )
-        return load_config(None)
+    def _init_onnx(self, path: Path, cfg_file: str | None, device: str) -> None:
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--device {device}: an ONNX file runs on the CPU here (ONNX Runtime); use --device cpu")
+        self.model = OnnxClassifier(path)
+        self.device = torch.device("cpu")
+        cfg = load_config(cfg_file) if cfg_file else self.model.eval_config()
+        if cfg is None:
+            raise UserError(f"{path} does not say how its images were preprocessed; give its experiment file with --cfg")
+        self.cfg = cfg
+        self.class_names = self.model.class_names or [str(i) for i in range(self.model.num_classes)]
 
     def predict(self, files: Iterable[str | Path], topk: int = 5) -> Iterator[Prediction]:
         """One `Prediction` per file, in order; unreadable files give one with `error` set."""

@@ -264,7 +264,9 @@ class Stage(nn.Module):
         height, width = x.shape[-2:]
         tokens = map_to_tokens(x)
         if self.cls_token is not None:
-            tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+            # expand_as a (B, 1, C) view, not expand(B, ...): tracers record the batch size as a
+            # tensor's shape, so an exported graph keeps it dynamic.
+            tokens = torch.cat((self.cls_token.expand_as(tokens[:, :1]), tokens), dim=1)
         tokens = self.pos_drop(tokens)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():

@@ -2,24 +2,50 @@
 
 One predicate, `uses_cpu_kernels`, chooses. On CPU: oneDNN 1x1 convolutions of channels-last maps for
 the token linears (bias and, in inference, the activation inside the kernel) and chunked matmul
-attention for eager bf16 inference. Elsewhere (CUDA) and for export: the portable ops, ``F.linear``
-and ``scaled_dot_product_attention``. Both compute the same function; benchmarks/RESULTS.md has why
-each choice was made.
+attention for eager bf16 inference. Elsewhere (CUDA) and inside `portable_kernels` (export): the
+portable ops, ``F.linear`` and ``scaled_dot_product_attention``. Both compute the same function;
+benchmarks/RESULTS.md has why each choice was made.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["attention", "depthwise_conv", "map_to_tokens", "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels"]
+__all__ = [
+    "attention", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
+    "tokens_to_map", "uses_cpu_kernels",
+]
+
+# Set by `portable_kernels`: process-wide, read once per op, so eager inference pays one global lookup.
+_portable_only = False
+
+
+@contextlib.contextmanager
+def portable_kernels() -> Iterator[None]:
+    """Within this block the model computes with the portable ops on every device.
+
+    Exporters (ONNX, TorchScript, torch.export) record the graph they see, and cannot record the
+    private oneDNN op of the CPU path; with the portable ops the exported graph is the same whichever
+    device the model sits on. The tests use it to check the CUDA path's arithmetic on CPU. Not thread
+    local: every thread of the process computes portably until the block ends.
+    """
+    global _portable_only
+    previous, _portable_only = _portable_only, True
+    try:
+        yield
+    finally:
+        _portable_only = previous
 
 
 def uses_cpu_kernels(x: torch.Tensor) -> bool:
     """Whether the CPU kernel choices below apply to ``x`` (oneDNN layouts and fused ops, chunked bf16
-    attention). Elsewhere, on CUDA, the portable ops (``F.linear``, SDPA) are the fast path; the tests
-    switch this off on CPU to check that path's arithmetic too."""
-    return x.device.type == "cpu"
+    attention). Elsewhere, on CUDA or inside `portable_kernels`, the portable ops (``F.linear``, SDPA)
+    run."""
+    return x.device.type == "cpu" and not _portable_only
 
 
 # Activations ``token_linear`` applies, and their names as oneDNN post-ops (attr, algorithm).

@@ -1,4 +1,5 @@
-"""Writing weights: the release's layout, safetensors with what the model needs, and Hugging Face's.
+"""Writing weights: the release's layout, safetensors with what the model needs, and Hugging Face's;
+and through `deploy`, verified ONNX, TorchScript and torch.export files.
 
 Every file is written atomically (`cvt.files`), so a crash never leaves a half-written file behind,
 with a checksum that reading verifies (a .sha256 beside a torch file, `sha256` safetensors metadata).
@@ -21,13 +22,16 @@ from ..models.convert import checkpoint_filter_fn, hf_config_from_spec, official
 from ..models.cvt import ConvolutionalVisionTransformer
 from ..config import spec_from_config
 from ..data.transforms import eval_transform_settings
+from .deploy import DEPLOY_FORMATS, deploy, require_dependencies
 from .hf_preprocessor import PREPROCESSOR_FILE, hf_preprocessor_config
-from .load import checkpoint_config, model_from_checkpoint
+from .load import checkpoint_config, eval_config, model_from_checkpoint
 from .read import read_checkpoint, tensor_digest
 
-__all__ = ["export_checkpoint", "save_hf", "save_official", "save_safetensors"]
+__all__ = ["EXPORT_FORMATS", "export_checkpoint", "save_hf", "save_official", "save_safetensors"]
 
 log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("official", "safetensors", "hf", *DEPLOY_FORMATS)
 
 
 def _cpu_state_dict(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,13 +105,22 @@ def export_checkpoint(
     weights: str | os.PathLike, fmt: str, output: str | os.PathLike, cfg_file: str | os.PathLike | None = None,
     force: bool = False,
 ) -> ConvolutionalVisionTransformer:
-    """Convert any checkpoint the project reads to `fmt` ('official', 'safetensors', 'hf') at `output`.
+    """Convert any checkpoint the project reads to `fmt` (one of `EXPORT_FORMATS`) at `output`.
 
-    The official layout is a bare state dict; the other two keep how images are to be preprocessed,
-    from `cfg_file` or from what the checkpoint says. An hf export replaces files already in the
+    The official layout is a bare state dict; the others keep how images are to be preprocessed, from
+    `cfg_file` or from what the checkpoint says. The deployment formats (onnx, torchscript, exported)
+    need to know it (an ImageNet head falls back to the ImageNet test transform) and are verified
+    against the model after writing (`cvt.weights.deploy`). An hf export replaces files already in the
     `output` folder only with `force`. Returns the model that was written."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if fmt in DEPLOY_FORMATS:
+        require_dependencies(fmt)  # before reading and building anything
     ckpt = read_checkpoint(weights)
-    cfg = checkpoint_config(ckpt, cfg_file) if fmt != "official" or cfg_file else None
+    if fmt in DEPLOY_FORMATS:
+        cfg = eval_config(ckpt, cfg_file)
+    else:
+        cfg = checkpoint_config(ckpt, cfg_file) if fmt != "official" or cfg_file else None
     model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if cfg_file else None)
     eval_settings = eval_transform_settings(cfg) if cfg is not None else None
     if fmt == "official":
@@ -117,5 +130,5 @@ def export_checkpoint(
     elif fmt == "hf":
         save_hf(model, output, ckpt.class_names, eval_settings, force=force)
     else:
-        raise UserError(f"export format {fmt!r} is not one of official, safetensors, hf")
+        deploy(model, fmt, output, cfg, ckpt.class_names)
     return model

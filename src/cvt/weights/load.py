@@ -24,11 +24,20 @@ from ..models.cvt import ConvolutionalVisionTransformer, create_model as create_
 from ..models.spec import CvtSpec, check_activation, list_models, model_spec
 from .read import Checkpoint, read_checkpoint
 
-__all__ = ["checkpoint_config", "choose_activation", "create_model", "infer_spec", "load_checkpoint", "model_from_checkpoint"]
+__all__ = [
+    "checkpoint_config",
+    "choose_activation",
+    "create_model",
+    "eval_config",
+    "infer_spec",
+    "load_checkpoint",
+    "model_from_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("head.weight", "head.bias")
+IMAGENET_CLASSES = 1000
 
 
 def _selected(key: str, layers: Sequence[str] | None) -> bool:
@@ -229,3 +238,21 @@ def checkpoint_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = Non
     if ckpt.eval_settings:
         return config_from_settings(ckpt.eval_settings)
     return None
+
+
+def eval_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = None) -> CfgNode:
+    """`checkpoint_config`, else for an ImageNet-sized head the ImageNet test transform (logged); a
+    `UserError` for any other head, whose preprocessing nothing says."""
+    cfg = checkpoint_config(ckpt, cfg_file)
+    if cfg is not None:
+        return cfg
+    if ckpt.num_classes != IMAGENET_CLASSES:
+        raise UserError(
+            f"{ckpt.source} does not say how its images were preprocessed (size, normalisation); "
+            "give its experiment file with --cfg"
+        )
+    log.info(
+        "%s does not say how its images were preprocessed: using the ImageNet test transform "
+        "(resize to 256, centre crop 224); give --cfg to change it", ckpt.source,
+    )
+    return load_config(None)
