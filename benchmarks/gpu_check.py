@@ -1,7 +1,7 @@
 """Every CUDA claim of the project, checked in one short run: numbers, training, launch, speed.
 
-    python benchmarks/gpu_check.py --device cuda --json gpu_check.json      # on a GPU, ~4 min
-    python benchmarks/gpu_check.py --device cpu --no-write                  # the same logic, tiny, seconds
+    python benchmarks/gpu_check.py --device cuda --json gpu_check.json      # on a GPU: ~4 min
+    python benchmarks/gpu_check.py --device cpu --no-write                  # the same logic, tiny: ~1 min
 
 Sections, in order, with the time each takes on one H100/H200 (the budget skips a section that no
 longer fits, and stops a running one when it is spent, reporting what it skipped):
@@ -378,14 +378,18 @@ def check_resume(report: Report, name: str, scratch: Path, amp: tuple) -> None:
 
 
 def run_child(command: list[str], report: Report, cap_s: float) -> subprocess.CompletedProcess:
-    """`command` in its own process group, killed whole (torchrun and its workers) at the budget."""
+    """`command` in its own process group, killed whole (torchrun and its workers) when the budget is
+    spent (BudgetSpent) or after `cap_s` seconds (TimeoutExpired: it hung, a failure)."""
+    budget_first = report.left_s() - 2 < cap_s
     timeout = max(1.0, min(cap_s, report.left_s() - 2))
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except BaseException:
+    except BaseException as e:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired) and budget_first:
+            raise BudgetSpent from None
         raise
     return subprocess.CompletedProcess(command, proc.returncode, out, "")
 
