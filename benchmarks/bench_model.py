@@ -59,12 +59,14 @@ MEMORY_TARGETS: dict[tuple[str, int, int], float] = {("cuda", 384, 64): 0.6}
 # --------------------------------------------------------------------------------------------------
 
 
-def build_models(device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """Our CvT-13 and the transformers port with the same config and weights."""
+def build_models(
+    device: torch.device, spec: str | dict = "cvt-13", num_classes: int = NUM_CLASSES
+) -> tuple[nn.Module, nn.Module]:
+    """Our CvT (CvT-13 unless told) and the transformers port with the same config and weights."""
     from transformers import CvtConfig, CvtForImageClassification
 
-    ours = create_model("cvt-13", NUM_CLASSES)
-    config = hf_config_from_spec(ours.spec.to_dict(), NUM_CLASSES)
+    ours = create_model(spec, num_classes)
+    config = hf_config_from_spec(ours.spec.to_dict(), num_classes)
     config.pop("architectures")
     peer = CvtForImageClassification(CvtConfig(**config))
     peer.load_state_dict(official_to_hf(ours.state_dict()), strict=True)
@@ -82,12 +84,12 @@ class PeerLogits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def check_same_function(ours: nn.Module, peer: nn.Module, device: torch.device) -> float:
+def check_same_function(ours: nn.Module, peer: nn.Module, device: torch.device, size: int = 224) -> float:
     """The architectures match: with exact GELU (the port's activation) our model gives the peer's
     logits from the copied weights. Returns the largest difference."""
     ours.eval().set_activation("gelu")
     peer.eval()
-    x = torch.randn(2, 3, 224, 224, device=device)
+    x = torch.randn(2, 3, size, size, device=device)
     # cuDNN convolutions default to TF32, whose 10-bit rounding differs between the two layouts
     # (channels-last, BatchNorm folded, against NCHW then BatchNorm): compare in true fp32.
     tf32 = torch.backends.cudnn.allow_tf32
@@ -226,7 +228,13 @@ def memory_child(args: argparse.Namespace) -> None:
     optimizer = make_optimizer(model, args.adamw)
     x = torch.randn(args.memory_batch, 3, args.memory_size, args.memory_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (args.memory_batch,), device=device)
-    step = train_step(model, optimizer, x, y, device, args.memory_dtype)
+    print(json.dumps(step_memory(train_step(model, optimizer, x, y, device, args.memory_dtype), optimizer, device)))
+
+
+def step_memory(step: Callable[[], object], optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, float]:
+    """Peak memory of one training step, after a warmup step: ``peak_bytes`` in all and ``step_bytes``
+    above what was held before the step (weights, optimizer state, inputs). On CPU the RSS is only
+    meaningful in a fresh process set up as `measure_memory` does."""
     step()  # optimizer state and allocator pools exist from here on
     optimizer.zero_grad(set_to_none=True)
     result: dict[str, float] = {}
@@ -237,14 +245,13 @@ def memory_child(args: argparse.Namespace) -> None:
         step()
         torch.cuda.synchronize(device)
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["step_bytes"] = result["peak_bytes"] - base
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         base = _rss_bytes("VmRSS")
         step()
         result["peak_bytes"] = _rss_bytes("VmHWM")
-        result["step_bytes"] = result["peak_bytes"] - base
-    print(json.dumps(result))
+    result["step_bytes"] = result["peak_bytes"] - base
+    return result
 
 
 def measure_memory(which: str, args: argparse.Namespace) -> dict[str, float]:

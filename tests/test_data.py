@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -599,3 +601,13 @@ def test_digits_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a complete digits dataset"):
         ensure_digits_dataset(tmp_path / "digits")
     assert (tmp_path / "digits" / "mine.txt").read_text() == "keep me"
+
+
+def test_building_the_digits_split_leaves_the_seeded_python_generator_alone() -> None:
+    # A fresh interpreter, where scikit-learn is not imported yet (this test process may have it): the
+    # first training run of a process must draw what the next one draws.
+    code = ("import random; from cvt.data.digits import _split; random.seed(0); _split(); "
+            "print(random.random())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    random_after_seed_0 = 0.8444218515250481
+    assert float(out.strip().splitlines()[-1]) == random_after_seed_0

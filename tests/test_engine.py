@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cvt.config import load_config
 from cvt.training.state import load_optimizer_state, capture_rng, restore_rng, truncate_metrics
@@ -256,6 +257,77 @@ def test_bfloat16_autocast_trains_on_cpu():
                              channels_last=True), epoch=0, scaler=torch.amp.GradScaler("cpu", enabled=False))
     assert math.isfinite(result.loss)
     assert model.head.weight.dtype == torch.float32
+
+
+class _HostSyncs(TorchFunctionMode):
+    """Records, in order, every call that makes the host wait for the device on CUDA (reading a value
+    back, or copying Python data to the loop's device), from any code, torch's own included, and a
+    marker each time the loader hands out a batch, and at its end. On CPU nothing waits; the calls are the same."""
+
+    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS or (name in ("tensor", "as_tensor") and "device" in kwargs):
+            self.events.append(name)
+        return func(*args, **kwargs)
+
+    def loader(self, batches: list):
+        recorder = self
+
+        class Loader:
+            def __len__(self) -> int:
+                return len(batches)
+
+            def __iter__(self):
+                for batch in batches:
+                    recorder.events.append("batch")
+                    yield batch
+                recorder.events.append("end")  # the loop asked for one more: the epoch's batches are done
+
+        return Loader()
+
+    def per_batch(self) -> list[list[str]]:
+        """The calls made while each batch was processed, then (last) those after the loop."""
+        groups: list[list[str]] = []
+        for event in self.events:
+            if event in ("batch", "end"):
+                groups.append([])
+            elif groups:
+                groups[-1].append(event)
+        return groups
+
+
+@pytest.mark.parametrize("amp, accum", [("float16", 1), ("none", 2)])
+def test_one_host_sync_per_optimizer_step(amp, accum):
+    # The CUDA design: a step queues its work and reads back one thing, the shared non-finite/stop
+    # flags (`.tolist()`); nothing else waits for the device, not the fp16 GradScaler (fused AdamW
+    # takes its scale and inf flag on the device), clipping or the EMA. The progress line's loss
+    # (`.item()`) is read only when a line is due: here at the epoch's last batch only.
+    from timm.utils import ModelEmaV3
+
+    model = _tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    fp16 = amp == "float16"
+    settings = _settings(amp_dtype=torch.float16 if fp16 else None, channels_last=True, accum_steps=accum,
+                         clip_grad_norm=1.0, print_freq=1000)
+    syncs = _HostSyncs()
+    batches = _batches(6, 4)
+    with syncs:
+        result = train_one_epoch(model, syncs.loader(batches), nn.CrossEntropyLoss(), opt, settings, epoch=0,
+                                 scaler=torch.amp.GradScaler("cpu", enabled=fp16), ema=ModelEmaV3(model, decay=0.9))
+    assert result.steps == 6 // accum and math.isfinite(result.loss)
+    *steps, last, after_loop = syncs.per_batch()
+    for index, calls in enumerate(steps):
+        last_of_step = (index + 1) % accum == 0
+        assert calls == (["tolist"] if last_of_step else []), (index, calls)
+    assert last == ["tolist", "item"]  # the final progress line
+    assert after_loop == ["tensor", "tolist"]  # the epoch's totals, once
 
 
 def test_evaluate_counts_every_image_and_skips_empty_batches():

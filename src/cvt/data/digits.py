@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,8 +39,15 @@ def default_digits_root() -> Path:
 
 def _split() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(images 0..16, targets, {'train': indices, 'val': indices}): the fixed stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    # Importing scikit-learn can draw from Python's global generator (rich, one of its dependencies,
+    # does at import). Training is seeded before it builds its data, so without this the first run in
+    # a process would draw other random numbers than the next one with the same seed.
+    state = random.getstate()
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    finally:
+        random.setstate(state)
 
     digits = load_digits()
     indices = np.arange(len(digits.target))

@@ -270,8 +270,11 @@ def train_one_epoch(
         progress.batch_done()
         if not last_in_group:
             continue
-        # One collective per optimizer step carries both decisions every rank must share.
-        flags = torch.stack([tally.group_nonfinite.float(), torch.tensor(float(stop_requested()), device=settings.device)])
+        # One collective per optimizer step carries both decisions every rank must share, and its
+        # `.tolist()` is the step's one host sync. The stop flag is filled on the device: copying a
+        # Python value there (torch.tensor) would be a second, synchronous, copy on CUDA.
+        stop = torch.full((), float(stop_requested()), device=settings.device)
+        flags = torch.stack([tally.group_nonfinite.float(), stop])
         nonfinite_ranks, stop_ranks = all_reduce_sum(flags).tolist()
         overflow = None
         if nonfinite_ranks:
