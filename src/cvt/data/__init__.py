@@ -18,6 +18,7 @@ from .loader import (
     build_loader,
     build_mixup,
     resolve_dataset_root,
+    usable_cores,
 )
 from .transforms import build_transform, test_output_size
 
@@ -38,4 +39,5 @@ __all__ = [
     "load_rgb",
     "resolve_dataset_root",
     "test_output_size",
+    "usable_cores",
 ]
