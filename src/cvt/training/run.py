@@ -41,7 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..config import output_dir, save_config
-from ..data import build_loader, build_mixup, check_same_classes
+from ..data import build_loader, build_mixup, check_same_classes, test_output_size
 from ..errors import UserError
 from ..files import append_jsonl, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
@@ -51,7 +51,7 @@ from ..weights.read import read_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
-from .session import StopSignals, reproducibility, run_logging
+from .session import StopSignals, cpu_threads, reproducibility, run_logging
 from .state import capture_rng, read_training, restore_rng, restore_training, save_training, truncate_metrics
 
 __all__ = ["TrainingInterrupted", "build_model", "test", "train"]
@@ -153,10 +153,12 @@ def train(cfg: CfgNode) -> dict[str, Any]:
             StopSignals() as stop:
         resume_from = _resume_path(cfg, folder)
         run = _set_up(cfg, env, folder, resume_from)
-        if resume_from is not None:
-            _resume(run, resume_from)
-        _run_epochs(run, stop)
-        return _finish(run)
+        height_width = (int(cfg.TRAIN.IMAGE_SIZE[1]), int(cfg.TRAIN.IMAGE_SIZE[0]))  # the release's [width, height]
+        with cpu_threads(int(cfg.CPU_THREADS), run.model, height_width, int(cfg.TRAIN.BATCH_SIZE_PER_GPU), env.device):
+            if resume_from is not None:
+                _resume(run, resume_from)
+            _run_epochs(run, stop)
+            return _finish(run)
 
 
 def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) -> TrainingRun:
@@ -218,13 +220,9 @@ def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None
     ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     layers = list(cfg.MODEL.PRETRAINED_LAYERS)
     new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
-    if new_head:
-        log.info(
-            "pretrained %s has %d classes, the model %d: its head is dropped and a new one trained",
-            ckpt.source, ckpt.num_classes, model.num_classes,
-        )
     load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers)
-    log.info("loaded pretrained weights from %s (layers: %s)", ckpt.source, ", ".join(layers))
+    if not new_head or "*" not in layers:  # load_checkpoint announces the new head itself
+        log.info("loaded pretrained weights from %s (layers: %s)", ckpt.source, ", ".join(layers))
 
 
 def _resume_path(cfg: CfgNode, folder: Path) -> Path | None:
@@ -446,9 +444,10 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
     settings = LoopSettings.from_config(cfg, env.device)
     model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     bad_files = BadFileLog()
-    start = time.perf_counter()
-    metrics = evaluate(model, loader, settings, bad_files=bad_files)
-    elapsed = time.perf_counter() - start
+    with cpu_threads(int(cfg.CPU_THREADS), model, test_output_size(cfg), int(cfg.TEST.BATCH_SIZE_PER_GPU), env.device):
+        start = time.perf_counter()
+        metrics = evaluate(model, loader, settings, bad_files=bad_files)
+        elapsed = time.perf_counter() - start
     result: dict[str, Any] = {
         "model_file": str(model_file),
         "split": str(dataset.split_dir),
