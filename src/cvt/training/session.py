@@ -27,9 +27,9 @@ from ..models.complexity import count_gmacs
 __all__ = ["StopSignals", "choose_cpu_threads", "cpu_threads", "reproducibility", "run_logging"]
 
 # Below this many multiply-adds per step (forward, one process) a model's operations are too small to
-# share between threads: one thread is faster than two for the digits demo (0.4 GMAC per step), and
-# two threads waiting on each other collapse when another program takes one of the cores
-# (benchmarks/RESULTS.md, "CPU threads under competition").
+# share well between threads: on an idle machine two threads gain the digits demo (0.4 GMAC per step)
+# only about a third, and two threads waiting on each other collapse when another program takes one of
+# the cores (benchmarks/RESULTS.md, "CPU threads under competition").
 SMALL_STEP_GMACS = 2.0
 
 log = logging.getLogger("cvt")
