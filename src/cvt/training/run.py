@@ -173,7 +173,7 @@ def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) 
     classes = list(train_set.classes)
     _check_num_classes(cfg, classes, train_set.split_dir)
 
-    model = _initial_model(cfg, load_pretrained=resume_from is None)
+    model = _initial_model(cfg, with_pretrained=resume_from is None)
     model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     lr = scaled_lr(cfg, env.world_size)
@@ -195,13 +195,13 @@ def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) 
     )
 
 
-def _initial_model(cfg: CfgNode, load_pretrained: bool) -> ConvolutionalVisionTransformer:
+def _initial_model(cfg: CfgNode, with_pretrained: bool) -> ConvolutionalVisionTransformer:
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every rank: DDP would copy rank 0's later anyway, but the EMA
         # copies the model before that.
         torch.default_generator.manual_seed(int(cfg.SEED))  # the CPU generator only: CUDA's stays per rank
         model = build_model(cfg)
-    if cfg.MODEL.PRETRAINED and load_pretrained:
+    if cfg.MODEL.PRETRAINED and with_pretrained:
         load_pretrained(cfg, model)
     return model
 
