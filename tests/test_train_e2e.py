@@ -23,7 +23,7 @@ from cvt.errors import UserError
 from cvt.weights.read import read_checkpoint
 from cvt.models import create_model
 
-from helpers import CLASSES, TINY_SPEC, config, epochs_in, make_image_folder, run_opts
+from helpers import CLASSES, TINY_SPEC, VAL_PER_CLASS, config, epochs_in, make_image_folder, run_opts
 
 import cvt.training.run as engine_train
 
