@@ -16,5 +16,8 @@ def official_keys() -> dict:
     (not shipped with the project); the tests that need it skip, saying so, where it is absent."""
     path = REFERENCE / "official_keys.json"
     if not path.is_file():
-        pytest.skip(f"{path} not beside the repo")
+        pytest.skip(
+            "needs the published checkpoints' key list (official_keys.json), which is not shipped with the "
+            f"project; put it at {path} to run this test"
+        )
     return json.loads(path.read_text())

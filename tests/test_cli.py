@@ -191,3 +191,12 @@ def test_predict_from_a_training_checkpoint_uses_its_config_and_class_names(caps
     same = _json_out(capsys, ["predict", "--cfg", str(tmp_path / "out" / "shapes" / "tiny" / "config.yaml"),
                               "--weights", result["final_state"], str(image), "--topk", "3", "--json"])
     assert [p["prob"] for p in same[0]["predictions"]] == pytest.approx([p["prob"] for p in out[0]["predictions"]], abs=1e-6)
+
+
+def test_hf_export_of_the_demo_model_is_refused_in_one_line(tmp_path, capsys):
+    demo = cvt.config.load_config("cvt-digits")
+    weights = cvt.save_safetensors(cvt.create_model(dict(demo.MODEL.SPEC), num_classes=10), tmp_path / "demo.safetensors")
+    assert main(["export", "--weights", str(weights), "--format", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "transformers' CvtForImageClassification cannot run" in err
+    assert "DEPTH [1, 2, 2]" in err and not (tmp_path / "hf").exists()

@@ -25,7 +25,9 @@ from helpers import REFERENCE
 
 OFFICIAL = sorted((REFERENCE / "official-configs").glob("*.yaml"))
 PUBLISHED = ["cvt-13-224x224", "cvt-13-384x384", "cvt-21-224x224", "cvt-21-384x384", "cvt-w24-384x384"]
-needs_reference = pytest.mark.skipif(len(OFFICIAL) != 5, reason="shared/reference/official-configs not beside the repo")
+needs_reference = pytest.mark.skipif(len(OFFICIAL) != 5, reason=(
+    "needs the five published experiment YAML files, which are not shipped with the project; put them in "
+    f"{REFERENCE / 'official-configs'} to run this test"))
 
 
 def write(path: Path, text: str) -> Path:

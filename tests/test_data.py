@@ -33,6 +33,7 @@ from cvt.data import (
     read_valid_labels,
     resolve_dataset_root,
 )
+from cvt.data import digits as digits_module
 from cvt.data.digits import default_digits_root
 from cvt.errors import UserError
 
@@ -591,8 +592,22 @@ def test_digits_dataset_written_once_and_reused(monkeypatch, tmp_path: Path, cap
 
     stamp = Path(val.samples[0][0]).stat().st_mtime_ns
     caplog.clear()
+    assert resolve_dataset_root(cfg) == root  # the run's other loader: nothing more to say
+    assert caplog.text == ""
+    monkeypatch.setattr(digits_module, "_READY", set())  # as a later process finds it
     assert ensure_digits_dataset() == root
     assert "reusing" in caplog.text and Path(val.samples[0][0]).stat().st_mtime_ns == stamp
+
+
+def test_only_the_digits_cache_folder_is_ever_created(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CVT_CACHE_DIR", str(tmp_path / "cache"))
+    typo = tmp_path / "data" / "nope"
+    with pytest.raises(UserError, match=r"DATASET.ROOT: folder .*nope not found"):
+        resolve_dataset_root(config(tmp_path, **{"DATASET.ROOT": str(typo), "DATASET.DATASET": "digits"}))
+    assert not typo.exists() and not (tmp_path / "data").exists()
+    # The cache folder itself, named explicitly, is still built.
+    named = config(tmp_path, **{"DATASET.ROOT": str(tmp_path / "cache" / "digits"), "DATASET.DATASET": "digits"})
+    assert resolve_dataset_root(named) == tmp_path / "cache" / "digits"
 
 
 def test_digits_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
@@ -611,3 +626,14 @@ def test_building_the_digits_split_leaves_the_seeded_python_generator_alone() ->
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     random_after_seed_0 = 0.8444218515250481
     assert float(out.strip().splitlines()[-1]) == random_after_seed_0
+
+
+def test_workers_are_capped_at_the_usable_cores(monkeypatch, tmp_path: Path, caplog) -> None:
+    from cvt.data import loader as loader_module
+
+    make_split(tmp_path, "train", {"a": 4, "b": 4})
+    monkeypatch.setattr(loader_module, "usable_cores", lambda: 2)
+    caplog.set_level(logging.INFO, logger="cvt")
+    train_loader, _ = build_loader(config(tmp_path, WORKERS=6), "train")
+    assert train_loader.num_workers == 2
+    assert "WORKERS 6 is more than the 2 usable cores: 2 worker processes per loader" in caplog.text

@@ -487,3 +487,80 @@ def test_single_process_without_torchrun_environment(monkeypatch):
     assert (env.rank, env.world_size, env.is_main, env.distributed, env.device) == (0, 1, True, False, CPU)
     t = torch.ones(2)
     assert torch.equal(all_reduce_sum(t), torch.ones(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU threads, progress lines, the run's log
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cpu_threads_one_for_a_demo_sized_model_else_the_usable_cores(monkeypatch, caplog):
+    from cvt.training import session
+
+    monkeypatch.setattr(session, "usable_cores", lambda: 6)
+    demo = load_config("cvt-digits")
+    small = create_model(dict(demo.MODEL.SPEC), num_classes=10)
+    assert session.choose_cpu_threads(0, small, (32, 32), 64) == 1
+    with torch.device("meta"):  # shapes only: CvT-13 at 224, batch 32
+        large = create_model("cvt-13")
+    assert session.choose_cpu_threads(0, large, (224, 224), 32) == 6
+    assert session.choose_cpu_threads(3, small, (32, 32), 64) == 3  # CPU_THREADS set: taken as it is
+
+    before = torch.get_num_threads()
+    caplog.set_level("INFO", logger="cvt")
+    with session.cpu_threads(0, small, (32, 32), 64, CPU) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before  # the caller's count back
+    assert "CPU threads: 1 (chosen for this model's size" in caplog.text
+    with session.cpu_threads(3, small, (32, 32), 64, torch.device("meta")) as threads:
+        assert threads == torch.get_num_threads() == before  # not on the CPU: left alone
+    with pytest.raises(UserError, match="CPU_THREADS"):
+        _cfg("CPU_THREADS", -1)
+
+
+def test_progress_lines_carry_rate_and_eta_and_come_at_least_every_few_seconds(monkeypatch, caplog):
+    from cvt.training import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+
+    def two_seconds_a_batch():
+        for batch in _batches(6, 2):
+            now[0] += 2.0
+            yield batch
+
+    class Loader(list):
+        def __iter__(self):
+            return two_seconds_a_batch()
+
+    model = _tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    caplog.set_level("INFO", logger="cvt")
+    train_one_epoch(model, Loader(range(6)), nn.CrossEntropyLoss(), opt, _settings(print_freq=1000), epoch=0,
+                    scaler=torch.amp.GradScaler("cpu", enabled=False))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0 [")]
+    # PRINT_FREQ 1000 alone would print the last step only; 5 quiet seconds add the one at 6 s.
+    assert [line.split(" loss ")[0] for line in lines] == ["epoch 0 [3/6]", "epoch 0 [6/6]"]
+    assert lines[0].endswith(" 1 img/s, ETA 0:06") and lines[1].endswith("ETA 0:00")
+
+
+def test_an_error_that_ends_a_run_is_in_its_log(tmp_path):
+    from cvt.training.session import run_logging
+
+    with pytest.raises(UserError), run_logging(tmp_path, is_main=True):
+        raise UserError("DATASET.ROOT: folder /nope not found; set DATASET.ROOT")
+    with pytest.raises(ZeroDivisionError), run_logging(tmp_path, is_main=True):
+        1 / 0
+    text = (tmp_path / "log.txt").read_text()
+    assert "ERROR stopped by an error: DATASET.ROOT: folder /nope not found" in text
+    assert "Traceback" in text and "ZeroDivisionError" in text  # a bug keeps its traceback
+
+
+def test_gradients_have_their_parameters_strides():
+    """DDP copies each gradient into a bucket view laid out as its parameter and warns on every rank
+    ("Grad strides do not match bucket view strides") where the two differ."""
+    for memory_format in (torch.preserve_format, torch.channels_last):
+        model = _tiny().to(memory_format=memory_format)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        for name, param in model.named_parameters():
+            assert param.grad.stride() == param.stride(), (memory_format, name)

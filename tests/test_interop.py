@@ -11,7 +11,7 @@ import cvt
 from cvt import UserError, create_model, load_checkpoint, read_checkpoint
 from cvt.config import load_config
 from cvt.data.transforms import build_transform, eval_transform_settings
-from cvt.models.convert import hf_to_official, official_to_hf
+from cvt.models.convert import hf_config_from_spec, hf_to_official, hf_unsupported, official_to_hf
 from cvt.weights.hf_preprocessor import eval_settings_from_hf_preprocessor
 
 from helpers import TINY_SPEC
@@ -82,6 +82,43 @@ def test_export_to_hugging_face_and_back(tmp_path):
     assert ckpt.class_names == list("abcde")
     with torch.no_grad():
         assert torch.equal(back.eval()(x), model(x))
+
+
+def _transformers_runs(spec: dict) -> bool:
+    """Whether transformers' own CvT builds and runs a model of `spec` (our keys) in its layout."""
+    config = transformers.CvtConfig(**hf_config_from_spec(spec, 3))
+    try:
+        with torch.no_grad():
+            transformers.CvtForImageClassification(config).eval()(torch.randn(1, 3, 32, 32))
+    except (IndexError, AttributeError):  # what its CvT raises on these specs
+        return False
+    return True
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"DEPTH": [1, 2, 2]},  # the digits demo's depths
+    {"DEPTH": [0, 2, 3]},  # an empty stage never reads its drop-path list
+    {"DEPTH": [2, 1, 3]},
+    {"QKV_PROJ_METHOD": ["dw_bn", "avg", "dw_bn"]},
+    {"QKV_PROJ_METHOD": ["linear"] * 3},
+    {"CLS_TOKEN": [False] * 3},
+])
+def test_hf_export_refuses_exactly_what_transformers_cannot_run(tmp_path, changes):
+    model = create_model(dict(TINY_SPEC, **changes), num_classes=3, act="gelu").eval()
+    spec = model.spec.to_dict()
+    runs = _transformers_runs(spec)
+    assert (hf_unsupported(spec) is None) == runs
+    if runs:
+        cvt.save_hf(model, tmp_path)
+        hf = transformers.CvtForImageClassification.from_pretrained(tmp_path).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert (hf(x).logits - model(x)).abs().max() <= 2e-5
+    else:
+        with pytest.raises(UserError, match="transformers' CvtForImageClassification cannot run this model"):
+            cvt.save_hf(model, tmp_path / "out")
+        assert not (tmp_path / "out").exists()  # nothing written
 
 
 @pytest.mark.parametrize("size, center_crop", [(224, True), (384, False)])

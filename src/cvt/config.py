@@ -134,6 +134,10 @@ def get_defaults() -> CfgNode:
     cfg.DIST_TIMEOUT_S = 600
     # Write TensorBoard event files beside the logs.
     cfg.TENSORBOARD = True
+    # Intra-op threads of a training or test process on the CPU; 0 chooses: 1 for models as small as
+    # the digits demo, else the cores this process may use (benchmarks/RESULTS.md, "CPU threads under
+    # competition"). DataLoader workers always compute with 1 (torch sets it).
+    cfg.CPU_THREADS = 0
 
     # The release's fine-tuning keys (its code was never published). FINETUNE.FINETUNE true trains by
     # optimizer steps with the protocol below (ViT's fine-tuning, BiT's schedule; docs/CONFIG.md)
@@ -768,6 +772,7 @@ def _validate_numbers(cfg: CfgNode) -> None:
     ):
         _require(value >= 1, key, value, ">= 1")
     _require(cfg.WORKERS >= 0, "WORKERS", cfg.WORKERS, ">= 0")
+    _require(cfg.CPU_THREADS >= 0, "CPU_THREADS", cfg.CPU_THREADS, ">= 0 (0 chooses)")
     _require(0 <= cfg.SEED < 2**32, "SEED", cfg.SEED, "in [0, 2**32)")
     _require(train.BEGIN_EPOCH >= 0, "TRAIN.BEGIN_EPOCH", train.BEGIN_EPOCH, ">= 0")
     _require(

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from .config import load_config, spec_from_config
-from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb
+from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb, test_output_size
 from .errors import UserError
+from .training.session import cpu_threads
 from .weights.deploy import OnnxClassifier
 from .weights.load import eval_config, model_from_checkpoint
 from .weights.read import Checkpoint, read_checkpoint
@@ -114,16 +115,18 @@ class Predictor:
         """One `Prediction` per file, in order; unreadable files give one with `error` set."""
         topk = min(topk, self.model.num_classes)
         batch: list[tuple[Path, torch.Tensor]] = []
-        for path in map(Path, files):
-            try:
-                batch.append((path, self.transform(load_rgb(path, self.cfg.DATASET.MAX_IMAGE_PIXELS))))
-            except BadImageError as e:
-                yield Prediction(str(path), [], error=str(e))
-            if len(batch) == self.batch_size:
+        with cpu_threads(int(self.cfg.CPU_THREADS), self.model, test_output_size(self.cfg), self.batch_size,
+                         self.device, announce=False):
+            for path in map(Path, files):
+                try:
+                    batch.append((path, self.transform(load_rgb(path, self.cfg.DATASET.MAX_IMAGE_PIXELS))))
+                except BadImageError as e:
+                    yield Prediction(str(path), [], error=str(e))
+                if len(batch) == self.batch_size:
+                    yield from self._classify(batch, topk)
+                    batch = []
+            if batch:
                 yield from self._classify(batch, topk)
-                batch = []
-        if batch:
-            yield from self._classify(batch, topk)
 
     def _classify(self, batch: list[tuple[Path, torch.Tensor]], topk: int) -> Iterator[Prediction]:
         with torch.inference_mode():

@@ -25,6 +25,7 @@ from .loader import (
     build_loader,
     build_mixup,
     resolve_dataset_root,
+    usable_cores,
 )
 from .transforms import build_transform, test_output_size
 
@@ -53,4 +54,5 @@ __all__ = [
     "read_valid_labels",
     "resolve_dataset_root",
     "test_output_size",
+    "usable_cores",
 ]

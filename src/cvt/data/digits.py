@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 DIGITS_IMAGE_SIZE = 32
 MARKER = "digits.json"
 _FORMAT_VERSION = 1  # bump when the written images change, so old caches are not reused
+# Folders this process has already written or checked: a run's two loaders both ask for the dataset,
+# and it is announced (written or reused) once.
+_READY: set[Path] = set()
 
 
 def default_digits_root() -> Path:
@@ -88,10 +91,13 @@ def _to_png(scan: np.ndarray) -> Image.Image:
 def ensure_digits_dataset(root: Path | None = None) -> Path:
     """The digits dataset's folder, written first if it is not already there complete."""
     root = Path(root).expanduser() if root is not None else default_digits_root()
+    if root in _READY:
+        return root
     images, targets, splits = _split()
     manifest = _manifest(splits)
     if _is_complete(root, manifest):
         logger.info("Digits dataset: reusing %s", root)
+        _READY.add(root)
         return root
     if root.exists():
         if not root.is_dir() or any(root.iterdir()):
@@ -122,4 +128,5 @@ def ensure_digits_dataset(root: Path | None = None) -> Path:
             logger.info("Digits dataset: another process wrote %s first; using it", root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _READY.add(root)
     return root

@@ -40,7 +40,7 @@ from yacs.config import CfgNode
 from ..config import DOWNSTREAM_DATASETS, SAMPLERS
 from ..errors import UserError, short_list
 from .dataset import BadFile, ImageFolderDataset, ImageListDataset, Item, stop_error
-from .digits import ensure_digits_dataset
+from .digits import default_digits_root, ensure_digits_dataset
 from .downstream import build_downstream_dataset
 from .labels import read_class_map
 from .transforms import build_transform, test_output_size
@@ -57,6 +57,7 @@ __all__ = [
     "build_mixup",
     "resolve_dataset_root",
     "worker_failure",
+    "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -232,13 +233,23 @@ def worker_failure(error: BaseException) -> UserError | None:
     )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container or `taskset` may allow fewer
+    than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_dataset_root(cfg: CfgNode) -> Path:
-    """DATASET.ROOT, or for the digits demo the folder it is built in when ROOT is empty or missing."""
+    """DATASET.ROOT; for the digits demo with ROOT empty (or the cache folder itself), the cache folder,
+    the dataset written there first if need be. Only that folder is ever created: any other ROOT
+    must exist, so a mistyped path is an error, not a new dataset somewhere unexpected."""
     root = str(cfg.DATASET.ROOT)
+    if cfg.DATASET.DATASET == "digits" and (not root or Path(root).expanduser() == default_digits_root()):
+        return ensure_digits_dataset()
     if root and Path(root).is_dir():
         return Path(root)
-    if cfg.DATASET.DATASET == "digits":
-        return ensure_digits_dataset(Path(root) if root else None)
     if not root:
         raise UserError("DATASET.ROOT: not set; set it to the folder holding the dataset's split folders")
     raise UserError(
@@ -308,7 +319,11 @@ def build_loader(
         batch_size = cfg.TEST.BATCH_SIZE_PER_GPU
         image_shape = (3, *test_output_size(cfg))
 
-    workers = int(cfg.WORKERS)
+    workers = min(int(cfg.WORKERS), usable_cores())
+    if workers < cfg.WORKERS and is_train:
+        # More decoding processes than cores only queue for them (the recipes assume a GPU server).
+        logger.info("WORKERS %d is more than the %d usable cores: %d worker processes per loader",
+                    cfg.WORKERS, usable_cores(), workers)
     loader = FolderLoader(
         dataset,
         batch_size=batch_size,

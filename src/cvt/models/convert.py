@@ -20,6 +20,7 @@ __all__ = [
     "class_names_from_hf_config",
     "hf_config_from_spec",
     "hf_to_official",
+    "hf_unsupported",
     "is_hf_state_dict",
     "num_labels_from_hf_config",
     "official_to_hf",
@@ -142,6 +143,24 @@ _CONFIG_FIELDS = [
     ("PADDING_Q", "padding_q"),
     ("STRIDE_Q", "stride_q"),
 ]
+
+
+def hf_unsupported(spec: Mapping[str, Any]) -> str | None:
+    """Why transformers' `CvtForImageClassification` cannot run a model of `spec` (MODEL.SPEC keys),
+    or None when it can. Its CvT builds stage i's drop-path rates as a list of DEPTH[i] entries and
+    takes entry i of it for each block (an IndexError when 0 < DEPTH[i] <= i), builds the q/k/v projections' weights
+    for 'dw_bn' only, and pools through the last stage's cls token."""
+    depths = list(spec["DEPTH"])
+    short = [i for i, depth in enumerate(depths) if 0 < depth <= i]
+    if short:
+        return (f"DEPTH {depths} has a stage i with 0 < DEPTH[i] <= i (stage {short[0]}), and transformers' CvT "
+                "indexes each stage's drop-path list by the stage number")
+    methods = list(spec["QKV_PROJ_METHOD"])
+    if any(method != "dw_bn" for method in methods):
+        return f"QKV_PROJ_METHOD {methods}: transformers' CvT runs 'dw_bn' projections only"
+    if not spec["CLS_TOKEN"][-1]:
+        return "CLS_TOKEN is false in the last stage, and transformers' CvT classifies from that cls token"
+    return None
 
 
 def spec_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:

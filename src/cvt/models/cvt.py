@@ -96,6 +96,12 @@ class ConvProjection(nn.Module):
     def __init__(self, dim: int, kernel_size: int, stride: int, padding: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size, stride, padding, groups=dim, bias=False)
+        # The strides the weight's gradient comes with (the maps are channels-last): the same memory,
+        # as its input-channel dimension has size 1, but DDP compares strides literally and would warn
+        # "Grad strides do not match bucket view strides" on every rank.
+        # (`.contiguous(memory_format=...)` would see nothing to change: size-1 dimensions do not count.)
+        weight = self.conv.weight.data
+        self.conv.weight.data = weight.as_strided(weight.shape, (weight.stride(0), 1, weight.stride(2), 1))
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

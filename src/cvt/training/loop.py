@@ -344,27 +344,38 @@ def _nonfinite_step(settings: LoopSettings, epoch: int, tally: EpochTally, index
 
 
 class _Progress:
-    """The epoch's progress on rank 0: a tqdm bar on a terminal, else a log line every PRINT_FREQ steps."""
+    """The epoch's progress on rank 0: a tqdm bar on a terminal, else a log line with the rate and the
+    epoch's ETA every PRINT_FREQ steps, and after any step that ends QUIET_LIMIT_S seconds or more
+    after the last line, so a slow epoch is never silent for long."""
+
+    QUIET_LIMIT_S = 5.0
 
     def __init__(self, label: str, num_batches: int, print_freq: int, world_size: int) -> None:
         self.label, self.num_batches, self.print_freq, self.world_size = label, num_batches, print_freq, world_size
         self.is_main = is_main_process()
         self.show_bar = self.is_main and sys.stdout.isatty()
         self.bar = tqdm(total=num_batches, desc=label, leave=False, dynamic_ncols=True, disable=not self.show_bar)
+        self.start = self.last_line = time.perf_counter()
 
     def batch_done(self) -> None:
         self.bar.update(1)
 
     def step_done(self, tally: EpochTally, lr: float, index: int) -> None:
-        due = self.is_main and (tally.steps % self.print_freq == 0 or index == self.num_batches - 1)
+        now = time.perf_counter()
+        due = self.is_main and (
+            tally.steps % self.print_freq == 0 or index == self.num_batches - 1 or now - self.last_line >= self.QUIET_LIMIT_S
+        )
         if not (self.show_bar or due):
             return
         mean_loss, rate = tally.progress(self.world_size)
         if self.show_bar:
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-        else:
-            log.info("%s [%d/%d] loss %.4f lr %.3e %.0f img/s",
-                     self.label, index + 1, self.num_batches, mean_loss, lr, rate)
+            return
+        done = index + 1
+        eta_s = (now - self.start) / done * (self.num_batches - done)
+        log.info("%s [%d/%d] loss %.4f lr %.3e %.0f img/s, ETA %d:%02d",
+                 self.label, done, self.num_batches, mean_loss, lr, rate, eta_s // 60, eta_s % 60)
+        self.last_line = now
 
     def close(self) -> None:
         self.bar.close()

@@ -49,7 +49,7 @@ from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..config import output_dir, save_config
-from ..data import ImageFolderDataset, build_loader, build_mixup, check_same_classes, resolve_dataset_root
+from ..data import ImageFolderDataset, build_loader, build_mixup, check_same_classes, resolve_dataset_root, test_output_size
 from ..data.labels import REAL_LABELS_FILE, RealLabels, read_valid_labels
 from ..errors import UserError
 from ..files import append_jsonl, atomic_write_text
@@ -60,7 +60,7 @@ from ..weights.read import read_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
-from .session import LOCK_FILE, StopSignals, TrainingInterrupted, lock_run_folder, reproducibility, run_logging
+from .session import LOCK_FILE, StopSignals, TrainingInterrupted, cpu_threads, lock_run_folder, reproducibility, run_logging
 from .finetune import TrainModes, finetune_batch_per_process, freeze_layers, frozen_prefixes, run_steps
 from .optim import build_step_scheduler
 from .state import (
@@ -173,15 +173,17 @@ def train(cfg: CfgNode) -> dict[str, Any]:
                 if line:
                     log.warning("%s", line)
             run = _set_up(cfg, env, folder, resume_from)
-            if resume_from is not None:
-                _resume(run, resume_from)
-            if env.is_main:  # after the resume, which may refuse this config: config.yaml is what applies
-                save_config(cfg, folder / "config.yaml")
-            if cfg.FINETUNE.FINETUNE:
-                run_steps(run, stop, *_wrap(run.model, cfg, env))
-            else:
-                _run_epochs(run, stop)
-            return _finish(run)
+            height_width = (int(cfg.TRAIN.IMAGE_SIZE[1]), int(cfg.TRAIN.IMAGE_SIZE[0]))  # the release's [width, height]
+            with cpu_threads(int(cfg.CPU_THREADS), run.model, height_width, int(cfg.TRAIN.BATCH_SIZE_PER_GPU), env.device):
+                if resume_from is not None:
+                    _resume(run, resume_from)
+                if env.is_main:  # after the resume, which may refuse this config: config.yaml is what applies
+                    save_config(cfg, folder / "config.yaml")
+                if cfg.FINETUNE.FINETUNE:
+                    run_steps(run, stop, *_wrap(run.model, cfg, env))
+                else:
+                    _run_epochs(run, stop)
+                return _finish(run)
 
 
 def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, is_main: bool) -> str | None:
@@ -290,13 +292,9 @@ def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None
     ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     layers = list(cfg.MODEL.PRETRAINED_LAYERS)
     new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
-    if new_head:
-        log.info(
-            "pretrained %s has %d classes, the model %d: its head is dropped and a new one trained",
-            ckpt.source, ckpt.num_classes, model.num_classes,
-        )
     load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers, act=asked_activation(cfg))
-    log.info("loaded pretrained weights from %s (layers: %s)", ckpt.source, ", ".join(layers))
+    if not new_head or "*" not in layers:  # load_checkpoint announces the new head itself
+        log.info("loaded pretrained weights from %s (layers: %s)", ckpt.source, ", ".join(layers))
 
 
 def _resume_path(cfg: CfgNode, folder: Path) -> Path | None:
@@ -547,9 +545,10 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
     settings = LoopSettings.from_config(cfg, env.device)
     model.to(env.device, memory_format=torch.channels_last if settings.channels_last else torch.preserve_format)
     bad_files = BadFileLog()
-    start = time.perf_counter()
-    metrics = evaluate(model, loader, settings, bad_files=bad_files, valid_labels=valid_labels, real_labels=real_labels)
-    elapsed = time.perf_counter() - start
+    with cpu_threads(int(cfg.CPU_THREADS), model, test_output_size(cfg), int(cfg.TEST.BATCH_SIZE_PER_GPU), env.device):
+        start = time.perf_counter()
+        metrics = evaluate(model, loader, settings, bad_files=bad_files, valid_labels=valid_labels, real_labels=real_labels)
+        elapsed = time.perf_counter() - start
     result: dict[str, Any] = {
         "model_file": str(model_file),
         "split": str(dataset.split_dir),

@@ -1,6 +1,6 @@
 """What a training or test process sets up around its work: the lock on the run folder, logging to
-it, seeded generators and cuDNN switches, and the signals that ask a run to stop after the current
-step."""
+it, seeded generators and cuDNN switches, its CPU thread count, and the signals that ask a run to stop
+after the current step."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,15 +22,32 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from ..data import usable_cores
 from ..errors import UserError
 from ..files import ensure_folder
+from ..models.complexity import count_gmacs
 
 try:
     import fcntl
 except ImportError:  # Windows: runs there go unlocked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_FILE", "StopSignals", "TrainingInterrupted", "lock_run_folder", "reproducibility", "run_logging"]
+__all__ = [
+    "LOCK_FILE",
+    "StopSignals",
+    "TrainingInterrupted",
+    "choose_cpu_threads",
+    "cpu_threads",
+    "lock_run_folder",
+    "reproducibility",
+    "run_logging",
+]
+
+# Below this many multiply-adds per step (forward, one process) a model's operations are too small to
+# share well between threads: on an idle machine two threads gain the digits demo (0.4 GMAC per step)
+# only about a third, and two threads waiting on each other collapse when another program takes one of
+# the cores (benchmarks/RESULTS.md, "CPU threads under competition").
+SMALL_STEP_GMACS = 2.0
 
 log = logging.getLogger("cvt")
 
@@ -149,10 +167,12 @@ def _holder(text: str) -> str:
 
 @contextlib.contextmanager
 def run_logging(folder: Path | None, is_main: bool) -> Iterator[None]:
-    """Log to `folder`/log.txt and to the console on rank 0; other ranks report warnings only."""
+    """Log to `folder`/log.txt and to the console on rank 0; other ranks report warnings only. An
+    error that ends the run is written to log.txt too (with its traceback unless it is a UserError)."""
     logger = logging.getLogger("cvt")
     previous_level = logger.level
     handlers: list[logging.Handler] = []
+    file_handler: logging.Handler | None = None
     if is_main:
         logger.setLevel(logging.INFO)
         if not logger.hasHandlers():  # called as a library: nobody prints to the console yet
@@ -169,11 +189,48 @@ def run_logging(folder: Path | None, is_main: bool) -> Iterator[None]:
         logger.addHandler(handler)
     try:
         yield
+    except Exception as error:
+        if file_handler is not None:  # the console hears of it from the caller: the CLI's line, or a traceback
+            file_handler.handle(logger.makeRecord(
+                logger.name, logging.ERROR, __file__, 0, "stopped by an error: %s", (error,),
+                None if isinstance(error, UserError) else sys.exc_info(),
+            ))
+        raise
     finally:
         for handler in handlers:
             logger.removeHandler(handler)
             handler.close()
         logger.setLevel(previous_level)
+
+
+def choose_cpu_threads(requested: int, model: torch.nn.Module, image_size: tuple[int, int], batch: int) -> int:
+    """CPU_THREADS when set (> 0), else 1 for a model as small as the demo, else the usable cores."""
+    if requested > 0:
+        return requested
+    step_gmacs = count_gmacs(model, image_size) * batch
+    return 1 if step_gmacs < SMALL_STEP_GMACS else usable_cores()
+
+
+@contextlib.contextmanager
+def cpu_threads(
+    requested: int, model: torch.nn.Module, image_size: tuple[int, int], batch: int, device: torch.device,
+    announce: bool = True,
+) -> Iterator[int]:
+    """torch's intra-op thread count for a run on the CPU (see `choose_cpu_threads`), logged when
+    `announce`, and the previous count back afterwards. On a GPU the CPU only feeds it: the count is
+    left alone."""
+    previous = torch.get_num_threads()
+    if device.type != "cpu":
+        yield previous
+        return
+    threads = choose_cpu_threads(requested, model, image_size, batch)
+    torch.set_num_threads(threads)
+    log.log(logging.INFO if announce else logging.DEBUG, "CPU threads: %d (%s; %d usable cores)", threads,
+             "CPU_THREADS" if requested > 0 else "chosen for this model's size, CPU_THREADS 0", usable_cores())
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager

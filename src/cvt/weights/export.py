@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_save
 
 from ..errors import UserError
 from ..files import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from ..models.convert import checkpoint_filter_fn, hf_config_from_spec, official_to_hf
+from ..models.convert import checkpoint_filter_fn, hf_config_from_spec, hf_unsupported, official_to_hf
 from ..models.cvt import ConvolutionalVisionTransformer
 from ..config import spec_from_config
 from ..data.transforms import eval_transform_settings
@@ -74,8 +74,15 @@ def save_hf(
     """Write ``config.json`` + ``model.safetensors`` that ``CvtForImageClassification.from_pretrained``
     reads, and with `eval_settings` (the test transform) ``preprocessor_config.json`` for
     ``AutoImageProcessor``. A model running QuickGELU is exported with a warning: the port computes
-    exact GELU. Files already in `folder` are replaced only with `force`."""
+    exact GELU. A model transformers' CvT cannot run (`hf_unsupported`) is refused, and files already in
+    `folder` are replaced only with `force`: in both cases nothing is written."""
     folder = Path(folder)
+    unsupported = hf_unsupported(model.spec.to_dict())
+    if unsupported:
+        raise UserError(
+            f"{folder}: not exported: transformers' CvtForImageClassification cannot run this model: "
+            f"{unsupported}; export it as safetensors or in the official layout instead"
+        )
     names = ["model.safetensors", "config.json"] + ([PREPROCESSOR_FILE] if eval_settings is not None else [])
     existing = [name for name in names if (folder / name).exists()]
     if existing and not force:

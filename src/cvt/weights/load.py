@@ -93,7 +93,9 @@ def load_checkpoint(
 
     if backbone_only or is_bare_backbone:
         model.reset_classifier(model.num_classes)
-        log.info("loaded the backbone from %s; the head (%d classes) is freshly initialised", ckpt.source, model.num_classes)
+        dropped = f" (its own head has {ckpt.num_classes})" if ckpt.num_classes not in (None, model.num_classes) else ""
+        log.info("loaded the backbone from %s; the head (%d classes) is freshly initialised%s",
+                 ckpt.source, model.num_classes, dropped)
     if is_bare_backbone:
         log.info("%s is a bare CvtModel without the final LayerNorm: it keeps its initial values", ckpt.source)
     if not strict and (missing or unexpected or mis_shaped):
