@@ -201,11 +201,14 @@ class EpochTally:
         mean_loss = self.loss_sum.item() / max(self.images, 1)
         return mean_loss, self.images * world_size / elapsed if elapsed > 0 else 0.0
 
-    def result(self, lr: float, interrupted: bool) -> EpochResult:
-        """The epoch's totals over all ranks (a collective)."""
-        totals = torch.stack([self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)])
-        total_loss, total_images = all_reduce_sum(totals).tolist()
+    def result(self, lr: float, interrupted: bool, world_size: int = 1) -> EpochResult:
+        """The epoch's totals over all ranks (a collective, and the epoch's one host sync)."""
+        sums = [self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)]
+        if self.overflows is not None:
+            sums.append(self.overflows.double())
+        totals = all_reduce_sum(torch.stack(sums)).tolist()
         _sync(self.device)
+        total_loss, total_images = totals[:2]
         return EpochResult(
             lr=lr,
             loss=total_loss / total_images if total_images else math.nan,
@@ -213,8 +216,8 @@ class EpochTally:
             time_s=time.perf_counter() - self.start,
             steps=self.steps,
             skipped_steps=self.skipped,
-            # Every rank's scaler saw the same all-reduced gradients, so the local count is the count.
-            overflow_steps=None if self.overflows is None else int(self.overflows.item()),
+            # Every rank's scaler saw the same all-reduced gradients and skipped the same steps.
+            overflow_steps=round(totals[2] / world_size) if self.overflows is not None else None,
             interrupted=interrupted,
         )
 
@@ -290,7 +293,7 @@ def train_one_epoch(
             interrupted = True
             break
     progress.close()
-    result = tally.result(lr, interrupted)
+    result = tally.result(lr, interrupted, world_size)
     if result.overflow_steps:
         log.info("epoch %d: the float16 gradient scaler skipped %d of %d optimizer steps (gradient overflow; "
                  "the scale was lowered)", epoch, result.overflow_steps, result.steps)
