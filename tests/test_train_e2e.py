@@ -198,7 +198,8 @@ def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
     result = train(config(two, tmp_path, "MODEL.NUM_CLASSES", 2, "MODEL.PRETRAINED", run["final_state"],
                           "TRAIN.END_EPOCH", 1, "TENSORBOARD", False))
     # One line for the event (it used to take three, each naming the file).
-    about_it = [line for line in (Path(result["output_dir"]) / "log.txt").read_text().splitlines() if run["final_state"] in line]
+    log_lines = (Path(result["output_dir"]) / "log.txt").read_text().splitlines()
+    about_it = [line for line in log_lines if run["final_state"] in line and "head" in line]
     assert len(about_it) == 1 and "head (2 classes) is freshly initialised (its own head has 3)" in about_it[0]
 
     # Only the named top-level layers are taken from the file.

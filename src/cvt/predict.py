@@ -7,6 +7,7 @@ preprocessing its metadata carries.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -115,8 +116,10 @@ class Predictor:
         """One `Prediction` per file, in order; unreadable files give one with `error` set."""
         topk = min(topk, self.model.num_classes)
         batch: list[tuple[Path, torch.Tensor]] = []
-        with cpu_threads(int(self.cfg.CPU_THREADS), self.model, test_output_size(self.cfg), self.batch_size,
-                         self.device, announce=False):
+        # An ONNX file runs on ONNX Runtime's own threads; a torch model on as many as its size merits.
+        threads = contextlib.nullcontext() if isinstance(self.model, OnnxClassifier) else cpu_threads(
+            int(self.cfg.CPU_THREADS), self.model, test_output_size(self.cfg), self.batch_size, self.device, announce=False)
+        with threads:
             for path in map(Path, files):
                 try:
                     batch.append((path, self.transform(load_rgb(path, self.cfg.DATASET.MAX_IMAGE_PIXELS))))

@@ -20,28 +20,19 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
 
 import torch
-from timm.data import Mixup
-from timm.scheduler.scheduler import Scheduler
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..errors import UserError
-from ..files import append_jsonl
-from ..models.cvt import ConvolutionalVisionTransformer
-from ..weights.export import save_official
-from .distributed import DistEnv, all_reduce_sum
-from .loop import BadFileLog, EpochResult, LoopSettings, evaluate_with_ema, train_one_epoch
+from .distributed import all_reduce_sum
+from .loop import EpochResult, evaluate_with_ema, train_one_epoch
 from .session import StopSignals, TrainingInterrupted
-from .state import METRICS, MODEL_BEST, truncate_metrics
+from .state import METRICS, TrainingRun, results_record, truncate_metrics
 
-__all__ = ["TrainModes", "finetune_batch_per_process", "freeze_layers", "frozen_prefixes", "run_steps"]
+__all__ = ["finetune_batch_per_process", "freeze_layers", "frozen_prefixes", "run_steps"]
 
 log = logging.getLogger("cvt")
 
@@ -93,57 +84,12 @@ def freeze_layers(model: nn.Module, prefixes: list[str]) -> list[nn.Module]:
     return modules
 
 
-@dataclass(frozen=True)
-class TrainModes:
-    """Puts a model in its fine-tuning mode: train mode (or eval mode everywhere when not
-    `train_mode`), with the frozen modules always in eval mode."""
-
-    frozen: tuple[nn.Module, ...]
-    train_mode: bool
-
-    def __call__(self, model: nn.Module) -> None:
-        model.train(self.train_mode)
-        for module in self.frozen:
-            module.eval()
-
-
 # --------------------------------------------------------------------------------------------------
 # The step loop
 # --------------------------------------------------------------------------------------------------
 
 
-class StepRun(Protocol):
-    """What the step loop uses of `cvt.training.run.TrainingRun` (which sits above this module)."""
-
-    cfg: CfgNode
-    env: DistEnv
-    folder: Path
-    settings: LoopSettings
-    train_loader: Any  # a FolderLoader, with set_window
-    val_loader: Any
-    model: ConvolutionalVisionTransformer
-    optimizer: torch.optim.Optimizer
-    scheduler: Scheduler
-    scaler: torch.amp.GradScaler
-    ema: ModelEmaV3 | None
-    mixup: Mixup | None
-    criterion: nn.Module
-    start_step: int
-    set_train_mode: TrainModes
-    best_top1: float | None
-    bad_train: BadFileLog
-    bad_val: BadFileLog
-    last_record: dict[str, Any]
-
-    @property
-    def checkpoint_path(self) -> Path: ...
-
-    def save(self, epochs_completed: int, step: int | None = None) -> None: ...
-
-    def how_to_resume(self) -> str: ...
-
-
-def run_steps(run: StepRun, stop: StopSignals, train_model: nn.Module, eval_model: nn.Module) -> None:
+def run_steps(run: TrainingRun, stop: StopSignals, train_model: nn.Module, eval_model: nn.Module) -> None:
     """Steps start_step .. FINETUNE.STEPS: train, evaluate every EVAL_EVERY steps, record, save."""
     total, every = int(run.cfg.FINETUNE.STEPS), int(run.cfg.FINETUNE.EVAL_EVERY)
     step = run.start_step
@@ -178,7 +124,7 @@ def run_steps(run: StepRun, stop: StopSignals, train_model: nn.Module, eval_mode
             writer.close()
 
 
-def _steps_per_pass(run: StepRun) -> int:
+def _steps_per_pass(run: TrainingRun) -> int:
     run.train_loader.set_epoch(0)  # the whole pass, to count its batches
     batches, accum = len(run.train_loader), run.settings.accum_steps
     if batches < accum:
@@ -189,7 +135,7 @@ def _steps_per_pass(run: StepRun) -> int:
     return batches // accum
 
 
-def _train_steps(run: StepRun, train_model: nn.Module, start: int, end: int, steps_per_pass: int,
+def _train_steps(run: TrainingRun, train_model: nn.Module, start: int, end: int, steps_per_pass: int,
                  stop: StopSignals) -> EpochResult:
     """Optimizer steps start .. end - 1 (across passes where they span several), as one result."""
     accum = run.settings.accum_steps
@@ -231,7 +177,7 @@ def _total_overflows(parts: list[EpochResult]) -> int | None:
     return sum(counts) if counts else None
 
 
-def _stop_mid_segment(run: StepRun, step: int, stop: StopSignals) -> None:
+def _stop_mid_segment(run: TrainingRun, step: int, stop: StopSignals) -> None:
     """As an epoch run's mid-epoch stop: save the steps reached (not under DETERMINISTIC, which keeps
     the last evaluation's checkpoint so a resume stays bit-exact), say how to resume, and raise."""
     if run.cfg.DETERMINISTIC:
@@ -244,32 +190,11 @@ def _stop_mid_segment(run: StepRun, step: int, stop: StopSignals) -> None:
     raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint)
 
 
-def _record(run: StepRun, step: int, total: int, result: EpochResult, val: dict[str, float],
+def _record(run: TrainingRun, step: int, total: int, result: EpochResult, val: dict[str, float],
             ema_val: dict[str, float] | None, is_best: bool, writer: SummaryWriter | None) -> None:
     """The evaluation's log line, metrics.jsonl record, TensorBoard scalars, and model_best.pth."""
-    record: dict[str, Any] = {
-        "step": step, "lr": result.lr, "train_loss": result.loss,
-        "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-        "images_per_sec": round(result.images_per_sec, 2), "time_s": round(result.time_s, 3),
-    }
-    if result.skipped_steps:
-        record["skipped_steps"] = result.skipped_steps
-    if ema_val:
-        record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
+    record = results_record({"step": step}, result, val, ema_val)
     run.last_record = record
     log.info("step %d/%d: train loss %.4f, val top-1 %.2f, top-5 %.2f, loss %.4f, %.0f img/s, %.1f s",
              step, total, result.loss, val["top1"], val["top5"], val["loss"], result.images_per_sec, result.time_s)
-    if not run.env.is_main:
-        return
-    # The record first, then model_best.pth, then (in the caller) the checkpoint: a crash in between
-    # redoes these steps, and the resume drops their record (see run.py's epoch records).
-    append_jsonl(run.folder / METRICS, record)
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step":
-                writer.add_scalar(key, value, step)
-        writer.flush()
-    if is_best:
-        save_official(run.model, run.folder / MODEL_BEST)
-    if run.cfg.TRAIN.SAVE_ALL_MODELS:
-        save_official(run.model, run.folder / f"model_step{step}.pth")
+    run.publish(record, is_best, writer, snapshot=f"model_step{step}.pth")

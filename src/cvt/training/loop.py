@@ -24,6 +24,7 @@ from .distributed import all_gather, all_reduce_sum, broadcast_buffers, is_main_
 
 __all__ = [
     "BadFileLog",
+    "TrainModes",
     "EpochResult",
     "EpochTally",
     "LoopSettings",
@@ -156,6 +157,20 @@ class EpochResult:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class TrainModes:
+    """Puts a model in its fine-tuning mode: train mode (or eval mode everywhere when not
+    `train_mode`), with the frozen modules always in eval mode."""
+
+    frozen: tuple[nn.Module, ...]
+    train_mode: bool
+
+    def __call__(self, model: nn.Module) -> None:
+        model.train(self.train_mode)
+        for module in self.frozen:
+            module.eval()
 
 
 class EpochTally:

@@ -35,13 +35,10 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data import Mixup
-from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -52,25 +49,26 @@ from ..config import output_dir, save_config
 from ..data import ImageFolderDataset, build_loader, build_mixup, check_same_classes, resolve_dataset_root, test_output_size
 from ..data.labels import REAL_LABELS_FILE, RealLabels, read_valid_labels
 from ..errors import UserError
-from ..files import append_jsonl, atomic_write_text
+from ..files import atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import read_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
-from .loop import BadFileLog, EpochResult, LoopSettings, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
+from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .session import LOCK_FILE, StopSignals, TrainingInterrupted, cpu_threads, lock_run_folder, reproducibility, run_logging
-from .finetune import TrainModes, finetune_batch_per_process, freeze_layers, frozen_prefixes, run_steps
+from .finetune import finetune_batch_per_process, freeze_layers, frozen_prefixes, run_steps
 from .optim import build_step_scheduler
 from .state import (
+    CHECKPOINT,
     METRICS,
     MODEL_BEST,
-    capture_rng,
+    TrainingRun,
     read_training,
+    results_record,
     restore_rng,
     restore_training,
-    save_training,
     truncate_metrics,
 )
 
@@ -78,7 +76,6 @@ __all__ = ["TrainingInterrupted", "build_model", "test", "train"]
 
 log = logging.getLogger("cvt")
 
-CHECKPOINT = "checkpoint.pth"
 FINAL_STATE = "final_state.pth"
 TEST_METRICS = "test_metrics.json"
 
@@ -102,58 +99,6 @@ def asked_activation(cfg: CfgNode) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingRun:
-    """What one training run holds from set-up to finish."""
-
-    cfg: CfgNode
-    env: DistEnv
-    folder: Path
-    settings: LoopSettings
-    train_loader: DataLoader
-    val_loader: DataLoader
-    classes: list[str]
-    first_val_image: str
-    model: ConvolutionalVisionTransformer
-    optimizer: torch.optim.Optimizer
-    scheduler: Scheduler
-    scaler: torch.amp.GradScaler
-    ema: ModelEmaV3 | None
-    mixup: Mixup | None
-    criterion: torch.nn.Module
-    start_epoch: int
-    start_step: int = 0  # a fine-tuning run's optimizer steps already done
-    set_train_mode: TrainModes = TrainModes(frozen=(), train_mode=True)
-    best_top1: float | None = None
-    bad_train: BadFileLog = field(default_factory=BadFileLog)
-    bad_val: BadFileLog = field(default_factory=BadFileLog)
-    last_record: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.folder / CHECKPOINT
-
-    @property
-    def end_epoch(self) -> int:
-        return int(self.cfg.TRAIN.END_EPOCH)
-
-    def how_to_resume(self) -> str:
-        if self.cfg.TRAIN.AUTO_RESUME and not self.cfg.TRAIN.CHECKPOINT:
-            return "run the same command again"
-        return "run the same command with TRAIN.AUTO_RESUME True" + (" TRAIN.CHECKPOINT ''" if self.cfg.TRAIN.CHECKPOINT else "")
-
-    def save(self, epochs_completed: int, step: int | None = None) -> None:
-        """checkpoint.pth after `epochs_completed` epochs, or `step` optimizer steps of a fine-tuning
-        run (a collective: every rank takes part)."""
-        rng = capture_rng()
-        if self.env.is_main:
-            save_training(
-                self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                scaler=self.scaler, ema=self.ema, epoch=epochs_completed, best_top1=self.best_top1,
-                class_names=self.classes, cfg=self.cfg, rng=rng, step=step,
-            )
 
 
 def train(cfg: CfgNode) -> dict[str, Any]:
@@ -410,49 +355,13 @@ def _record_epoch(
     ema_val: dict[str, float] | None, is_best: bool, writer: SummaryWriter | None,
 ) -> None:
     """The epoch's log line, metrics.jsonl record, TensorBoard scalars, and model_best.pth."""
-    lr = result.lr
-    run.last_record = record = _epoch_record(epoch, lr, result, val, ema_val)
+    run.last_record = record = results_record({"epoch": epoch}, result, val, ema_val)
     log.info(
         "epoch %d: train loss %.4f, val top-1 %s, top-5 %s, loss %s, %.0f img/s, %.1f s",
         epoch, result.loss, *(f"{val[k]:.2f}" if val else "-" for k in ("top1", "top5")),
         f"{val['loss']:.4f}" if val else "-", result.images_per_sec, result.time_s,
     )
-    if not run.env.is_main:
-        return
-    # The record goes first: a crash before the checkpoint is saved redoes this epoch, and the resume
-    # drops the record, so each epoch is in the file exactly once.
-    append_jsonl(run.folder / METRICS, record)
-    if writer is not None:
-        for key, value in record.items():
-            if key != "epoch" and value is not None:
-                writer.add_scalar(key, value, epoch)
-        writer.flush()
-    # Before the checkpoint, which records best_top1: model_best.pth is never older.
-    if is_best:
-        save_official(run.model, run.folder / MODEL_BEST)
-    if run.cfg.TRAIN.SAVE_ALL_MODELS:
-        save_official(run.model, run.folder / f"model_{epoch}.pth")
-
-
-def _epoch_record(epoch: int, lr: float, result: EpochResult, val: dict[str, float] | None,
-                  ema_val: dict[str, float] | None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "epoch": epoch,
-        "lr": lr,
-        "train_loss": result.loss,
-        "val_loss": val["loss"] if val else None,
-        "val_top1": val["top1"] if val else None,
-        "val_top5": val["top5"] if val else None,
-        "images_per_sec": round(result.images_per_sec, 2),
-        "epoch_time_s": round(result.time_s, 3),
-    }
-    if result.skipped_steps:
-        record["skipped_steps"] = result.skipped_steps
-    if result.overflow_steps is not None:
-        record["scaler_skipped_steps"] = result.overflow_steps
-    if ema_val:
-        record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
-    return record
+    run.publish(record, is_best, writer, snapshot=f"model_{epoch}.pth")
 
 
 def _finish(run: TrainingRun) -> dict[str, Any]:

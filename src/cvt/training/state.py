@@ -12,24 +12,31 @@ import logging
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from timm.data import Mixup
 from timm.scheduler import PlateauLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from ..config import settings_from_yaml_text, spec_from_config
 from ..errors import UserError, short_list
-from ..files import atomic_torch_save, atomic_write_text
+from ..files import append_jsonl, atomic_torch_save, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer
+from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import Checkpoint, read_checkpoint
-from .distributed import all_gather
+from .distributed import DistEnv, all_gather
+from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "METRICS",
@@ -46,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Files of the run folder that both the epoch and the step loops write.
+CHECKPOINT = "checkpoint.pth"
 METRICS = "metrics.jsonl"
 MODEL_BEST = "model_best.pth"
 START_AFRESH = (
@@ -358,3 +366,103 @@ def truncate_metrics(path: Path, start_epoch: int, key: str = "epoch") -> None:
         if isinstance(record, dict) and isinstance(record.get(key), int) and record[key] < start_epoch:
             kept.append(json.dumps(record) + "\n")
     atomic_write_text(path, "".join(kept))
+
+
+# --------------------------------------------------------------------------------------------------
+# A run in memory
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """What one training run holds from set-up to finish."""
+
+    cfg: CfgNode
+    env: DistEnv
+    folder: Path
+    settings: LoopSettings
+    train_loader: DataLoader
+    val_loader: DataLoader
+    classes: list[str]
+    first_val_image: str
+    model: ConvolutionalVisionTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: torch.nn.Module
+    start_epoch: int
+    start_step: int = 0  # a fine-tuning run's optimizer steps already done
+    set_train_mode: TrainModes = TrainModes(frozen=(), train_mode=True)
+    best_top1: float | None = None
+    bad_train: BadFileLog = field(default_factory=BadFileLog)
+    bad_val: BadFileLog = field(default_factory=BadFileLog)
+    last_record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / CHECKPOINT
+
+    @property
+    def end_epoch(self) -> int:
+        return int(self.cfg.TRAIN.END_EPOCH)
+
+    def how_to_resume(self) -> str:
+        if self.cfg.TRAIN.AUTO_RESUME and not self.cfg.TRAIN.CHECKPOINT:
+            return "run the same command again"
+        return "run the same command with TRAIN.AUTO_RESUME True" + (" TRAIN.CHECKPOINT ''" if self.cfg.TRAIN.CHECKPOINT else "")
+
+    def save(self, epochs_completed: int, step: int | None = None) -> None:
+        """checkpoint.pth after `epochs_completed` epochs, or `step` optimizer steps of a fine-tuning
+        run (a collective: every rank takes part)."""
+        rng = capture_rng()
+        if self.env.is_main:
+            save_training(
+                self.checkpoint_path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, ema=self.ema, epoch=epochs_completed, best_top1=self.best_top1,
+                class_names=self.classes, cfg=self.cfg, rng=rng, step=step,
+            )
+
+    def publish(self, record: dict[str, Any], is_best: bool, writer: SummaryWriter | None, snapshot: str) -> None:
+        """Rank 0 writes an evaluation's results: the metrics.jsonl `record` and its TensorBoard scalars
+        (at its 'epoch' or 'step'), model_best.pth when `is_best`, and `snapshot` under
+        TRAIN.SAVE_ALL_MODELS. Call before saving the checkpoint: a crash in between redoes this stretch
+        and its resume drops the record, so each is in the file exactly once; and model_best.pth is
+        never older than the best_top1 the checkpoint records."""
+        if not self.env.is_main:
+            return
+        append_jsonl(self.folder / METRICS, record)
+        counter = "step" if "step" in record else "epoch"
+        if writer is not None:
+            for key, value in record.items():
+                if key != counter and value is not None:
+                    writer.add_scalar(key, value, record[counter])
+            writer.flush()
+        if is_best:
+            save_official(self.model, self.folder / MODEL_BEST)
+        if self.cfg.TRAIN.SAVE_ALL_MODELS:
+            save_official(self.model, self.folder / snapshot)
+
+
+def results_record(counter: dict[str, int], result: EpochResult, val: dict[str, float] | None,
+                   ema_val: dict[str, float] | None) -> dict[str, Any]:
+    """One metrics.jsonl line: `counter` ({'epoch': n} or {'step': n}), the training figures of the
+    stretch since the last record, and the evaluation's (None where the stretch was not evaluated)."""
+    record: dict[str, Any] = {
+        **counter,
+        "lr": result.lr,
+        "train_loss": result.loss,
+        "val_loss": val["loss"] if val else None,
+        "val_top1": val["top1"] if val else None,
+        "val_top5": val["top5"] if val else None,
+        "images_per_sec": round(result.images_per_sec, 2),
+        "time_s" if "step" in counter else "epoch_time_s": round(result.time_s, 3),
+    }
+    if result.skipped_steps:
+        record["skipped_steps"] = result.skipped_steps
+    if result.overflow_steps is not None:
+        record["scaler_skipped_steps"] = result.overflow_steps
+    if ema_val:
+        record.update(val_loss_ema=ema_val["loss"], val_top1_ema=ema_val["top1"], val_top5_ema=ema_val["top5"])
+    return record
