@@ -1,0 +1,60 @@
+"""`cvt.predict.Predictor` from Python: the model, transform and class names a checkpoint carries."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvt.data import build_transform, load_rgb
+from cvt.data.transforms import eval_transform_settings
+from cvt.errors import UserError
+from cvt.models.cvt import create_model
+from cvt.predict import Predictor, image_files
+from cvt.weights.export import save_safetensors
+from cvt.weights.load import checkpoint_config
+from cvt.weights.read import read_checkpoint
+
+from helpers import CLASSES, TINY_SPEC, config, make_image_folder
+
+
+@pytest.fixture()
+def exported(tmp_path: Path) -> tuple[Path, Path, torch.nn.Module]:
+    data = make_image_folder(tmp_path / "data")
+    cfg = config(data, tmp_path / "out")
+    model = create_model(TINY_SPEC, num_classes=len(CLASSES)).eval()
+    path = save_safetensors(model, tmp_path / "tiny.safetensors", CLASSES, eval_transform_settings(cfg))
+    return path, data, model
+
+
+def test_the_checkpoint_says_how_its_images_are_preprocessed(exported):
+    path, _, _ = exported
+    cfg = checkpoint_config(read_checkpoint(path))
+    assert list(cfg.TEST.IMAGE_SIZE) == [32, 32] and cfg.TEST.CENTER_CROP is False
+
+
+def test_predictions_are_the_models_softmax_in_order(exported):
+    path, data, model = exported
+    files = image_files([data / "val" / "circle", data / "val" / "cross" / "0.png"])
+    predictions = list(Predictor(path, device="cpu", batch_size=2).predict(files, topk=3))
+    assert [p.image for p in predictions] == [str(f) for f in files]
+    transform = build_transform(checkpoint_config(read_checkpoint(path)), is_train=False)
+    with torch.inference_mode():
+        probs = model(torch.stack([transform(load_rgb(f)) for f in files])).softmax(-1)
+    for prediction, expected in zip(predictions, probs):
+        assert [c["class"] for c in prediction.classes] == [CLASSES[i] for i in expected.argsort(descending=True)]
+        assert prediction.classes[0]["prob"] == pytest.approx(expected.max().item(), abs=1e-6)
+
+
+def test_an_unreadable_image_is_reported_not_raised(exported, tmp_path):
+    path, data, _ = exported
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    results = list(Predictor(path, device="cpu").predict([broken, data / "val" / "circle" / "0.png"]))
+    assert results[0].error and "broken.png" in results[0].error and not results[0].classes
+    assert results[1].error is None and len(results[1].classes) == 3
+
+
+def test_a_missing_image_is_one_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        image_files([tmp_path / "nope.jpg"])
