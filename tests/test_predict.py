@@ -58,3 +58,8 @@ def test_an_unreadable_image_is_reported_not_raised(exported, tmp_path):
 def test_a_missing_image_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         image_files([tmp_path / "nope.jpg"])
+
+
+def test_a_hub_repo_named_without_its_prefix_is_pointed_at_it():
+    with pytest.raises(UserError, match=r"hub repo \(hf-hub:microsoft/cvt-13\)"):
+        read_checkpoint("microsoft/cvt-13")

@@ -160,9 +160,12 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint
     if path.is_dir():
         return _read_folder(path)
     if not path.is_file():
+        text = str(source)
+        looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/")) and not path.suffix
+        hub_hint = f"{HF_HUB_PREFIX}{text}" if looks_like_repo else f"{HF_HUB_PREFIX}org/name"
         raise UserError(
-            f"checkpoint {str(path)!r} does not exist; check the path, or name a published checkpoint "
-            f"(`cvt list`) or a hub repo ({HF_HUB_PREFIX}org/name)"
+            f"checkpoint {text!r} does not exist; check the path, or name a published checkpoint "
+            f"(`cvt list`) or a hub repo ({hub_hint})"
         )
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {str(path)!r} is empty (0 bytes); use an intact copy")
