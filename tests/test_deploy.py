@@ -146,7 +146,7 @@ class _Off(torch.nn.Module):
         return self.model(x) + 10 * MAX_ABS_DIFF
 
 
-def test_a_file_that_disagrees_with_the_model_is_refused_and_removed(tiny, tmp_path, capsys, monkeypatch):
+def test_a_file_that_disagrees_with_the_model_is_refused_and_never_written(tiny, tmp_path, capsys, monkeypatch):
     _, weights, _ = tiny
     write = deploy_module._WRITERS["torchscript"]
     monkeypatch.setitem(deploy_module._WRITERS, "torchscript", lambda model, *args: write(_Off(model), *args))
@@ -155,6 +155,10 @@ def test_a_file_that_disagrees_with_the_model_is_refused_and_removed(tiny, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "differ from the model's by 0.001" in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.iterdir())
+    # An earlier file at that path is left as it was.
+    out.write_bytes(b"an earlier export")
+    assert main(["export", "--weights", str(weights), "--format", "torchscript", str(out)]) == 2
+    assert out.read_bytes() == b"an earlier export" and [p.name for p in tmp_path.iterdir()] == ["broken.pt"]
 
 
 def test_a_file_whose_metadata_does_not_read_back_is_refused(tiny, tmp_path, monkeypatch):
@@ -172,10 +176,10 @@ def test_onnx_without_the_extra_names_it(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m.onnx"
     assert main(["export", "--weights", str(weights), "--format", "onnx", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "onnxruntime" in err and "pip install 'cvt[onnx]'" in err and err.count("\n") == 1
+    assert "onnxruntime" in err and "pip install 'cvt-vision[onnx]'" in err and err.count("\n") == 1
     assert not out.exists()
     assert main(["predict", "--weights", str(out), str(weights)]) == 2
-    assert "pip install 'cvt[onnx]'" in capsys.readouterr().err
+    assert "pip install 'cvt-vision[onnx]'" in capsys.readouterr().err
 
 
 def test_a_deployment_needs_to_know_the_preprocessing(tmp_path, capsys):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cvt.data import build_transform, load_rgb
 from cvt.data.transforms import eval_transform_settings
@@ -63,3 +64,35 @@ def test_a_missing_image_is_one_user_error(tmp_path):
 def test_a_hub_repo_named_without_its_prefix_is_pointed_at_it():
     with pytest.raises(UserError, match=r"hub repo \(hf-hub:microsoft/cvt-13\)"):
         read_checkpoint("microsoft/cvt-13")
+
+
+def test_the_experiment_files_activation_applies(exported, tmp_path):
+    path, data, _ = exported
+    cfg_file = tmp_path / "gelu.yaml"
+    settings = {"MODEL": {"ACTIVATION": "gelu", "NUM_CLASSES": 3, "SPEC": TINY_SPEC},
+                "TEST": {"IMAGE_SIZE": [32, 32], "CENTER_CROP": False}}
+    cfg_file.write_text(yaml.safe_dump(settings))
+    assert Predictor(path, device="cpu").model.act == "quick_gelu"  # what the file says
+    assert Predictor(path, str(cfg_file), device="cpu").model.act == "gelu"
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_a_hugging_face_export_reads_back_with_its_activation(tmp_path, act):
+    from cvt.weights.export import save_hf
+
+    model = create_model(TINY_SPEC, num_classes=3, act=act)
+    save_hf(model, tmp_path / "hf")
+    assert read_checkpoint(tmp_path / "hf").act == act
+
+
+def test_a_forced_hugging_face_export_leaves_no_other_models_preprocessing(exported, tmp_path):
+    from cvt.weights.export import save_hf
+
+    path, data, model = exported
+    folder = tmp_path / "hf"
+    save_hf(model, folder, eval_settings=read_checkpoint(path).eval_settings)
+    assert (folder / "preprocessor_config.json").exists()
+    with pytest.raises(UserError, match="--force"):
+        save_hf(model, folder)
+    save_hf(model, folder, force=True)
+    assert not (folder / "preprocessor_config.json").exists()

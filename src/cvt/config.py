@@ -28,6 +28,7 @@ from .models.spec import ACTIVATIONS, CvtSpec
 from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, PUBLISHED
 
 __all__ = [
+    "asked_activation",
     "get_defaults",
     "load_config",
     "validate_config",
@@ -905,6 +906,11 @@ def settings_from_yaml_text(text: str, source: str) -> dict[str, Any]:
 def config_from_yaml_text(text: str, source: str) -> CfgNode:
     """A stored config (YAML text, as `save_config` writes), validated as any experiment file is."""
     return config_from_settings(settings_from_yaml_text(text, source))
+
+
+def asked_activation(cfg: CfgNode) -> str | None:
+    """MODEL.ACTIVATION when set; None for 'auto' (the loaded weights decide)."""
+    return None if cfg.MODEL.ACTIVATION == "auto" else cfg.MODEL.ACTIVATION
 
 
 def output_dir(cfg: CfgNode) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import load_config, spec_from_config
+from .config import asked_activation, load_config, spec_from_config
 from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb, test_output_size
 from .errors import UserError
 from .training.session import cpu_threads
@@ -94,7 +94,8 @@ class Predictor:
         else:
             ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
             self.cfg = eval_config(ckpt, cfg_file)
-            self.model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(self.cfg) if cfg_file else None)
+            spec = spec_from_config(self.cfg) if cfg_file else None
+            self.model, ckpt = model_from_checkpoint(ckpt, spec=spec, act=asked_activation(self.cfg))
             self.device = resolve_device(device)
             self.model.to(self.device).eval()
             self.class_names = ckpt.class_names or [str(i) for i in range(self.model.num_classes)]

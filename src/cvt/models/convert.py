@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 
+from .spec import ACTIVATIONS
+
 __all__ = [
+    "activation_from_hf_config",
     "checkpoint_filter_fn",
     "class_names_from_hf_config",
     "hf_config_from_spec",
@@ -185,7 +188,19 @@ def class_names_from_hf_config(config: Mapping[str, Any]) -> list[str] | None:
     return [labels[str(i)] if str(i) in labels else labels[i] for i in range(len(labels))]
 
 
-def hf_config_from_spec(spec: Mapping[str, Any], num_classes: int, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+# config.json key under which this project records the activation its export computes; transformers
+# ignores unknown keys, and a file read back then runs what it was exported with.
+HF_ACTIVATION_KEY = "cvt_activation"
+
+
+def activation_from_hf_config(config: Mapping[str, Any]) -> str | None:
+    act = config.get(HF_ACTIVATION_KEY)
+    return act if act in ACTIVATIONS else None
+
+
+def hf_config_from_spec(
+    spec: Mapping[str, Any], num_classes: int, class_names: Sequence[str] | None = None, act: str | None = None
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "architectures": ["CvtForImageClassification"],
         "model_type": "cvt",
@@ -198,5 +213,7 @@ def hf_config_from_spec(spec: Mapping[str, Any], num_classes: int, class_names: 
     names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(num_classes)]
     config["id2label"] = {str(i): name for i, name in enumerate(names)}
     config["label2id"] = {name: i for i, name in enumerate(names)}
+    if act is not None:
+        config[HF_ACTIVATION_KEY] = act
     return config
 

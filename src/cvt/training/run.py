@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
-from ..config import output_dir, save_config
+from ..config import asked_activation, output_dir, save_config
 from ..data import ImageFolderDataset, build_loader, build_mixup, check_same_classes, resolve_dataset_root, test_output_size
 from ..data.labels import REAL_LABELS_FILE, RealLabels, read_valid_labels
 from ..errors import UserError
@@ -89,11 +89,6 @@ def build_model(cfg: CfgNode) -> ConvolutionalVisionTransformer:
         act=asked_activation(cfg) or "quick_gelu",
         grad_checkpointing=bool(cfg.TRAIN.GRAD_CHECKPOINTING),
     )
-
-
-def asked_activation(cfg: CfgNode) -> str | None:
-    """MODEL.ACTIVATION when set; None for 'auto' (the loaded weights decide)."""
-    return None if cfg.MODEL.ACTIVATION == "auto" else cfg.MODEL.ACTIVATION
 
 
 # --------------------------------------------------------------------------------------------------

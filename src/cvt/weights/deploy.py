@@ -3,7 +3,8 @@
 Every file is traced through the portable kernels (`cvt.models.kernels.portable_kernels`), with the
 batch, height and width dynamic (TorchScript traces keep them as the tensors' sizes; ONNX and
 torch.export get them as symbolic dimensions). After writing, the file is run by its own runtime on
-random batches and its logits are compared with the eager model's; a file that disagrees is removed.
+random batches and its logits are compared with the eager model's; a file that disagrees is never
+put in place (it is verified under a temporary name), so an earlier file at that path survives.
 
 Each file carries the test transform: ONNX as metadata props (plain values other runtimes can read),
 TorchScript and torch.export as an extra file in the archive holding the same props as JSON.
@@ -64,7 +65,7 @@ def require_dependencies(fmt: str, purpose: str | None = None) -> list[ModuleTyp
     except ImportError as e:
         raise UserError(
             f"{purpose or f'--format {fmt}'} needs {e.name or 'a package'} (not installed); "
-            "install the onnx extra: pip install 'cvt[onnx]'"
+            "install the onnx extra: pip install 'cvt-vision[onnx]'"
         ) from None
 
 
@@ -208,7 +209,7 @@ def deploy(model: nn.Module, fmt: str, output: str | os.PathLike, cfg: CfgNode, 
     transform of `cfg`, then run the file and compare with the eager model.
 
     The model is put on the CPU in fp32 eval mode (in place). Returns the largest absolute logit
-    difference seen; above `MAX_ABS_DIFF` the file is removed and a `UserError` says so.
+    difference seen; above `MAX_ABS_DIFF` nothing is written and a `UserError` says so.
     """
     if fmt not in _WRITERS:
         raise UserError(f"deployment format {fmt!r} is not one of {', '.join(DEPLOY_FORMATS)}")
@@ -220,18 +221,20 @@ def deploy(model: nn.Module, fmt: str, output: str | os.PathLike, cfg: CfgNode, 
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with portable_kernels(), torch.no_grad(), _quiet_exporters():
         data = _WRITERS[fmt](model, example, metadata)
-    atomic_write_bytes(output, data)
+    # Verified under a temporary name beside `output`: a file that fails never replaces one already there.
+    output = Path(output)
+    candidate = output.with_name(f".{output.stem}.verifying{output.suffix}")
+    atomic_write_bytes(candidate, data)
     try:
-        diff = _verify(model, fmt, output, metadata, (height, width))
-    except BaseException:
-        Path(output).unlink(missing_ok=True)
-        raise
-    if not diff <= MAX_ABS_DIFF:  # NaN fails too
-        Path(output).unlink(missing_ok=True)
-        raise UserError(
-            f"{os.fspath(output)}: the {fmt} file's logits differ from the model's by {diff:.3g} "
-            f"(more than {MAX_ABS_DIFF:g}), so it was removed; please report this as a bug"
-        )
+        diff = _verify(model, fmt, candidate, metadata, (height, width))
+        if not diff <= MAX_ABS_DIFF:  # NaN fails too
+            raise UserError(
+                f"{os.fspath(output)}: the {fmt} file's logits differ from the model's by {diff:.3g} "
+                f"(more than {MAX_ABS_DIFF:g}), so it was not written; please report this as a bug"
+            )
+        os.replace(candidate, output)
+    finally:
+        candidate.unlink(missing_ok=True)
     log.info("verified %s: %s logits within %.3g of the model's (batches of %s at %dx%d)", output, fmt, diff,
              " and ".join(map(str, VERIFY_BATCHES)), height, width)
     return diff

@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from ..models.convert import checkpoint_filter_fn, hf_config_from_spec, hf_unsupported, official_to_hf
 from ..models.cvt import ConvolutionalVisionTransformer
-from ..config import spec_from_config
+from ..config import asked_activation, spec_from_config
 from ..data.transforms import eval_transform_settings
 from .deploy import DEPLOY_FORMATS, deploy, require_dependencies
 from .hf_preprocessor import PREPROCESSOR_FILE, hf_preprocessor_config
@@ -64,6 +64,18 @@ def save_safetensors(
     return Path(path)
 
 
+HF_FILES = ("model.safetensors", "config.json", PREPROCESSOR_FILE)
+
+
+def _check_hf_folder(folder: Path, force: bool) -> None:
+    """Refuse to replace files already in `folder` unless `force`."""
+    existing = [name for name in HF_FILES if (folder / name).exists()]
+    if existing and not force:
+        raise UserError(
+            f"{str(folder)!r} already holds {', '.join(existing)}; export to an empty folder, or give --force to replace them"
+        )
+
+
 def save_hf(
     model: torch.nn.Module,
     folder: str | Path,
@@ -83,12 +95,7 @@ def save_hf(
             f"{folder}: not exported: transformers' CvtForImageClassification cannot run this model: "
             f"{unsupported}; export it as safetensors or in the official layout instead"
         )
-    names = ["model.safetensors", "config.json"] + ([PREPROCESSOR_FILE] if eval_settings is not None else [])
-    existing = [name for name in names if (folder / name).exists()]
-    if existing and not force:
-        raise UserError(
-            f"{str(folder)!r} already holds {', '.join(existing)}; export to an empty folder, or give --force to replace them"
-        )
+    _check_hf_folder(folder, force)
     if getattr(model, "act", "gelu") != "gelu":
         log.warning(
             "exporting a QuickGELU model to the Hugging Face layout: transformers' CvT runs exact GELU, "
@@ -98,11 +105,13 @@ def save_hf(
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
     tensors = {k: v.detach().cpu().contiguous() for k, v in official_to_hf(model.state_dict()).items()}
-    config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names)
+    config = hf_config_from_spec(model.spec.to_dict(), num_classes, class_names, act=model.act)
     metadata = {"format": "pt", "sha256": tensor_digest(tensors)}
     atomic_write_bytes(folder / "model.safetensors", safetensors_save(tensors, metadata=metadata))
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
-    if eval_settings is not None:
+    if eval_settings is None:  # a replaced folder must not keep another model's preprocessing
+        (folder / PREPROCESSOR_FILE).unlink(missing_ok=True)
+    else:
         text = json.dumps(hf_preprocessor_config(eval_settings), indent=2) + "\n"
         atomic_write_text(folder / PREPROCESSOR_FILE, text)
     return folder
@@ -123,12 +132,15 @@ def export_checkpoint(
         raise UserError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if fmt in DEPLOY_FORMATS:
         require_dependencies(fmt)  # before reading and building anything
+    if fmt == "hf":
+        _check_hf_folder(Path(output), force)
     ckpt = read_checkpoint(weights)
     if fmt in DEPLOY_FORMATS:
         cfg = eval_config(ckpt, cfg_file)
     else:
         cfg = checkpoint_config(ckpt, cfg_file) if fmt != "official" or cfg_file else None
-    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if cfg_file else None)
+    act = asked_activation(cfg) if cfg is not None else None
+    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if cfg_file else None, act=act)
     eval_settings = eval_transform_settings(cfg) if cfg is not None else None
     if fmt == "official":
         save_official(model, output)

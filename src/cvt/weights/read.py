@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import UserError, short_list
 from ..files import verify_checksum
 from ..models.convert import (
+    activation_from_hf_config,
     checkpoint_filter_fn,
     class_names_from_hf_config,
     is_hf_state_dict,
@@ -218,6 +219,9 @@ def _read_folder(folder: Path) -> Checkpoint:
                 ckpt.class_names = class_names_from_hf_config(config)
                 if num_labels_from_hf_config(config) != ckpt.num_classes:
                     ckpt.class_names = None
+                if activation_from_hf_config(config):
+                    ckpt.act = activation_from_hf_config(config)
+                    ckpt.act_reason = f"recorded in {config_file.name} by the export that wrote it"
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise UserError(f"{str(config_file)!r} does not describe a CvT ({type(e).__name__}: {e}); use an intact copy") from None
             _checked(ckpt)
@@ -225,7 +229,7 @@ def _read_folder(folder: Path) -> Checkpoint:
     if preprocessor_file.is_file():
         preprocessor = _read_json(preprocessor_file)
         ckpt.eval_settings = eval_settings_from_hf_preprocessor(preprocessor) or ckpt.eval_settings
-    if ckpt.format == "huggingface":
+    if ckpt.format == "huggingface" and ckpt.act is None:
         _set_provenance(ckpt, folder)
     return ckpt
 
