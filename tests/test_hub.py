@@ -207,6 +207,13 @@ def test_cli_predict_test_info_and_export_by_name(offline, tmp_path, capsys):
     assert cvt.read_checkpoint(out).act == "gelu"
 
 
+@pytest.fixture()
+def image_here(tmp_path, monkeypatch) -> None:
+    """`x.png` in the working directory: predict checks its images before it reads the weights."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save("x.png")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -219,13 +226,13 @@ def test_cli_predict_test_info_and_export_by_name(offline, tmp_path, capsys):
         (["test", "--model", "hf-hub:someone/cvt-tiny"], "give --cfg"),
     ],
 )
-def test_failures_are_one_line_naming_the_repo_and_the_fix(offline, capsys, argv, message):
+def test_failures_are_one_line_naming_the_repo_and_the_fix(offline, capsys, argv, message, image_here):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
-def test_a_download_cut_off_leaves_nothing_a_later_run_trusts(offline, capsys):
+def test_a_download_cut_off_leaves_nothing_a_later_run_trusts(offline, capsys, image_here):
     """huggingface_hub writes blobs/<etag>.incomplete and links the file into the snapshot only when
     complete: a snapshot holding only the partial blob is 'not cached', never read."""
     root = offline["cache"] / "models--microsoft--cvt-21"
@@ -248,7 +255,7 @@ def test_a_download_cut_off_leaves_nothing_a_later_run_trusts(offline, capsys):
          "downloading config.json of microsoft/cvt-21 failed (peer closed connection"),
     ],
 )
-def test_a_failed_download_is_one_line(monkeypatch, capsys, failure, message):
+def test_a_failed_download_is_one_line(monkeypatch, capsys, failure, message, image_here):
     """Online failures, as huggingface_hub reports them after its own retries, each one line."""
     def fail(*args, **kwargs):
         raise failure()

@@ -114,10 +114,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     if args.cfg:
         from .config import load_config
+        from .data.transforms import test_output_size
 
+        if args.model:
+            raise UserError("cvt info takes --cfg FILE [KEY VALUE ...] or --model NAME, not both")
         cfg = load_config(args.cfg, args.args)
         name, spec, num_classes = cfg.NAME, dict(cfg.MODEL.SPEC), cfg.MODEL.NUM_CLASSES
-        size = (args.img_size, args.img_size) if args.img_size else tuple(cfg.TEST.IMAGE_SIZE[::-1])
+        size = (args.img_size, args.img_size) if args.img_size else test_output_size(cfg)
     else:
         names = [args.model] if args.model else args.args
         if len(names) != 1 or (args.model and args.args):
@@ -160,8 +163,8 @@ def _test_size(name: str) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, image_files
 
+    files = image_files(args.images)  # a mistyped image path before any model is loaded or downloaded
     predictor = Predictor(args.weights, args.cfg, device=args.device, batch_size=args.batch_size)
-    files = image_files(args.images)
     results, skipped = [], 0
     for prediction in predictor.predict(files, args.topk):
         if prediction.error:

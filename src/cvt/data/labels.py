@@ -90,8 +90,10 @@ class RealLabels:
             real = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise UserError(f"TEST.REAL_LABELS: cannot read {path} ({err}); put ImageNet-ReaL's real.json in DATASET.ROOT") from None
-        if not isinstance(real, list) or not all(isinstance(x, list) for x in real):
-            raise UserError(f"TEST.REAL_LABELS: {path} is not a list of label lists; use ImageNet-ReaL's real.json")
+        if not isinstance(real, list) or not all(
+            isinstance(x, list) and all(isinstance(label, int) and not isinstance(label, bool) for label in x) for x in real
+        ):
+            raise UserError(f"TEST.REAL_LABELS: {path} is not a list of lists of class indices; use ImageNet-ReaL's real.json")
         rows: list[list[int]] = []
         for file, _ in samples:
             match = _VAL_IMAGE_NUMBER.search(os.path.basename(file))
@@ -101,7 +103,7 @@ class RealLabels:
                     f"TEST.REAL_LABELS: {file} is not one of the {len(real)} images of {path} (ReaL needs the "
                     "ImageNet validation images, named ILSVRC2012_val_NNNNNNNN.JPEG); set TEST.REAL_LABELS false"
                 )
-            rows.append([int(label) for label in real[number - 1]])
+            rows.append(real[number - 1])
         width = max(1, max(map(len, rows), default=1))
         labels = torch.full((len(rows), width), -1, dtype=torch.long)
         for i, row in enumerate(rows):

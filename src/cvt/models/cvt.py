@@ -60,7 +60,6 @@ class LayerNormFp32(nn.LayerNorm):
         return out.to(x.dtype)
 
 
-
 class Mlp(nn.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout.
 
@@ -297,7 +296,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         spec: the architecture (see :class:`CvtSpec`).
         num_classes: classes of the head; 0 for no head (``forward`` returns pooled features).
         in_chans: input image channels.
-        act: ``'quick_gelu'`` for the published weights, ``'gelu'`` for the Hugging Face port's.
+        act: ``'quick_gelu'`` as the release trained (every published checkpoint, hub copies included),
+            ``'gelu'`` for weights trained in transformers.
         drop_path_rate: if given, replaces the last stage's DROP_PATH_RATE (the knob the recipes tune).
         grad_checkpointing: recompute block activations in backward to save memory.
     """
@@ -371,7 +371,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_activation(self, act: str) -> None:
-        """Switch every MLP between 'quick_gelu' (published) and 'gelu' (Hugging Face port); the
+        """Switch every MLP between 'quick_gelu' (the release's) and 'gelu' (transformers'); the
         weights are the same tensors, only the function between them changes."""
         check_activation(act)
         self.act = act
@@ -484,7 +484,7 @@ def create_model(
         name_or_spec: ``'cvt-13'``, ``'cvt-21'``, ``'cvt-w24'``, a MODEL.SPEC dict with the release's
             upper-case keys, or a :class:`CvtSpec`.
         num_classes: head size (0: no head).
-        act: ``'quick_gelu'`` (published weights) or ``'gelu'`` (Hugging Face weights).
+        act: ``'quick_gelu'`` (the release's, every published checkpoint) or ``'gelu'`` (trained in transformers).
         drop_path_rate: stochastic depth of the last stage (the release's DROP_PATH_RATE[-1]).
         grad_checkpointing: trade compute for activation memory in training.
         spec_overrides: any other spec field, lower-case (e.g. ``drop_rate=(0.1,) * 3``).

@@ -107,7 +107,6 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, H*W, C) -> (B, C, H, W) as a view: a contiguous token tensor is a channels-last map."""
     return x.transpose(1, 2).unflatten(2, (height, width))
@@ -146,7 +145,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
         out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
     return torch.cat(out)
-
 
 
 def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

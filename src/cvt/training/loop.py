@@ -383,9 +383,10 @@ class _Progress:
         due = self.is_main and (
             tally.steps % self.print_freq == 0 or index == self.num_batches - 1 or now - self.last_line >= self.QUIET_LIMIT_S
         )
-        if not (self.show_bar or due):
+        if not due:  # the loss so far is a host sync: read only when shown (tqdm moves the bar itself)
             return
         mean_loss, rate = tally.progress(self.world_size)
+        self.last_line = now
         if self.show_bar:
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
             return
@@ -393,7 +394,6 @@ class _Progress:
         eta_s = (now - self.start) / done * (self.num_batches - done)
         log.info("%s [%d/%d] loss %.4f lr %.3e %.0f img/s, ETA %d:%02d",
                  self.label, done, self.num_batches, mean_loss, lr, rate, eta_s // 60, eta_s % 60)
-        self.last_line = now
 
     def close(self) -> None:
         self.bar.close()

@@ -25,7 +25,7 @@ from yacs.config import CfgNode
 from ..data import usable_cores
 from ..errors import UserError
 from ..files import ensure_folder
-from ..models.complexity import count_gmacs
+from ..models.complexity import model_summary
 
 try:
     import fcntl
@@ -134,7 +134,10 @@ def lock_run_folder(folder: Path) -> Iterator[str | None]:
 def _acquire(path: Path, folder: Path) -> tuple[int, str]:
     """(descriptor holding the flock, what the file said before)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot lock run folder {folder}: {e.strerror or e}; choose a writable OUTPUT_DIR") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -207,7 +210,7 @@ def choose_cpu_threads(requested: int, model: torch.nn.Module, image_size: tuple
     """CPU_THREADS when set (> 0), else 1 for a model as small as the demo, else the usable cores."""
     if requested > 0:
         return requested
-    step_gmacs = count_gmacs(model, image_size) * batch
+    step_gmacs = model_summary(model.spec, 0, image_size)["gmacs"] * batch  # counted on the meta device
     return 1 if step_gmacs < SMALL_STEP_GMACS else usable_cores()
 
 

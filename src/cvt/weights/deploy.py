@@ -32,6 +32,7 @@ from ..data.transforms import CROP_PCT, eval_transform_settings, test_output_siz
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from ..models.kernels import portable_kernels
+from .hf_preprocessor import EVAL_TRANSFORM_KEY
 
 __all__ = [
     "DEPLOY_FORMATS", "MAX_ABS_DIFF", "OnnxClassifier", "deploy", "deployment_metadata", "read_deployed",
@@ -48,7 +49,6 @@ VERIFY_BATCHES = (1, 3)
 # The archive member of TorchScript and torch.export files that holds the metadata props as JSON.
 METADATA_FILE = "cvt_metadata.json"
 # The props key holding the test transform in this project's own terms (exact, for `cvt predict`).
-EVAL_TRANSFORM_KEY = "cvt_eval_transform"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # What each format needs beyond torch, all installed by the `onnx` extra.
 _DEPENDENCIES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "torchscript": (), "exported": ()}
@@ -168,7 +168,11 @@ class OnnxClassifier:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
         classes = self.session.get_outputs()[0].shape[-1]
-        self.num_classes = classes if isinstance(classes, int) else len(self.class_names or ())
+        if not isinstance(classes, int):  # a symbolic output size: the count the file records, or its names'
+            classes = json.loads(self.metadata["num_classes"]) if "num_classes" in self.metadata else len(self.class_names or ())
+        if not classes:
+            raise UserError(f"{os.fspath(path)!r} does not say how many classes it predicts; export it again with `cvt export`")
+        self.num_classes = int(classes)
 
     @property
     def class_names(self) -> list[str] | None:

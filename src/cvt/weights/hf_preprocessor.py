@@ -13,13 +13,13 @@ from typing import Any
 from ..config import get_defaults
 from ..models.zoo import CROP_PCT
 
-__all__ = ["PREPROCESSOR_FILE", "eval_settings_from_hf_preprocessor", "hf_preprocessor_config"]
+__all__ = ["EVAL_TRANSFORM_KEY", "PREPROCESSOR_FILE", "eval_settings_from_hf_preprocessor", "hf_preprocessor_config"]
 
 log = logging.getLogger(__name__)
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 _HF_PROCESSOR = "ConvNextImageProcessor"
-_EXACT_SETTINGS_KEY = "cvt_eval_transform"
+EVAL_TRANSFORM_KEY = "cvt_eval_transform"
 _HF_CROP_FROM = 384
 
 
@@ -45,7 +45,7 @@ def hf_preprocessor_config(settings: Mapping[str, Any]) -> dict[str, Any]:
         "do_normalize": True,
         "image_mean": list(settings["INPUT.MEAN"]),
         "image_std": list(settings["INPUT.STD"]),
-        _EXACT_SETTINGS_KEY: dict(settings),
+        EVAL_TRANSFORM_KEY: dict(settings),
     }
 
 
@@ -54,8 +54,8 @@ def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, A
     project's transform cannot reproduce it."""
     if not isinstance(config, Mapping):
         return None
-    if isinstance(config.get(_EXACT_SETTINGS_KEY), Mapping):
-        return dict(config[_EXACT_SETTINGS_KEY])
+    if isinstance(config.get(EVAL_TRANSFORM_KEY), Mapping):
+        return dict(config[EVAL_TRANSFORM_KEY])
     # Older files (Microsoft's hub folders among them) name a feature extractor and give size as an int.
     kind = config.get("image_processor_type") or config.get("feature_extractor_type")
     size = config.get("size")

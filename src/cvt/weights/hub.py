@@ -30,13 +30,13 @@ except ImportError:  # huggingface_hub 1
 
 from ..errors import UserError
 from ..models.zoo import PUBLISHED, PublishedWeights, published_weights, repo_tag
+from .hf_preprocessor import PREPROCESSOR_FILE
 
 __all__ = ["HF_HUB_PREFIX", "HubWeights", "download", "is_hub_name", "provenance"]
 
 HF_HUB_PREFIX = "hf-hub:"
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 _CONFIG = "config.json"
-_PREPROCESSOR = "preprocessor_config.json"
 # A tag-like name (no folder, no file suffix): an unknown one is a mistaken tag, not a missing file.
 _TAG_LIKE = re.compile(r"^cvt[-_][\w-]*$", re.IGNORECASE)
 # The hub cache's folder of one snapshot: .../models--org--name/snapshots/<commit>
@@ -48,13 +48,7 @@ class HubWeights:
     """A hub repo fetched into the cache: its snapshot folder, and the published checkpoint it copies."""
 
     folder: Path
-    repo: str
-    revision: str | None
     published: PublishedWeights | None
-
-    @property
-    def name(self) -> str:
-        return self.published.tag if self.published else f"{HF_HUB_PREFIX}{self.repo}"
 
 
 def is_hub_name(source: str) -> bool:
@@ -92,12 +86,12 @@ def download(source: str) -> HubWeights:
     if not isinstance(config, dict) or config.get("model_type") != "cvt":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise UserError(f"{source!r}: {repo} is not a CvT (its config.json says model_type {kind!r}); give a CvT repo")
-    _fetch(repo, _PREPROCESSOR, revision, source, optional=True)
-    for index, filename in enumerate(_WEIGHT_FILES):
-        is_last = index == len(_WEIGHT_FILES) - 1
+    _fetch(repo, PREPROCESSOR_FILE, revision, source, optional=True)
+    for index, filename in enumerate(WEIGHT_FILES):
+        is_last = index == len(WEIGHT_FILES) - 1
         if _fetch(repo, filename, revision, source, optional=not is_last) is not None:
             break
-    return HubWeights(Path(config_file).parent, repo, revision, published)
+    return HubWeights(Path(config_file).parent, published)
 
 
 def _fetch(repo: str, filename: str, revision: str | None, source: str, optional: bool = False) -> str | None:

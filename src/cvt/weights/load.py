@@ -228,7 +228,6 @@ def create_model(
     return model
 
 
-
 def checkpoint_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = None) -> CfgNode | None:
     """The config that says how a checkpoint's images are preprocessed: `cfg_file` when given, else
     the one the project's training checkpoints carry, else the test transform an export carries; None

@@ -44,11 +44,9 @@ from ..models.convert import (
     spec_from_hf_config,
 )
 from .hf_preprocessor import PREPROCESSOR_FILE, eval_settings_from_hf_preprocessor
-from .hub import HF_HUB_PREFIX, download, is_hub_name, provenance
+from .hub import HF_HUB_PREFIX, WEIGHT_FILES, download, is_hub_name, provenance
 
 __all__ = ["Checkpoint", "read_checkpoint", "tensor_digest"]
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclass
@@ -134,7 +132,6 @@ def _torch_load(path: Path) -> Any:
         raise UserError(
             f"checkpoint {str(path)!r} is truncated or corrupt ({reason[:160]}); use an intact copy"
         ) from e
-
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
