@@ -3,13 +3,16 @@ probing, layer-wise rate decay, and the transfer datasets in their published for
 import json
 import os
 import pickle
+import contextlib
 import signal
 
 import numpy as np
 import pytest
 import torch
 
+import cvt.data.loader as loader_module
 import cvt.training.finetune as finetune_module
+import cvt.training.session as session_module
 from cvt import UserError
 from cvt.config import list_experiments, load_config
 from cvt.data import build_loader
@@ -261,6 +264,35 @@ def test_accumulation_splits_the_global_batch(data, tmp_path):
     # The same 8-image steps, as two micro-batches of 4: equal up to float summation order.
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_mixup_checks_the_step_runs_batch_per_process_not_train_batch_size(data, tmp_path):
+    # 6 over 2 accumulation steps: 3 images a batch, which timm's Mixup would assert on at step 1.
+    with pytest.raises(UserError, match=r"FINETUNE.BATCH_SIZE: 6 gives an odd 3 images per process .*AUG.MIXUP_PROB 0"):
+        finetune(data, tmp_path, "FINETUNE.BATCH_SIZE", 6, "TRAIN.ACCUM_STEPS", 2, "AUG.MIXUP_PROB", 1.0, "AUG.MIXUP", 0.8)
+
+
+def test_cpu_threads_are_sized_for_the_step_runs_batch_and_square_crop(data, tmp_path, monkeypatch):
+    seen = []
+
+    def record(requested, model, image_size, batch):
+        seen.append((tuple(image_size), batch))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(session_module, "choose_cpu_threads", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        finetune(data, tmp_path, "FINETUNE.BATCH_SIZE", 4, "TRAIN.IMAGE_SIZE", [32, 48])
+    assert seen == [((32, 32), 4)]  # training crops a square of IMAGE_SIZE[0]; TRAIN.BATCH_SIZE_PER_GPU is 8
+
+
+def test_repeated_aug_over_accumulation_steps_splits_the_step_runs_batch(data, tmp_path, monkeypatch):
+    seen = []
+    real = loader_module.RepeatAugAccumSampler
+    monkeypatch.setattr(loader_module, "RepeatAugAccumSampler", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    cfg = config(data, tmp_path, *FINETUNE, "TRAIN.ACCUM_STEPS", 2, "DATASET.SAMPLER", "repeated_aug")
+    with contextlib.suppress(UserError):  # timm's sampler selects multiples of 256 images: none of 24
+        build_loader(cfg, "train")
+    assert seen == [4]
 
 
 @pytest.mark.slow
