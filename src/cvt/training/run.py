@@ -18,8 +18,8 @@ EMA, best top-1 and every rank's random number generators. With DETERMINISTIC th
 weights equal an uninterrupted run's, bit for bit.
 
 A fresh start never destroys an earlier run's results: in a folder that holds them with nothing to
-resume from, TRAIN.EARLIER_RESULTS says whether to refuse (the default), move them into a subfolder,
-or overwrite them. A lock (`.lock`) keeps a second run out of a folder in use.
+resume from (or with TRAIN.CHECKPOINT naming another run's checkpoint), TRAIN.EARLIER_RESULTS says
+whether to refuse (the default), move them into a subfolder, or overwrite them. A lock (`.lock`) keeps a second run out of a folder in use.
 
 Signals: SIGINT, SIGTERM or SIGHUP lets the current optimizer step finish, then every rank stops at that same
 step. The run saves checkpoint.pth with the interrupted epoch marked not completed, holding the
@@ -136,10 +136,12 @@ def train(cfg: CfgNode) -> dict[str, Any]:
 
 
 def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, is_main: bool) -> str | None:
-    """A fresh start in a folder holding an earlier run's results: refuse, move them aside or overwrite
-    them, as TRAIN.EARLIER_RESULTS says; returns the line to log."""
+    """A run that does not continue this folder's own checkpoint.pth (a fresh start, or a resume from
+    another run's TRAIN.CHECKPOINT) in a folder holding an earlier run's results: refuse, move them
+    aside or overwrite them, as TRAIN.EARLIER_RESULTS says; returns the line to log."""
     found = [name for name in (METRICS, MODEL_BEST, FINAL_STATE, CHECKPOINT) if (folder / name).exists()]
-    if resume_from is not None or not found:
+    continues_here = resume_from is not None and resume_from.resolve() == (folder / CHECKPOINT).resolve()
+    if continues_here or not found:
         return None
     action, listed = cfg.TRAIN.EARLIER_RESULTS, ", ".join(found)
     if action == "overwrite":
@@ -147,7 +149,8 @@ def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = folder / f"earlier-{stamp}"
     if action == "refuse":
-        why = "TRAIN.AUTO_RESUME is off" if cfg.TRAIN.AUTO_RESUME is False else f"there is no {CHECKPOINT} to resume from"
+        why = (f"TRAIN.CHECKPOINT resumes another run's checkpoint ({resume_from})" if resume_from is not None
+               else "TRAIN.AUTO_RESUME is off" if cfg.TRAIN.AUTO_RESUME is False else f"there is no {CHECKPOINT} to resume from")
         raise UserError(
             f"{folder} holds an earlier run's results ({listed}) and {why}, so this run would replace them; "
             f"set TRAIN.EARLIER_RESULTS move to keep them (in {aside.name}/ there), TRAIN.EARLIER_RESULTS "
