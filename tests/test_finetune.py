@@ -324,6 +324,20 @@ def test_a_step_run_stopped_and_resumed_equals_an_uninterrupted_one(data, tmp_pa
     assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_step_run_resumes_with_its_own_keys_applied_or_refused(data, tmp_path, caplog):
+    finetune(data, tmp_path)
+    caplog.clear()
+    finetune(data, tmp_path, "FINETUNE.BASE_LR", 0.02, "FINETUNE.CLIP_GRAD_NORM", 0.5, "TRAIN.LR", 0.1)
+    applied = [r.getMessage() for r in caplog.records if "resuming with changed settings" in r.getMessage()]
+    assert len(applied) == 1 and "FINETUNE.BASE_LR 0.05 -> 0.02" in applied[0] and "FINETUNE.CLIP_GRAD_NORM" in applied[0]
+    assert "TRAIN.LR" not in applied[0]  # a step run does not read it
+    for key, value in (("FINETUNE.BATCH_SIZE", 4), ("FINETUNE.LAYER_DECAY", 0.5), ("FINETUNE.LINEAR_PROBE", True)):
+        with pytest.raises(UserError, match=f"with another {key} .*; set {key} as it was"):
+            finetune(data, tmp_path, key, value)
+    with pytest.raises(UserError, match="does not suit FINETUNE.OPTIMIZER AdamW .*differ: FINETUNE.OPTIMIZER or"):
+        finetune(data, tmp_path, "FINETUNE.OPTIMIZER", "adamw")
+
+
 def test_an_epoch_checkpoint_does_not_resume_a_step_run(data, tmp_path):
     train(config(data, tmp_path, "TRAIN.END_EPOCH", 1))
     with pytest.raises(UserError, match="written by an epoch run and this is a step-based run"):
