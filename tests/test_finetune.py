@@ -12,6 +12,7 @@ import torch
 
 import cvt.data.loader as loader_module
 import cvt.training.finetune as finetune_module
+import cvt.training.run as run_module
 import cvt.training.session as session_module
 from cvt import UserError
 from cvt.config import list_experiments, load_config
@@ -336,6 +337,29 @@ def test_a_step_run_resumes_with_its_own_keys_applied_or_refused(data, tmp_path,
             finetune(data, tmp_path, key, value)
     with pytest.raises(UserError, match="does not suit FINETUNE.OPTIMIZER AdamW .*differ: FINETUNE.OPTIMIZER or"):
         finetune(data, tmp_path, "FINETUNE.OPTIMIZER", "adamw")
+
+
+def _nan_at_call(monkeypatch, call):
+    build = run_module.build_criterion
+
+    def nan_criterion(*args, **kwargs):
+        criterion, calls = build(*args, **kwargs), []
+
+        def loss(output, target):
+            calls.append(1)
+            return criterion(output, target) * (float("nan") if len(calls) == call else 1.0)
+        return loss
+
+    monkeypatch.setattr(run_module, "build_criterion", nan_criterion)
+
+
+def test_a_nonfinite_loss_in_a_step_run_names_the_step_and_the_finetune_keys(data, tmp_path, monkeypatch, caplog):
+    _nan_at_call(monkeypatch, 4)  # 3 steps a pass: the 4th step is the second pass's first batch
+    with pytest.raises(UserError, match=r"non-finite loss at step 4 \(data pass 1\) \(batch 0\); .*"
+                                        r"lower FINETUNE.BASE_LR, set FINETUNE.CLIP_GRAD_NORM, or set TRAIN.NONFINITE_LOSS skip"):
+        finetune(data, tmp_path / "stop")
+    finetune(data, tmp_path / "skip", "TRAIN.NONFINITE_LOSS", "skip")
+    assert "non-finite loss at step 4 (data pass 1): step skipped" in caplog.text
 
 
 def test_an_epoch_checkpoint_does_not_resume_a_step_run(data, tmp_path):

@@ -143,7 +143,7 @@ def _train_steps(run: TrainingRun, train_model: nn.Module, start: int, end: int,
                 epoch=data_pass, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
                 stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
                 set_train_mode=run.set_train_mode, before_step=set_rate,
-                label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}",
+                label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}", first_step=step,
             )
         parts.append(part)
         step += part.steps
