@@ -3,6 +3,7 @@ probing, layer-wise rate decay, and the transfer datasets in their published for
 import json
 import os
 import pickle
+import re
 import contextlib
 import signal
 
@@ -15,7 +16,7 @@ import cvt.training.finetune as finetune_module
 import cvt.training.run as run_module
 import cvt.training.session as session_module
 from cvt import UserError
-from cvt.config import list_experiments, load_config
+from cvt.config import finetune_decay_steps, list_experiments, load_config
 from cvt.data import build_loader
 from cvt.training.optim import build_optimizer, build_step_scheduler, layer_depths
 from cvt.training.run import TrainingInterrupted, build_model, train
@@ -72,15 +73,25 @@ def weights(path):
 
 @pytest.mark.parametrize("override, message", [
     (("FINETUNE.WARMUP_STEPS", 10, "FINETUNE.STEPS", 10), "FINETUNE.WARMUP_STEPS=10 is invalid"),
-    (("FINETUNE.STEPS", 1000), "FINETUNE.LR_SCHEDULER.DECAY_STEPS=[3000, 6000, 9000] is invalid"),
+    (("FINETUNE.STEPS", 1000, "FINETUNE.LR_SCHEDULER.DECAY_STEPS", [3000]),
+     "FINETUNE.LR_SCHEDULER.DECAY_STEPS=[3000] is invalid: it must be increasing step numbers between 0 and "
+     "FINETUNE.STEPS (1000), e.g. [300, 600, 900], or []"),
     (("FINETUNE.LR_SCHEDULER.DECAY_TYPE", "exp"), "FINETUNE.LR_SCHEDULER.DECAY_TYPE='exp' is invalid"),
     (("FINETUNE.LAYER_DECAY", 1.5), "FINETUNE.LAYER_DECAY=1.5 is invalid"),
     (("FINETUNE.OPTIMIZER", "lamb"), "FINETUNE.OPTIMIZER='lamb' is invalid"),
     (("FINETUNE.EVAL_EVERY", 0), "FINETUNE.EVAL_EVERY=0 is invalid"),
 ])
 def test_finetune_keys_refuse_values_no_run_can_use(override, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [str(v) for v in override])
+
+
+def test_unset_decay_steps_follow_the_steps_at_bits_proportions():
+    cfg = load_config(None, ["FINETUNE.FINETUNE", "True", "FINETUNE.STEPS", "1000"])
+    assert list(cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS) == [] and finetune_decay_steps(cfg) == [300, 600, 900]
+    assert finetune_decay_steps(load_config(None, [])) == [3000, 6000, 9000]  # BiT's 10,000-step boundaries
+    rates = _rates("step", steps=1000, warmup=10, decay_steps=())
+    assert rates[299] == pytest.approx(0.1) and rates[300] == pytest.approx(0.01) and rates[900] == pytest.approx(1e-4)
 
 
 def test_cosine_with_fewer_steps_needs_no_decay_steps():
