@@ -167,6 +167,12 @@ def test_transfer_datasets_load_in_their_formats_with_the_batch_contract(name, t
     assert sorted({t for _, t in dataset.samples}) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("name", DATASETS)
+def test_a_class_map_for_a_published_format_is_refused_in_one_line(name, tmp_path):
+    with pytest.raises(UserError, match=f"DATASET.CLASS_MAP='map.txt' is invalid: it must be empty for DATASET.DATASET '{name}'"):
+        load_config(None, ["DATASET.DATASET", name, "DATASET.CLASS_MAP", "map.txt"])
+
+
 def test_the_dataset_root_may_be_the_dataset_folder_itself(tmp_path):
     root = make_flowers(tmp_path) / "flowers-102"
     cfg = config(root, tmp_path / "out", "DATASET.DATASET", "flowers102", "DATASET.TRAIN_SET", "train", "DATASET.TEST_SET", "test",

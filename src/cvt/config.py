@@ -842,6 +842,9 @@ def finetune_decay_steps(cfg: CfgNode) -> list[int]:
 
 
 def _validate_choices(cfg: CfgNode) -> None:
+    _require(not (cfg.DATASET.CLASS_MAP and cfg.DATASET.DATASET in DOWNSTREAM_DATASETS), "DATASET.CLASS_MAP",
+             cfg.DATASET.CLASS_MAP, f"empty for DATASET.DATASET {cfg.DATASET.DATASET!r}, whose classes and their order "
+             "come from its published files (a class map applies to folder datasets)")
     _require(not (cfg.TEST.REAL_LABELS and cfg.TEST.VALID_LABELS), "TEST.REAL_LABELS", cfg.TEST.REAL_LABELS,
              "false when TEST.VALID_LABELS is set (ReaL labels index all 1000 ImageNet classes)")
     _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)
