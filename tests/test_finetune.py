@@ -3,15 +3,20 @@ probing, layer-wise rate decay, and the transfer datasets in their published for
 import json
 import os
 import pickle
+import re
+import contextlib
 import signal
 
 import numpy as np
 import pytest
 import torch
 
+import cvt.data.loader as loader_module
 import cvt.training.finetune as finetune_module
+import cvt.training.run as run_module
+import cvt.training.session as session_module
 from cvt import UserError
-from cvt.config import list_experiments, load_config
+from cvt.config import finetune_decay_steps, list_experiments, load_config
 from cvt.data import build_loader
 from cvt.training.optim import build_optimizer, build_step_scheduler, layer_depths
 from cvt.training.run import TrainingInterrupted, build_model, train
@@ -68,15 +73,25 @@ def weights(path):
 
 @pytest.mark.parametrize("override, message", [
     (("FINETUNE.WARMUP_STEPS", 10, "FINETUNE.STEPS", 10), "FINETUNE.WARMUP_STEPS=10 is invalid"),
-    (("FINETUNE.STEPS", 1000), "FINETUNE.LR_SCHEDULER.DECAY_STEPS=[3000, 6000, 9000] is invalid"),
+    (("FINETUNE.STEPS", 1000, "FINETUNE.LR_SCHEDULER.DECAY_STEPS", [3000]),
+     "FINETUNE.LR_SCHEDULER.DECAY_STEPS=[3000] is invalid: it must be increasing step numbers between 0 and "
+     "FINETUNE.STEPS (1000), e.g. [300, 600, 900], or []"),
     (("FINETUNE.LR_SCHEDULER.DECAY_TYPE", "exp"), "FINETUNE.LR_SCHEDULER.DECAY_TYPE='exp' is invalid"),
     (("FINETUNE.LAYER_DECAY", 1.5), "FINETUNE.LAYER_DECAY=1.5 is invalid"),
     (("FINETUNE.OPTIMIZER", "lamb"), "FINETUNE.OPTIMIZER='lamb' is invalid"),
     (("FINETUNE.EVAL_EVERY", 0), "FINETUNE.EVAL_EVERY=0 is invalid"),
 ])
 def test_finetune_keys_refuse_values_no_run_can_use(override, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [str(v) for v in override])
+
+
+def test_unset_decay_steps_follow_the_steps_at_bits_proportions():
+    cfg = load_config(None, ["FINETUNE.FINETUNE", "True", "FINETUNE.STEPS", "1000"])
+    assert list(cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS) == [] and finetune_decay_steps(cfg) == [300, 600, 900]
+    assert finetune_decay_steps(load_config(None, [])) == [3000, 6000, 9000]  # BiT's 10,000-step boundaries
+    rates = _rates("step", steps=1000, warmup=10, decay_steps=())
+    assert rates[299] == pytest.approx(0.1) and rates[300] == pytest.approx(0.01) and rates[900] == pytest.approx(1e-4)
 
 
 def test_cosine_with_fewer_steps_needs_no_decay_steps():
@@ -150,6 +165,12 @@ def test_transfer_datasets_load_in_their_formats_with_the_batch_contract(name, t
         assert targets.dtype == torch.int64 and bad == []
     # The labels are the files' own: the synthetic images of class k are shape k.
     assert sorted({t for _, t in dataset.samples}) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_a_class_map_for_a_published_format_is_refused_in_one_line(name, tmp_path):
+    with pytest.raises(UserError, match=f"DATASET.CLASS_MAP='map.txt' is invalid: it must be empty for DATASET.DATASET '{name}'"):
+        load_config(None, ["DATASET.DATASET", name, "DATASET.CLASS_MAP", "map.txt"])
 
 
 def test_the_dataset_root_may_be_the_dataset_folder_itself(tmp_path):
@@ -263,6 +284,35 @@ def test_accumulation_splits_the_global_batch(data, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+def test_mixup_checks_the_step_runs_batch_per_process_not_train_batch_size(data, tmp_path):
+    # 6 over 2 accumulation steps: 3 images a batch, which timm's Mixup would assert on at step 1.
+    with pytest.raises(UserError, match=r"FINETUNE.BATCH_SIZE: 6 gives an odd 3 images per process .*AUG.MIXUP_PROB 0"):
+        finetune(data, tmp_path, "FINETUNE.BATCH_SIZE", 6, "TRAIN.ACCUM_STEPS", 2, "AUG.MIXUP_PROB", 1.0, "AUG.MIXUP", 0.8)
+
+
+def test_cpu_threads_are_sized_for_the_step_runs_batch_and_square_crop(data, tmp_path, monkeypatch):
+    seen = []
+
+    def record(requested, model, image_size, batch):
+        seen.append((tuple(image_size), batch))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(session_module, "choose_cpu_threads", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        finetune(data, tmp_path, "FINETUNE.BATCH_SIZE", 4, "TRAIN.IMAGE_SIZE", [32, 48])
+    assert seen == [((32, 32), 4)]  # training crops a square of IMAGE_SIZE[0]; TRAIN.BATCH_SIZE_PER_GPU is 8
+
+
+def test_repeated_aug_over_accumulation_steps_splits_the_step_runs_batch(data, tmp_path, monkeypatch):
+    seen = []
+    real = loader_module.RepeatAugAccumSampler
+    monkeypatch.setattr(loader_module, "RepeatAugAccumSampler", lambda *a, **k: seen.append(k["batch_size"]) or real(*a, **k))
+    cfg = config(data, tmp_path, *FINETUNE, "TRAIN.ACCUM_STEPS", 2, "DATASET.SAMPLER", "repeated_aug")
+    with contextlib.suppress(UserError):  # timm's sampler selects multiples of 256 images: none of 24
+        build_loader(cfg, "train")
+    assert seen == [4]
+
+
 @pytest.mark.slow
 def test_a_step_run_stopped_and_resumed_equals_an_uninterrupted_one(data, tmp_path, monkeypatch):
     whole = finetune(data, tmp_path / "whole", "DETERMINISTIC", True)
@@ -290,6 +340,43 @@ def test_a_step_run_stopped_and_resumed_equals_an_uninterrupted_one(data, tmp_pa
     assert [r["step"] for r in records] == [2, 4, 6]
     assert records[-1] == {**whole["metrics"], "images_per_sec": records[-1]["images_per_sec"], "time_s": records[-1]["time_s"]}
     assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_step_run_resumes_with_its_own_keys_applied_or_refused(data, tmp_path, caplog):
+    finetune(data, tmp_path)
+    caplog.clear()
+    finetune(data, tmp_path, "FINETUNE.BASE_LR", 0.02, "FINETUNE.CLIP_GRAD_NORM", 0.5, "TRAIN.LR", 0.1)
+    applied = [r.getMessage() for r in caplog.records if "resuming with changed settings" in r.getMessage()]
+    assert len(applied) == 1 and "FINETUNE.BASE_LR 0.05 -> 0.02" in applied[0] and "FINETUNE.CLIP_GRAD_NORM" in applied[0]
+    assert "TRAIN.LR" not in applied[0]  # a step run does not read it
+    for key, value in (("FINETUNE.BATCH_SIZE", 4), ("FINETUNE.LAYER_DECAY", 0.5), ("FINETUNE.LINEAR_PROBE", True)):
+        with pytest.raises(UserError, match=f"with another {key} .*; set {key} as it was"):
+            finetune(data, tmp_path, key, value)
+    with pytest.raises(UserError, match="does not suit FINETUNE.OPTIMIZER AdamW .*differ: FINETUNE.OPTIMIZER or"):
+        finetune(data, tmp_path, "FINETUNE.OPTIMIZER", "adamw")
+
+
+def _nan_at_call(monkeypatch, call):
+    build = run_module.build_criterion
+
+    def nan_criterion(*args, **kwargs):
+        criterion, calls = build(*args, **kwargs), []
+
+        def loss(output, target):
+            calls.append(1)
+            return criterion(output, target) * (float("nan") if len(calls) == call else 1.0)
+        return loss
+
+    monkeypatch.setattr(run_module, "build_criterion", nan_criterion)
+
+
+def test_a_nonfinite_loss_in_a_step_run_names_the_step_and_the_finetune_keys(data, tmp_path, monkeypatch, caplog):
+    _nan_at_call(monkeypatch, 4)  # 3 steps a pass: the 4th step is the second pass's first batch
+    with pytest.raises(UserError, match=r"non-finite loss at step 4 \(data pass 1\) \(batch 0\); .*"
+                                        r"lower FINETUNE.BASE_LR, set FINETUNE.CLIP_GRAD_NORM, or set TRAIN.NONFINITE_LOSS skip"):
+        finetune(data, tmp_path / "stop")
+    finetune(data, tmp_path / "skip", "TRAIN.NONFINITE_LOSS", "skip")
+    assert "non-finite loss at step 4 (data pass 1): step skipped" in caplog.text
 
 
 def test_an_epoch_checkpoint_does_not_resume_a_step_run(data, tmp_path):

@@ -172,6 +172,22 @@ def test_sigint_saves_mid_epoch_progress_and_resume_redoes_the_epoch(data, tmp_p
 
 
 @pytest.mark.slow
+def test_resuming_another_runs_checkpoint_keeps_this_folders_results(run, data, tmp_path):
+    folder = tmp_path / "shapes" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    with pytest.raises(UserError, match="holds an earlier run's results .*TRAIN.CHECKPOINT resumes another run's checkpoint"):
+        train(config(data, tmp_path, "TRAIN.CHECKPOINT", run["checkpoint"]))
+    assert (folder / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+    train(config(data, tmp_path, "TRAIN.CHECKPOINT", run["checkpoint"], "TRAIN.EARLIER_RESULTS", "move", "TRAIN.END_EPOCH", 3))
+    assert [p.name for p in folder.glob("earlier-*/metrics.jsonl")] == ["metrics.jsonl"]
+    # This folder's own checkpoint, however spelt, is a continuation: nothing is moved.
+    train(config(data, tmp_path, "TRAIN.CHECKPOINT", folder / ".." / "tiny" / "checkpoint.pth", "TRAIN.END_EPOCH", 3))
+    assert len(list(folder.glob("earlier-*"))) == 1
+
+
+@pytest.mark.slow
 def test_class_count_mismatches_are_user_errors(run, data, tmp_path):
     with pytest.raises(UserError, match=r"MODEL.NUM_CLASSES is 5 but .* has 3 class folders; set MODEL.NUM_CLASSES 3"):
         train(config(data, tmp_path, "MODEL.NUM_CLASSES", 5))

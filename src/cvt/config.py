@@ -29,6 +29,7 @@ from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, PUBLISHED
 
 __all__ = [
     "asked_activation",
+    "finetune_decay_steps",
     "get_defaults",
     "load_config",
     "validate_config",
@@ -63,6 +64,9 @@ LOSSES = ("softmax",)  # the release's only loss
 LR_SCHEDULER_METHODS = ("timm",)
 # FINETUNE.LR_SCHEDULER.DECAY_TYPE: BiT's staircase ('step'), ViT's 'cosine' and 'linear'.
 FINETUNE_DECAY_TYPES = ("step", "cosine", "linear")
+# FINETUNE.LR_SCHEDULER.DECAY_STEPS left empty: boundaries at these fractions of FINETUNE.STEPS, BiT's
+# 3000/6000/9000 of 10,000 steps.
+FINETUNE_DECAY_FRACTIONS = (0.3, 0.6, 0.9)
 # DATASET.DATASET names read in their published on-disk formats (cvt.data.downstream); any other name
 # is a folder dataset, ROOT/<split>/<class>/<image>.
 DOWNSTREAM_DATASETS = ("cifar10", "cifar100", "pets", "flowers102")
@@ -158,9 +162,10 @@ def get_defaults() -> CfgNode:
     cfg.FINETUNE.LR_SCHEDULER = CfgNode()
     cfg.FINETUNE.LR_SCHEDULER.DECAY_TYPE = "step"
     # ---- ours ----
-    # 'step' divides the rate by 1/DECAY_RATE after each of DECAY_STEPS optimizer steps (BiT's
-    # 10k-step schedule by default); 'cosine' and 'linear' decay to 0 at FINETUNE.STEPS.
-    cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS = [3000, 6000, 9000]
+    # 'step' divides the rate by 1/DECAY_RATE after each of DECAY_STEPS optimizer steps; empty (the
+    # default): at 30%, 60% and 90% of FINETUNE.STEPS, BiT's proportions (3000/6000/9000 of 10,000).
+    # 'cosine' and 'linear' decay to 0 at FINETUNE.STEPS.
+    cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS = []
     cfg.FINETUNE.LR_SCHEDULER.DECAY_RATE = 0.1
     cfg.FINETUNE.STEPS = 10000  # optimizer steps of the whole run
     cfg.FINETUNE.WARMUP_STEPS = 500  # linear warmup from 0 over the first steps
@@ -819,13 +824,27 @@ def _validate_finetune(ft: CfgNode) -> None:
     _require(
         sched.DECAY_TYPE != "step" or (all(0 < s < ft.STEPS for s in steps) and steps == sorted(set(steps))),
         "FINETUNE.LR_SCHEDULER.DECAY_STEPS", steps,
-        f"increasing step numbers between 0 and FINETUNE.STEPS ({ft.STEPS}), e.g. [3000, 6000, 9000]",
+        f"increasing step numbers between 0 and FINETUNE.STEPS ({ft.STEPS}), e.g. {_fractions_of(ft.STEPS)}, "
+        "or [] for those (30%, 60%, 90% of the steps)",
     )
     _require(all(isinstance(p, str) and p for p in ft.FROZEN_LAYERS), "FINETUNE.FROZEN_LAYERS",
              list(ft.FROZEN_LAYERS), "a list of module name prefixes such as ['stage0', 'stage1']")
 
 
+def _fractions_of(total: int) -> list[int]:
+    return sorted({int(total * f) for f in FINETUNE_DECAY_FRACTIONS} - {0})
+
+
+def finetune_decay_steps(cfg: CfgNode) -> list[int]:
+    """The 'step' schedule's boundaries: FINETUNE.LR_SCHEDULER.DECAY_STEPS, or when it is empty 30%,
+    60% and 90% of FINETUNE.STEPS (fewer for very short runs, where some coincide)."""
+    return [int(s) for s in cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS] or _fractions_of(int(cfg.FINETUNE.STEPS))
+
+
 def _validate_choices(cfg: CfgNode) -> None:
+    _require(not (cfg.DATASET.CLASS_MAP and cfg.DATASET.DATASET in DOWNSTREAM_DATASETS), "DATASET.CLASS_MAP",
+             cfg.DATASET.CLASS_MAP, f"empty for DATASET.DATASET {cfg.DATASET.DATASET!r}, whose classes and their order "
+             "come from its published files (a class map applies to folder datasets)")
     _require(not (cfg.TEST.REAL_LABELS and cfg.TEST.VALID_LABELS), "TEST.REAL_LABELS", cfg.TEST.REAL_LABELS,
              "false when TEST.VALID_LABELS is set (ReaL labels index all 1000 ImageNet classes)")
     _require_choice("AMP.MEMORY_FORMAT", cfg.AMP.MEMORY_FORMAT, MEMORY_FORMATS)

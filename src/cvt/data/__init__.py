@@ -25,9 +25,10 @@ from .loader import (
     build_loader,
     build_mixup,
     resolve_dataset_root,
+    train_batch_per_process,
     usable_cores,
 )
-from .transforms import build_transform, test_output_size
+from .transforms import build_transform, test_output_size, train_output_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -54,5 +55,7 @@ __all__ = [
     "read_valid_labels",
     "resolve_dataset_root",
     "test_output_size",
+    "train_batch_per_process",
+    "train_output_size",
     "usable_cores",
 ]

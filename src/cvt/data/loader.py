@@ -43,7 +43,7 @@ from .dataset import BadFile, ImageFolderDataset, ImageListDataset, Item, stop_e
 from .digits import default_digits_root, ensure_digits_dataset
 from .downstream import build_downstream_dataset
 from .labels import read_class_map
-from .transforms import build_transform, test_output_size
+from .transforms import build_transform, test_output_size, train_output_size
 
 __all__ = [
     "Batch",
@@ -56,6 +56,8 @@ __all__ = [
     "build_loader",
     "build_mixup",
     "resolve_dataset_root",
+    "train_batch_key",
+    "train_batch_per_process",
     "worker_failure",
     "usable_cores",
 ]
@@ -278,6 +280,26 @@ def build_dataset(cfg: CfgNode, split: str, *, index_targets: bool = False) -> I
     return ImageFolderDataset(root, split_name, transform, class_names=class_map, index_targets=index_targets, **options)
 
 
+def train_batch_key(cfg: CfgNode) -> str:
+    """The key that sets this run's training batch: FINETUNE.BATCH_SIZE for a step run."""
+    return "FINETUNE.BATCH_SIZE" if cfg.FINETUNE.FINETUNE else "TRAIN.BATCH_SIZE_PER_GPU"
+
+
+def train_batch_per_process(cfg: CfgNode, world_size: int) -> int:
+    """Images per training batch in each process: TRAIN.BATCH_SIZE_PER_GPU, or for a step run the
+    global FINETUNE.BATCH_SIZE split over `world_size` processes and TRAIN.ACCUM_STEPS micro-batches."""
+    if not cfg.FINETUNE.FINETUNE:
+        return int(cfg.TRAIN.BATCH_SIZE_PER_GPU)
+    total, accum = int(cfg.FINETUNE.BATCH_SIZE), int(cfg.TRAIN.ACCUM_STEPS)
+    parts = world_size * accum
+    if total % parts:
+        raise UserError(
+            f"FINETUNE.BATCH_SIZE {total} does not split evenly over {world_size} process(es) x "
+            f"{accum} accumulation steps (TRAIN.ACCUM_STEPS); make it a multiple of {parts}"
+        )
+    return total // parts
+
+
 def build_loader(
     cfg: CfgNode,
     split: str,
@@ -292,8 +314,8 @@ def build_loader(
 
     `class_names` (from a checkpoint) must equal the split's class folders: a different set or
     order would silently map predictions to the wrong classes. Class indices follow
-    DATASET.CLASS_MAP when set. `batch_size` replaces the config's batch per process (a fine-tuning
-    run splits FINETUNE.BATCH_SIZE). `index_targets`: see `ImageListDataset`.
+    DATASET.CLASS_MAP when set. `batch_size`: the training batch per process, by default
+    `train_batch_per_process`. `index_targets`: see `ImageListDataset`.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -303,17 +325,17 @@ def build_loader(
         _check_class_names(dataset, list(class_names))
 
     if is_train:
-        sampler: Sampler[int] = WindowSampler(_train_sampler(cfg, dataset, rank, world_size))
-        key = "TRAIN.BATCH_SIZE_PER_GPU" if batch_size is None else "FINETUNE.BATCH_SIZE (per process)"
-        batch_size = batch_size or cfg.TRAIN.BATCH_SIZE_PER_GPU
+        batch_size = batch_size or train_batch_per_process(cfg, world_size)
+        sampler: Sampler[int] = WindowSampler(_train_sampler(cfg, dataset, rank, world_size, batch_size))
+        key = train_batch_key(cfg)
         if len(sampler) < batch_size:
+            per_process = "" if key == "TRAIN.BATCH_SIZE_PER_GPU" else " (per process)"
             raise UserError(
-                f"{key}: {batch_size} is more than the {len(sampler)} images each "
+                f"{key}{per_process}: {batch_size} is more than the {len(sampler)} images each "
                 f"of {world_size} process(es) gets from {dataset.split_dir} per epoch, so an epoch "
-                f"would have no batch; lower {key.split()[0]}"
+                f"would have no batch; lower {key}"
             )
-        image_size = cfg.TRAIN.IMAGE_SIZE[0]
-        image_shape = (3, image_size, image_size)
+        image_shape = (3, *train_output_size(cfg))
     else:
         sampler = ShardSampler(len(dataset), rank, world_size)
         batch_size = cfg.TEST.BATCH_SIZE_PER_GPU
@@ -344,14 +366,14 @@ def build_loader(
     return loader, dataset
 
 
-def _train_sampler(cfg: CfgNode, dataset: ImageListDataset, rank: int, world_size: int) -> Sampler:
+def _train_sampler(cfg: CfgNode, dataset: ImageListDataset, rank: int, world_size: int, batch_size: int) -> Sampler:
     """As the release: repeated augmentation only over several replicas (processes, here also
     gradient-accumulation steps); one process shuffles plainly, so an epoch sees every image once."""
     kind = cfg.DATASET.SAMPLER
     accum_steps = int(cfg.TRAIN.ACCUM_STEPS)
     if kind == "repeated_aug" and accum_steps > 1:
         return RepeatAugAccumSampler(dataset, rank=rank, world_size=world_size, accum_steps=accum_steps,
-                                     batch_size=int(cfg.TRAIN.BATCH_SIZE_PER_GPU), shuffle=cfg.TRAIN.SHUFFLE)
+                                     batch_size=batch_size, shuffle=cfg.TRAIN.SHUFFLE)
     if kind == "repeated_aug" and world_size > 1:
         return RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, shuffle=cfg.TRAIN.SHUFFLE)
     if kind == "repeated_aug":
@@ -399,16 +421,19 @@ def _check_class_names(dataset: ImageListDataset, expected: list[str]) -> None:
     )
 
 
-def build_mixup(cfg: CfgNode, num_classes: int) -> Mixup | None:
-    """timm's Mixup/CutMix with label smoothing, or None when the config turns both off."""
+def build_mixup(cfg: CfgNode, num_classes: int, batch_size: int | None = None) -> Mixup | None:
+    """timm's Mixup/CutMix with label smoothing, or None when the config turns both off. `batch_size`:
+    the training batch per process, by default `train_batch_per_process` for one process."""
     aug = cfg.AUG
     if not (aug.MIXUP_PROB > 0 and (aug.MIXUP > 0 or aug.MIXCUT > 0)):
         return None
-    if cfg.TRAIN.BATCH_SIZE_PER_GPU % 2:
-        raise UserError(
-            f"TRAIN.BATCH_SIZE_PER_GPU: {cfg.TRAIN.BATCH_SIZE_PER_GPU} is odd, but Mixup/CutMix pairs "
-            "images within a batch; use an even batch size or set AUG.MIXUP_PROB 0"
-        )
+    batch_size = batch_size or train_batch_per_process(cfg, 1)
+    if batch_size % 2:
+        odd = f"TRAIN.BATCH_SIZE_PER_GPU: {batch_size} is odd" if not cfg.FINETUNE.FINETUNE else (
+            f"FINETUNE.BATCH_SIZE: {cfg.FINETUNE.BATCH_SIZE} gives an odd {batch_size} images per process "
+            "(split over the processes and TRAIN.ACCUM_STEPS)")
+        raise UserError(f"{odd}, but Mixup/CutMix pairs images within a batch; "
+                        "use an even batch per process or set AUG.MIXUP_PROB 0")
     return Mixup(
         mixup_alpha=aug.MIXUP,
         cutmix_alpha=aug.MIXCUT,

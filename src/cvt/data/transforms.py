@@ -36,6 +36,7 @@ __all__ = [
     "interpolation_mode",
     "posterize_any_bits",
     "test_output_size",
+    "train_output_size",
 ]
 
 
@@ -78,6 +79,13 @@ def test_output_size(cfg: CfgNode) -> tuple[int, int]:
     if cfg.TEST.CENTER_CROP:
         return width, width  # the release crops a square of IMAGE_SIZE[0]
     return height, width
+
+
+def train_output_size(cfg: CfgNode) -> tuple[int, int]:
+    """(height, width) of the training transform's images: every training path crops a square of
+    TRAIN.IMAGE_SIZE[0], as the release does."""
+    size = int(cfg.TRAIN.IMAGE_SIZE[0])
+    return size, size
 
 
 def eval_transform_settings(cfg: CfgNode) -> dict[str, Any]:

@@ -32,26 +32,14 @@ from .loop import EpochResult, evaluate_with_ema, train_one_epoch
 from .session import StopSignals, TrainingInterrupted
 from .state import METRICS, TrainingRun, results_record, truncate_metrics
 
-__all__ = ["finetune_batch_per_process", "freeze_layers", "frozen_prefixes", "run_steps"]
+__all__ = ["freeze_layers", "frozen_prefixes", "run_steps"]
 
 log = logging.getLogger("cvt")
 
 
 # --------------------------------------------------------------------------------------------------
-# Set-up: batch, frozen layers, train modes
+# Set-up: frozen layers, train modes
 # --------------------------------------------------------------------------------------------------
-
-
-def finetune_batch_per_process(cfg: CfgNode, world_size: int) -> int:
-    """FINETUNE.BATCH_SIZE split over `world_size` processes and TRAIN.ACCUM_STEPS micro-batches."""
-    total, accum = int(cfg.FINETUNE.BATCH_SIZE), int(cfg.TRAIN.ACCUM_STEPS)
-    parts = world_size * accum
-    if total % parts:
-        raise UserError(
-            f"FINETUNE.BATCH_SIZE {total} does not split evenly over {world_size} process(es) x "
-            f"{accum} accumulation steps (TRAIN.ACCUM_STEPS); make it a multiple of {parts}"
-        )
-    return total // parts
 
 
 def frozen_prefixes(cfg: CfgNode, model: nn.Module) -> list[str]:
@@ -155,7 +143,7 @@ def _train_steps(run: TrainingRun, train_model: nn.Module, start: int, end: int,
                 epoch=data_pass, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
                 stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
                 set_train_mode=run.set_train_mode, before_step=set_rate,
-                label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}",
+                label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}", first_step=step,
             )
         parts.append(part)
         step += part.steps

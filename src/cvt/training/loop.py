@@ -49,18 +49,24 @@ class LoopSettings:
     nonfinite_loss: str  # 'stop' | 'skip'
     print_freq: int
     eval_amp_dtype: torch.dtype | None = None  # evaluation autocast; None: float32, as the release tests
+    # The keys that set the rate and the clip in this kind of run, for messages.
+    lr_key: str = "TRAIN.LR"
+    clip_key: str = "TRAIN.CLIP_GRAD_NORM"
 
     @classmethod
     def from_config(cls, cfg: CfgNode, device: torch.device) -> LoopSettings:
+        section = "FINETUNE" if cfg.FINETUNE.FINETUNE else "TRAIN"
         return cls(
             device=device,
             amp_dtype=autocast_dtype(cfg, device),
             channels_last=cfg.AMP.MEMORY_FORMAT == "nhwc",
             accum_steps=int(cfg.TRAIN.ACCUM_STEPS),
-            clip_grad_norm=float(cfg.FINETUNE.CLIP_GRAD_NORM if cfg.FINETUNE.FINETUNE else cfg.TRAIN.CLIP_GRAD_NORM),
+            clip_grad_norm=float(cfg[section].CLIP_GRAD_NORM),
             nonfinite_loss=cfg.TRAIN.NONFINITE_LOSS,
             print_freq=int(cfg.PRINT_FREQ),
             eval_amp_dtype=eval_autocast_dtype(cfg, device),
+            lr_key="FINETUNE.BASE_LR" if section == "FINETUNE" else "TRAIN.LR",
+            clip_key=f"{section}.CLIP_GRAD_NORM",
         )
 
     @property
@@ -254,6 +260,7 @@ def train_one_epoch(
     set_train_mode: Callable[[nn.Module], object] = nn.Module.train,
     before_step: Callable[[int], None] | None = None,
     label: str = "",
+    first_step: int | None = None,
 ) -> EpochResult:
     """Train `model` for one pass over `loader`.
 
@@ -262,7 +269,9 @@ def train_one_epoch(
     non-finite loss and whether any was asked to stop, so they all take the same decision.
     `set_train_mode` puts the model in its training mode (fine-tuning keeps frozen parts in eval
     mode); `before_step(k)` runs before the pass's k-th optimizer step (from 0), where a step-based
-    schedule sets the rate. `label` names the pass in the progress output (default 'epoch N').
+    schedule sets the rate. `label` names the pass in the progress and log output (default 'epoch N').
+    `first_step`: in a step run, the optimizer steps done before this pass's first, so that messages
+    name the run's step (and `epoch`, the data pass) rather than an epoch's.
     """
     set_train_mode(model)
     bad_files = bad_files or BadFileLog()
@@ -271,7 +280,8 @@ def train_one_epoch(
     if before_step is not None:
         before_step(0)
     lr = optimizer.param_groups[-1]["lr"]  # the last group's: the head's under layer-wise decay
-    progress = _Progress(label or f"epoch {epoch}", num_batches, settings.print_freq, world_size)
+    label = label or f"epoch {epoch}"
+    progress = _Progress(label, num_batches, settings.print_freq, world_size)
     _sync(settings.device)
     tally = EpochTally(settings.device, counts_overflows=scaler.is_enabled())
     interrupted = False
@@ -296,7 +306,9 @@ def train_one_epoch(
         nonfinite_ranks, stop_ranks = all_reduce_sum(flags).tolist()
         overflow = None
         if nonfinite_ranks:
-            _nonfinite_step(settings, epoch, tally, index)
+            where = (f"epoch {epoch}, step {tally.steps}" if first_step is None
+                     else f"step {first_step + tally.steps + 1} (data pass {epoch})")
+            _nonfinite_step(settings, where, tally, index)
         else:
             if before_step is not None:
                 before_step(tally.steps)
@@ -310,8 +322,8 @@ def train_one_epoch(
     progress.close()
     result = tally.result(lr, interrupted, world_size)
     if result.overflow_steps:
-        log.info("epoch %d: the float16 gradient scaler skipped %d of %d optimizer steps (gradient overflow; "
-                 "the scale was lowered)", epoch, result.overflow_steps, result.steps)
+        log.info("%s: the float16 gradient scaler skipped %d of %d optimizer steps (gradient overflow; "
+                 "the scale was lowered)", label, result.overflow_steps, result.steps)
     return result
 
 
@@ -350,15 +362,15 @@ def _optimizer_step(
     return None if scale_before is None else scaler._get_scale_async() < scale_before
 
 
-def _nonfinite_step(settings: LoopSettings, epoch: int, tally: EpochTally, index: int) -> None:
-    """A rank saw a non-finite loss: stop the run, or skip the step (TRAIN.NONFINITE_LOSS)."""
+def _nonfinite_step(settings: LoopSettings, where: str, tally: EpochTally, index: int) -> None:
+    """A rank saw a non-finite loss at `where` ('epoch E, step k' or 'step N (data pass P)'): stop the
+    run, or skip the step (TRAIN.NONFINITE_LOSS)."""
     if settings.nonfinite_loss == "stop":
         raise UserError(
-            f"non-finite loss at epoch {epoch}, step {tally.steps} (batch {index}); stopped, and the last "
-            "checkpoint is kept as it was; lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or set "
-            "TRAIN.NONFINITE_LOSS skip"
+            f"non-finite loss at {where} (batch {index}); stopped, and the last checkpoint is kept as it "
+            f"was; lower {settings.lr_key}, set {settings.clip_key}, or set TRAIN.NONFINITE_LOSS skip"
         )
-    log.warning("non-finite loss at epoch %d, step %d: step skipped (%d this epoch)", epoch, tally.steps, tally.skipped + 1)
+    log.warning("non-finite loss at %s: step skipped (%d in this pass)", where, tally.skipped + 1)
 
 
 class _Progress:

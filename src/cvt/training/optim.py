@@ -13,7 +13,7 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from yacs.config import CfgNode
 
-from ..config import OPTIMIZERS
+from ..config import OPTIMIZERS, finetune_decay_steps
 from ..errors import UserError
 
 __all__ = [
@@ -220,7 +220,7 @@ def build_step_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Sche
     kind = ft.LR_SCHEDULER.DECAY_TYPE
     if kind == "step":
         # timm counts a decay once t + 1 reaches it: update s + 1 is the first at the lower rate.
-        return MultiStepLRScheduler(optimizer, decay_t=[int(s) + 2 for s in ft.LR_SCHEDULER.DECAY_STEPS],
+        return MultiStepLRScheduler(optimizer, decay_t=[s + 2 for s in finetune_decay_steps(cfg)],
                                     decay_rate=float(ft.LR_SCHEDULER.DECAY_RATE), warmup_prefix=False, **common)
     # The decay starts where the warmup ends, as ViT's: progress = (n - warmup) / (total - warmup).
     decay = {"t_initial": total - warmup, "lr_min": 0.0, "warmup_prefix": True, "cycle_limit": 1}

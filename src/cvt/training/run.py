@@ -18,8 +18,8 @@ EMA, best top-1 and every rank's random number generators. With DETERMINISTIC th
 weights equal an uninterrupted run's, bit for bit.
 
 A fresh start never destroys an earlier run's results: in a folder that holds them with nothing to
-resume from, TRAIN.EARLIER_RESULTS says whether to refuse (the default), move them into a subfolder,
-or overwrite them. A lock (`.lock`) keeps a second run out of a folder in use.
+resume from (or with TRAIN.CHECKPOINT naming another run's checkpoint), TRAIN.EARLIER_RESULTS says
+whether to refuse (the default), move them into a subfolder, or overwrite them. A lock (`.lock`) keeps a second run out of a folder in use.
 
 Signals: SIGINT, SIGTERM or SIGHUP lets the current optimizer step finish, then every rank stops at that same
 step. The run saves checkpoint.pth with the interrupted epoch marked not completed, holding the
@@ -46,7 +46,16 @@ from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..config import asked_activation, output_dir, save_config
-from ..data import ImageFolderDataset, build_loader, build_mixup, check_same_classes, resolve_dataset_root, test_output_size
+from ..data import (
+    ImageFolderDataset,
+    build_loader,
+    build_mixup,
+    check_same_classes,
+    resolve_dataset_root,
+    test_output_size,
+    train_batch_per_process,
+    train_output_size,
+)
 from ..data.labels import REAL_LABELS_FILE, RealLabels, read_valid_labels
 from ..errors import UserError
 from ..files import atomic_write_text
@@ -58,7 +67,7 @@ from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .session import LOCK_FILE, StopSignals, TrainingInterrupted, cpu_threads, lock_run_folder, reproducibility, run_logging
-from .finetune import finetune_batch_per_process, freeze_layers, frozen_prefixes, run_steps
+from .finetune import freeze_layers, frozen_prefixes, run_steps
 from .optim import build_step_scheduler
 from .state import (
     CHECKPOINT,
@@ -112,9 +121,9 @@ def train(cfg: CfgNode) -> dict[str, Any]:
             for line in (took_over, moved):
                 if line:
                     log.warning("%s", line)
-            run = _set_up(cfg, env, folder, resume_from)
-            height_width = (int(cfg.TRAIN.IMAGE_SIZE[1]), int(cfg.TRAIN.IMAGE_SIZE[0]))  # the release's [width, height]
-            with cpu_threads(int(cfg.CPU_THREADS), run.model, height_width, int(cfg.TRAIN.BATCH_SIZE_PER_GPU), env.device):
+            batch = train_batch_per_process(cfg, env.world_size)
+            run = _set_up(cfg, env, folder, resume_from, batch)
+            with cpu_threads(int(cfg.CPU_THREADS), run.model, train_output_size(cfg), batch, env.device):
                 if resume_from is not None:
                     _resume(run, resume_from)
                 if env.is_main:  # after the resume, which may refuse this config: config.yaml is what applies
@@ -127,10 +136,12 @@ def train(cfg: CfgNode) -> dict[str, Any]:
 
 
 def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, is_main: bool) -> str | None:
-    """A fresh start in a folder holding an earlier run's results: refuse, move them aside or overwrite
-    them, as TRAIN.EARLIER_RESULTS says; returns the line to log."""
+    """A run that does not continue this folder's own checkpoint.pth (a fresh start, or a resume from
+    another run's TRAIN.CHECKPOINT) in a folder holding an earlier run's results: refuse, move them
+    aside or overwrite them, as TRAIN.EARLIER_RESULTS says; returns the line to log."""
     found = [name for name in (METRICS, MODEL_BEST, FINAL_STATE, CHECKPOINT) if (folder / name).exists()]
-    if resume_from is not None or not found:
+    continues_here = resume_from is not None and resume_from.resolve() == (folder / CHECKPOINT).resolve()
+    if continues_here or not found:
         return None
     action, listed = cfg.TRAIN.EARLIER_RESULTS, ", ".join(found)
     if action == "overwrite":
@@ -138,7 +149,8 @@ def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = folder / f"earlier-{stamp}"
     if action == "refuse":
-        why = "TRAIN.AUTO_RESUME is off" if cfg.TRAIN.AUTO_RESUME is False else f"there is no {CHECKPOINT} to resume from"
+        why = (f"TRAIN.CHECKPOINT resumes another run's checkpoint ({resume_from})" if resume_from is not None
+               else "TRAIN.AUTO_RESUME is off" if cfg.TRAIN.AUTO_RESUME is False else f"there is no {CHECKPOINT} to resume from")
         raise UserError(
             f"{folder} holds an earlier run's results ({listed}) and {why}, so this run would replace them; "
             f"set TRAIN.EARLIER_RESULTS move to keep them (in {aside.name}/ there), TRAIN.EARLIER_RESULTS "
@@ -156,13 +168,13 @@ def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, 
     return f"moved the earlier run's results in {folder} to {aside}/ (TRAIN.EARLIER_RESULTS move)"
 
 
-def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) -> TrainingRun:
-    """The run folder's config, the data, and the model with its optimizer, schedule, EMA and loss."""
+def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None, batch: int) -> TrainingRun:
+    """The run folder's config, the data (`batch` images per process and step), and the model with its
+    optimizer, schedule, EMA and loss."""
     settings = LoopSettings.from_config(cfg, env.device)
     if env.is_main:
         log.info("run folder %s; %d process(es) on %s", folder, env.world_size, env.device)
     finetune = bool(cfg.FINETUNE.FINETUNE)
-    batch = finetune_batch_per_process(cfg, env.world_size) if finetune else int(cfg.TRAIN.BATCH_SIZE_PER_GPU)
     train_loader, train_set = build_loader(cfg, "train", rank=env.rank, world_size=env.world_size, batch_size=batch)
     val_loader, val_set = build_loader(cfg, "test", rank=env.rank, world_size=env.world_size)
     check_same_classes(train_set, val_set)
@@ -177,7 +189,7 @@ def _set_up(cfg: CfgNode, env: DistEnv, folder: Path, resume_from: Path | None) 
     log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     lr = float(cfg.FINETUNE.BASE_LR) if finetune else scaled_lr(cfg, env.world_size)
     optimizer = build_optimizer(cfg, model, lr, env.device)
-    mixup = build_mixup(cfg, len(classes))
+    mixup = build_mixup(cfg, len(classes), batch)
     if finetune:
         log.info(
             "fine-tuning %d steps: optimizer %s, lr %.3g (FINETUNE.BASE_LR, global), batch %d = %d per process "

@@ -72,19 +72,21 @@ _STATE_LAYOUT_SETTINGS = ("amsgrad",)
 _KERNEL_SETTINGS = ("fused", "foreach")  # how the step is computed, not what it computes
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str = "the checkpoint") -> list[str]:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str = "the checkpoint",
+                         optimizer_key: str = "TRAIN.OPTIMIZER") -> list[str]:
     """The saved optimizer state (moments, step counts) under this run's settings.
 
     Every setting of this run's groups (weight decay, betas, momentum, ...: what the config says)
     replaces the saved one, so a resumed run trains as configured; returns the settings that changed,
     as 'name old -> new'. A state that cannot serve this optimizer (another kind, other parameter
     groups) is a UserError. The kernels (`fused` / `foreach`) are chosen for this run's device, and set
-    before loading, so the step counters land where the chosen kernel wants them."""
+    before loading, so the step counters land where the chosen kernel wants them. `optimizer_key`: the
+    key that chose the optimizer, for the messages (FINETUNE.OPTIMIZER in a step run)."""
     saved_groups = saved["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise UserError(
             f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
-            f"{len(optimizer.param_groups)} (TRAIN.WITHOUT_WD_LIST or TRAIN.OPTIMIZER changed?); {START_AFRESH}"
+            f"{len(optimizer.param_groups)} (TRAIN.WITHOUT_WD_LIST or {optimizer_key} changed?); {START_AFRESH}"
         )
     groups, changes = [], []
     for index, (saved_group, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
@@ -93,8 +95,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
         if settings != saved_settings or any(saved_group[k] != group[k] for k in _STATE_LAYOUT_SETTINGS if k in settings):
             differing = sorted((settings ^ saved_settings) | {k for k in _STATE_LAYOUT_SETTINGS if k in settings})
             raise UserError(
-                f"cannot resume from {source}: its optimizer state does not suit TRAIN.OPTIMIZER "
-                f"{type(optimizer).__name__} (settings {short_list(differing)} differ: TRAIN.OPTIMIZER or "
+                f"cannot resume from {source}: its optimizer state does not suit {optimizer_key} "
+                f"{type(optimizer).__name__} (settings {short_list(differing)} differ: {optimizer_key} or "
                 f"TRAIN.OPTIMIZER_ARGS changed?); {START_AFRESH}"
             )
         if len(saved_group["params"]) != len(group["params"]):
@@ -112,14 +114,26 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     return changes
 
 
-# The settings the optimizer and the schedule read. All apply as configured on resume (the optimizer's
-# from `load_optimizer_state`, the schedule rebuilt from the config) except WITHOUT_WD_LIST, which
-# decides which saved state belongs to which parameter.
-_RESUME_APPLIED = (
-    "TRAIN.OPTIMIZER", "TRAIN.LR", "TRAIN.SCALE_LR", "TRAIN.ACCUM_STEPS", "TRAIN.WD", "TRAIN.MOMENTUM",
-    "TRAIN.NESTEROV", "TRAIN.OPTIMIZER_ARGS", "TRAIN.END_EPOCH", "TRAIN.LR_SCHEDULER",
-)
-_RESUME_REFUSED = ("TRAIN.WITHOUT_WD_LIST",)
+# The settings the optimizer and the schedule read, per kind of run (epoch run, step run). The applied
+# ones take effect on resume (the optimizer's from `load_optimizer_state`, the schedule rebuilt from the
+# config); a refused one, with why: it cannot change without breaking the saved state.
+_STATE_OWNER = "it decides which saved optimizer state belongs to which weight"
+_RESUME_APPLIED = {
+    False: ("TRAIN.OPTIMIZER", "TRAIN.LR", "TRAIN.SCALE_LR", "TRAIN.ACCUM_STEPS", "TRAIN.WD", "TRAIN.MOMENTUM",
+            "TRAIN.NESTEROV", "TRAIN.OPTIMIZER_ARGS", "TRAIN.END_EPOCH", "TRAIN.LR_SCHEDULER"),
+    True: ("FINETUNE.OPTIMIZER", "FINETUNE.BASE_LR", "FINETUNE.MOMENTUM", "FINETUNE.WD", "FINETUNE.CLIP_GRAD_NORM",
+           "FINETUNE.STEPS", "FINETUNE.WARMUP_STEPS", "FINETUNE.LR_SCHEDULER", "TRAIN.OPTIMIZER_ARGS", "TRAIN.ACCUM_STEPS"),
+}
+_RESUME_REFUSED = {
+    False: {"TRAIN.WITHOUT_WD_LIST": _STATE_OWNER},
+    True: {
+        "TRAIN.WITHOUT_WD_LIST": _STATE_OWNER,
+        "FINETUNE.FROZEN_LAYERS": _STATE_OWNER,
+        "FINETUNE.LINEAR_PROBE": _STATE_OWNER,
+        "FINETUNE.LAYER_DECAY": _STATE_OWNER,
+        "FINETUNE.BATCH_SIZE": "the steps done so far, and the data position they reached, count batches of that size",
+    },
+}
 
 
 def _config_changes(ckpt: Checkpoint, cfg: CfgNode, keys: Sequence[str]) -> list[str]:
@@ -277,6 +291,9 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     epoch, best, optimizer = extra.get("epoch"), extra.get("best_top1"), extra.get("optimizer")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         return f"'epoch' is {epoch!r}, not a count of epochs"
+    step = extra.get("step", 0)  # only step runs save one
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"'step' is {step!r}, not a count of optimizer steps"
     if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
         return f"'best_top1' is {type(best).__name__}, not a number"
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
@@ -325,11 +342,14 @@ def restore_training(
         written, wanted = ("a step-based (FINETUNE.FINETUNE)", "an epoch") if "step" in extra else ("an epoch", "a step-based")
         raise UserError(f"cannot resume from {where}: it was written by {written} run and this is {wanted} run; "
                         f"set FINETUNE.FINETUNE as it was, or {fix}")
-    refused = _config_changes(ckpt, cfg, _RESUME_REFUSED)
-    if refused:
-        raise UserError(f"cannot resume from {where} with another {refused[0]}: it decides which saved optimizer state belongs to which weight; {fix}")
+    for key, why in _RESUME_REFUSED[step_based].items():
+        refused = _config_changes(ckpt, cfg, [key])
+        if refused:
+            raise UserError(f"cannot resume from {where} with another {refused[0]}: {why}; set {key} as it was, or {fix}")
     load_checkpoint(model, ckpt)
-    changes = _config_changes(ckpt, cfg, _RESUME_APPLIED) + load_optimizer_state(optimizer, extra["optimizer"], where)
+    optimizer_key = "FINETUNE.OPTIMIZER" if step_based else "TRAIN.OPTIMIZER"
+    changes = _config_changes(ckpt, cfg, _RESUME_APPLIED[step_based]) + load_optimizer_state(
+        optimizer, extra["optimizer"], where, optimizer_key)
     if changes:
         log.warning("resuming with changed settings, applied from now on: %s", "; ".join(changes))
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
