@@ -16,7 +16,7 @@ import cvt.training.finetune as finetune_module
 import cvt.training.run as run_module
 import cvt.training.session as session_module
 from cvt import UserError
-from cvt.config import finetune_decay_steps, list_experiments, load_config
+from cvt.config import finetune_decay_steps, finetune_warmup_steps, list_experiments, load_config
 from cvt.data import build_loader
 from cvt.training.optim import build_optimizer, build_step_scheduler, layer_depths
 from cvt.training.run import TrainingInterrupted, build_model, train
@@ -92,6 +92,13 @@ def test_unset_decay_steps_follow_the_steps_at_bits_proportions():
     assert finetune_decay_steps(load_config(None, [])) == [3000, 6000, 9000]  # BiT's 10,000-step boundaries
     rates = _rates("step", steps=1000, warmup=10, decay_steps=())
     assert rates[299] == pytest.approx(0.1) and rates[300] == pytest.approx(0.01) and rates[900] == pytest.approx(1e-4)
+
+
+def test_unset_warmup_is_five_percent_of_the_steps():
+    cfg = load_config(None, ["FINETUNE.FINETUNE", "True", "FINETUNE.STEPS", "300"])  # was refused: warmup 500
+    assert finetune_warmup_steps(cfg) == 15
+    assert finetune_warmup_steps(load_config(None, [])) == 500  # ViT's 500 of 10,000
+    assert finetune_warmup_steps(load_config(None, ["FINETUNE.WARMUP_STEPS", "0"])) == 0
 
 
 def test_cosine_with_fewer_steps_needs_no_decay_steps():

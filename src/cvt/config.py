@@ -30,6 +30,7 @@ from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, PUBLISHED
 __all__ = [
     "asked_activation",
     "finetune_decay_steps",
+    "finetune_warmup_steps",
     "get_defaults",
     "load_config",
     "validate_config",
@@ -168,7 +169,8 @@ def get_defaults() -> CfgNode:
     cfg.FINETUNE.LR_SCHEDULER.DECAY_STEPS = []
     cfg.FINETUNE.LR_SCHEDULER.DECAY_RATE = 0.1
     cfg.FINETUNE.STEPS = 10000  # optimizer steps of the whole run
-    cfg.FINETUNE.WARMUP_STEPS = 500  # linear warmup from 0 over the first steps
+    # Linear warmup from 0 over the first steps; -1: 5% of FINETUNE.STEPS (ViT's 500 of 10,000).
+    cfg.FINETUNE.WARMUP_STEPS = -1
     cfg.FINETUNE.OPTIMIZER = "sgd"  # one of OPTIMIZERS; SGD with momentum as ViT fine-tunes
     cfg.FINETUNE.MOMENTUM = 0.9  # SGD's momentum (plain, not Nesterov, as ViT)
     cfg.FINETUNE.WD = 0.0  # ViT fine-tunes without weight decay
@@ -815,8 +817,8 @@ def _validate_finetune(ft: CfgNode) -> None:
     for key, value in (("FINETUNE.WD", ft.WD), ("FINETUNE.CLIP_GRAD_NORM", ft.CLIP_GRAD_NORM),
                        ("FINETUNE.MOMENTUM", ft.MOMENTUM)):
         _require(value >= 0, key, value, ">= 0")
-    _require(0 <= ft.WARMUP_STEPS < ft.STEPS, "FINETUNE.WARMUP_STEPS", ft.WARMUP_STEPS,
-             f"in [0, FINETUNE.STEPS) = [0, {ft.STEPS})")
+    _require(ft.WARMUP_STEPS == -1 or 0 <= ft.WARMUP_STEPS < ft.STEPS, "FINETUNE.WARMUP_STEPS", ft.WARMUP_STEPS,
+             f"in [0, FINETUNE.STEPS) = [0, {ft.STEPS}), or -1 for 5% of the steps")
     _require(0 < ft.LAYER_DECAY <= 1, "FINETUNE.LAYER_DECAY", ft.LAYER_DECAY, "in (0, 1] (1 turns it off)")
     sched = ft.LR_SCHEDULER
     _require(0 < sched.DECAY_RATE <= 1, "FINETUNE.LR_SCHEDULER.DECAY_RATE", sched.DECAY_RATE, "in (0, 1]")
@@ -833,6 +835,12 @@ def _validate_finetune(ft: CfgNode) -> None:
 
 def _fractions_of(total: int) -> list[int]:
     return sorted({int(total * f) for f in FINETUNE_DECAY_FRACTIONS} - {0})
+
+
+def finetune_warmup_steps(cfg: CfgNode) -> int:
+    """FINETUNE.WARMUP_STEPS, or for -1 5% of FINETUNE.STEPS."""
+    warmup = int(cfg.FINETUNE.WARMUP_STEPS)
+    return warmup if warmup >= 0 else int(cfg.FINETUNE.STEPS) // 20
 
 
 def finetune_decay_steps(cfg: CfgNode) -> list[int]:

@@ -13,7 +13,7 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from yacs.config import CfgNode
 
-from ..config import OPTIMIZERS, finetune_decay_steps
+from ..config import OPTIMIZERS, finetune_decay_steps, finetune_warmup_steps
 from ..errors import UserError
 
 __all__ = [
@@ -215,7 +215,7 @@ def build_step_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Sche
     (BiT). The rate is a function of n alone, which makes resuming exact.
     """
     ft = cfg.FINETUNE
-    total, warmup = int(ft.STEPS), int(ft.WARMUP_STEPS)
+    total, warmup = int(ft.STEPS), finetune_warmup_steps(cfg)
     common: dict[str, Any] = {"warmup_t": warmup, "warmup_lr_init": 0.0, "t_in_epochs": False}
     kind = ft.LR_SCHEDULER.DECAY_TYPE
     if kind == "step":
