@@ -23,22 +23,41 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name, plus family/model numbers when the name is generic (VMs often
-    report just "AMD EPYC"; family 26 is Zen 5, 25 Zen 3/4, 23 Zen 1/2)."""
-    name, family, model = "unknown CPU", "", ""
+def _cpuinfo_first_values() -> dict[str, str]:
+    """The first value of every key in /proc/cpuinfo (the first CPU's), or {} where there is none."""
+    values: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and name == "unknown CPU":
-                name = value
-            elif key == "cpu family" and not family:
-                family = value
-            elif key == "model" and not model:
-                model = value
+            values.setdefault(key, value)
     except OSError:
-        name = platform.processor() or name
-    return f"{name} (family {family}, model {model})" if family else name
+        pass
+    return values
+
+
+# The instruction sets that decide which kernels are fast: the /proc/cpuinfo flag behind each name.
+CPU_FEATURES = {"AVX-512": "avx512f", "AVX512_BF16": "avx512_bf16", "AMX": "amx_tile", "AMX_BF16": "amx_bf16"}
+
+
+def cpu_features() -> str:
+    """Which of `CPU_FEATURES` the CPU has, e.g. 'AVX-512, AVX512_BF16, no AMX, no AMX_BF16'
+    ('flags unknown' where /proc/cpuinfo has none)."""
+    flags = _cpuinfo_first_values().get("flags")
+    if flags is None:
+        return "flags unknown"
+    present = set(flags.split())
+    return ", ".join(name if flag in present else f"no {name}" for name, flag in CPU_FEATURES.items())
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, plus family/model numbers when the name is generic (VMs often
+    report just "AMD EPYC"; family 26 is Zen 5, 25 Zen 3/4, 23 Zen 1/2), and the instruction sets that
+    decide the kernels (AVX-512, AVX512_BF16, AMX), so that runs on different machines read side by side."""
+    info = _cpuinfo_first_values()
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    family = info.get("cpu family")
+    numbers = f"family {family}, model {info.get('model', '')}; " if family else ""
+    return f"{name} ({numbers}{cpu_features()})"
 
 
 def git_revision() -> str:
@@ -116,6 +135,27 @@ def interleaved(
             sync()
             times[name].append(clock() - start)
     return times
+
+
+# Square matrices of this size: large enough that torch.mm runs at the machine's peak rate, small
+# enough that a fp32 product takes well under a second on two cores.
+GEMM_SIZE = 3072
+GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gemm_rates(
+    device: torch.device, rounds: int = 5, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """FLOP/s of ``torch.mm`` of two `GEMM_SIZE` square matrices, per dtype in `GEMM_DTYPES`: the
+    machine's own ceiling at the current thread count (median of `rounds`, timed by `interleaved`), the
+    yardstick a model's speed is read against (``model FLOPs / time / rate``) so that runs on machines
+    with and without AMX or AVX512_BF16 compare."""
+    fns = {}
+    for name, dtype in GEMM_DTYPES.items():
+        a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype) for _ in range(2))
+        fns[name] = lambda a=a, b=b: torch.mm(a, b)
+    times = interleaved(fns, rounds, 2, synchronizer(device), clock)
+    return {name: 2 * GEMM_SIZE**3 / median(t) for name, t in times.items()}
 
 
 def median(values: list[float]) -> float:
