@@ -137,25 +137,34 @@ def interleaved(
     return times
 
 
-# Square matrices of this size: large enough that torch.mm runs at the machine's peak rate, small
+# Square matrices of this size: large enough that a GEMM runs at the machine's peak rate, small
 # enough that a fp32 product takes well under a second on two cores.
-GEMM_SIZE = 3072
+GEMM_SIZE = 2048
 GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def gemm_rates(
     device: torch.device, rounds: int = 5, clock: Callable[[], float] = time.perf_counter
-) -> dict[str, float]:
-    """FLOP/s of ``torch.mm`` of two `GEMM_SIZE` square matrices, per dtype in `GEMM_DTYPES`: the
-    machine's own ceiling at the current thread count (median of `rounds`, timed by `interleaved`), the
-    yardstick a model's speed is read against (``model FLOPs / time / rate``) so that runs on machines
-    with and without AMX or AVX512_BF16 compare."""
-    fns = {}
+) -> dict[str, dict[str, float]]:
+    """FLOP/s of a `GEMM_SIZE` square matrix product per dtype in `GEMM_DTYPES` and per route torch
+    offers: ``torch.mm`` (the BLAS in fp32, oneDNN in bf16 on CPU) and, on CPU, oneDNN's 1x1
+    convolution of a channels-last map (the same product; on some CPUs oneDNN's fp32 kernels run at
+    twice the BLAS's rate). Median of `rounds`, timed by `interleaved`, at the current thread count:
+    the machine's ceiling, against which a model's speed is read (``model FLOPs / time / rate``) so
+    that runs on machines with and without AMX or AVX512_BF16 compare."""
+    fns: dict[str, Callable[[], object]] = {}
     for name, dtype in GEMM_DTYPES.items():
         a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype) for _ in range(2))
-        fns[name] = lambda a=a, b=b: torch.mm(a, b)
+        fns[f"{name} torch.mm"] = lambda a=a, b=b: torch.mm(a, b)
+        if device.type == "cpu":
+            a_map, b_kernel = a.t().unsqueeze(0).unsqueeze(2), b.t().contiguous()[:, :, None, None]
+            fns[f"{name} oneDNN 1x1 conv"] = lambda x=a_map, w=b_kernel: torch.nn.functional.conv2d(x, w)
     times = interleaved(fns, rounds, 2, synchronizer(device), clock)
-    return {name: 2 * GEMM_SIZE**3 / median(t) for name, t in times.items()}
+    rates: dict[str, dict[str, float]] = {name: {} for name in GEMM_DTYPES}
+    for key, t in times.items():
+        dtype, route = key.split(" ", 1)
+        rates[dtype][route] = 2 * GEMM_SIZE**3 / median(t)
+    return rates
 
 
 def median(values: list[float]) -> float:
