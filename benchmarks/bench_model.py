@@ -360,7 +360,7 @@ def eager_rows(
                     }
                 m = compare(f"{mode} {dtype} {size}px eager", fns, args, sync)
                 rows.append(
-                    Row(device.type, size, dtype, mode, "eager", "eager", m["ours"], m["peer"], args.batch,
+                    Row(device.type, size, dtype, mode, "eager", "peer eager", m["ours"], m["peer"], args.batch,
                         m["ours min"], m["peer min"], args.clock, step_flops(size, mode, args.batch), gemm[dtype])
                 )
     return rows

@@ -157,7 +157,8 @@ def gemm_rates(
         a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype) for _ in range(2))
         fns[f"{name} torch.mm"] = lambda a=a, b=b: torch.mm(a, b)
         if device.type == "cpu":
-            a_map, b_kernel = a.t().unsqueeze(0).unsqueeze(2), b.t().contiguous()[:, :, None, None]
+            # As `cvt.models.kernels.token_linear` sees tokens: a (1, M, K) batch as a (1, K, 1, M) map.
+            a_map, b_kernel = a.unsqueeze(0).transpose(1, 2).unsqueeze(2), b.t().contiguous()[:, :, None, None]
             fns[f"{name} oneDNN 1x1 conv"] = lambda x=a_map, w=b_kernel: torch.nn.functional.conv2d(x, w)
     times = interleaved(fns, rounds, 2, synchronizer(device), clock)
     rates: dict[str, dict[str, float]] = {name: {} for name in GEMM_DTYPES}
