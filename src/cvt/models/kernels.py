@@ -140,25 +140,29 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
 # are reused by the allocator, where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
+# In bf16 training on CPU, the explicit matmuls also win while one image's scores are this small;
+# above it (CvT's first stage) SDPA's flash kernel, which stores no scores, is faster.
+_TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
 
-    ``scaled_dot_product_attention`` everywhere, except in eager bf16 inference on CPU: there its fused
-    kernel is slower than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images
-    at a time (benchmarks/RESULTS.md). That is also the published model's arithmetic under
-    autocast (bf16 scores, bf16 probabilities).
+    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU: in inference, and in
+    training where an image's scores are small, its fused kernel (forward and backward) is slower
+    than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images at a time
+    (benchmarks/RESULTS.md). That is also the published model's arithmetic under autocast (bf16
+    scores, bf16 probabilities).
     """
+    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
         or q.dtype != torch.bfloat16
-        or torch.is_grad_enabled()
+        or (torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE)
         or dropout_p > 0.0
         or torch.compiler.is_compiling()
     ):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
     out = []
     for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
