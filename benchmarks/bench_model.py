@@ -8,6 +8,8 @@ the same thread count and the same optimizer. Reported: the median per call and 
 
     python benchmarks/bench_model.py                       # CPU: eager + compile + memory, 224 and 384
     python benchmarks/bench_model.py --sizes 224 --no-compile --no-memory
+    python benchmarks/bench_model.py --sizes 224 --no-memory --freezing --amx-branch off   # issue 16, both
+    python benchmarks/bench_model.py --sizes 224 --no-memory --freezing --amx-branch on    #   AMX branches
     python benchmarks/bench_model.py --device cuda --batch 64 --memory-size 384 --memory-batch 64 \
         --memory-dtype bf16 --compile-dtypes bf16       # the CUDA targets (AMP: bf16 autocast)
 
@@ -40,6 +42,7 @@ from common import (
 
 from cvt.models.complexity import model_summary
 from cvt.models.convert import hf_config_from_spec, official_to_hf
+from cvt.models import kernels
 from cvt.models.cvt import create_model
 
 NUM_CLASSES = 1000
@@ -328,6 +331,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile-peer", action="store_true", help="also time the peer compiled (slow to compile)")
     p.add_argument("--compile-mode", default=None, help="torch.compile's mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--freezing", action="store_true", help="torch._inductor.config.freezing for the compiled inference")
+    p.add_argument(
+        "--amx-branch", default="auto", choices=["auto", "on", "off"],
+        help="the token-linear path `cpu_has_amx` picks: as detected, or forced (F.linear 'on', oneDNN 1x1 conv 'off')",
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory measurement")
     p.add_argument("--memory-size", type=int, default=224)
     p.add_argument("--memory-batch", type=int, default=16)
@@ -433,7 +440,11 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device available")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.amx_branch != "auto":
+        kernels._CPU_HAS_AMX = args.amx_branch == "on"  # what an AMX CPU would take, or not, on any CPU
     info = machine_info(device, torch.get_num_threads())
+    info["token linears"] = "F.linear (AMX branch)" if kernels.cpu_has_amx() else "oneDNN 1x1 conv (no-AMX branch)"
+    info["token linears"] += f", {'forced' if args.amx_branch != 'auto' else 'as detected'}"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     routes = gemm_rates(device, clock=clock)
     gemm = {dtype: max(rates.values()) for dtype, rates in routes.items()}
