@@ -23,22 +23,41 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name, plus family/model numbers when the name is generic (VMs often
-    report just "AMD EPYC"; family 26 is Zen 5, 25 Zen 3/4, 23 Zen 1/2)."""
-    name, family, model = "unknown CPU", "", ""
+def _cpuinfo_first_values() -> dict[str, str]:
+    """The first value of every key in /proc/cpuinfo (the first CPU's), or {} where there is none."""
+    values: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and name == "unknown CPU":
-                name = value
-            elif key == "cpu family" and not family:
-                family = value
-            elif key == "model" and not model:
-                model = value
+            values.setdefault(key, value)
     except OSError:
-        name = platform.processor() or name
-    return f"{name} (family {family}, model {model})" if family else name
+        pass
+    return values
+
+
+# The instruction sets that decide which kernels are fast: the /proc/cpuinfo flag behind each name.
+CPU_FEATURES = {"AVX-512": "avx512f", "AVX512_BF16": "avx512_bf16", "AMX": "amx_tile", "AMX_BF16": "amx_bf16"}
+
+
+def cpu_features() -> str:
+    """Which of `CPU_FEATURES` the CPU has, e.g. 'AVX-512, AVX512_BF16, no AMX, no AMX_BF16'
+    ('flags unknown' where /proc/cpuinfo has none)."""
+    flags = _cpuinfo_first_values().get("flags")
+    if flags is None:
+        return "flags unknown"
+    present = set(flags.split())
+    return ", ".join(name if flag in present else f"no {name}" for name, flag in CPU_FEATURES.items())
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, plus family/model numbers when the name is generic (VMs often
+    report just "AMD EPYC"; family 26 is Zen 5, 25 Zen 3/4, 23 Zen 1/2), and the instruction sets that
+    decide the kernels (AVX-512, AVX512_BF16, AMX), so that runs on different machines read side by side."""
+    info = _cpuinfo_first_values()
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    family = info.get("cpu family")
+    numbers = f"family {family}, model {info.get('model', '')}; " if family else ""
+    return f"{name} ({numbers}{cpu_features()})"
 
 
 def git_revision() -> str:
@@ -116,6 +135,37 @@ def interleaved(
             sync()
             times[name].append(clock() - start)
     return times
+
+
+# Square matrices of this size: large enough that a GEMM runs at the machine's peak rate, small
+# enough that a fp32 product takes well under a second on two cores.
+GEMM_SIZE = 2048
+GEMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gemm_rates(
+    device: torch.device, rounds: int = 5, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict[str, float]]:
+    """FLOP/s of a `GEMM_SIZE` square matrix product per dtype in `GEMM_DTYPES` and per route torch
+    offers: ``torch.mm`` (the BLAS in fp32, oneDNN in bf16 on CPU) and, on CPU, oneDNN's 1x1
+    convolution of a channels-last map (the same product; on some CPUs oneDNN's fp32 kernels run at
+    twice the BLAS's rate). Median of `rounds`, timed by `interleaved`, at the current thread count:
+    the machine's ceiling, against which a model's speed is read (``model FLOPs / time / rate``) so
+    that runs on machines with and without AMX or AVX512_BF16 compare."""
+    fns: dict[str, Callable[[], object]] = {}
+    for name, dtype in GEMM_DTYPES.items():
+        a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype) for _ in range(2))
+        fns[f"{name} torch.mm"] = lambda a=a, b=b: torch.mm(a, b)
+        if device.type == "cpu":
+            # As `cvt.models.kernels.token_linear` sees tokens: a (1, M, K) batch as a (1, K, 1, M) map.
+            a_map, b_kernel = a.unsqueeze(0).transpose(1, 2).unsqueeze(2), b.t().contiguous()[:, :, None, None]
+            fns[f"{name} oneDNN 1x1 conv"] = lambda x=a_map, w=b_kernel: torch.nn.functional.conv2d(x, w)
+    times = interleaved(fns, rounds, 2, synchronizer(device), clock)
+    rates: dict[str, dict[str, float]] = {name: {} for name in GEMM_DTYPES}
+    for key, t in times.items():
+        dtype, route = key.split(" ", 1)
+        rates[dtype][route] = 2 * GEMM_SIZE**3 / median(t)
+    return rates
 
 
 def median(values: list[float]) -> float:

@@ -9,11 +9,15 @@ LayerNorm cast to float32 and back.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+import cvt.models.kernels as kernels_module
 from cvt.models.cvt import create_model
 from cvt.models.kernels import portable_kernels
 from cvt.models.spec import CvtSpec
@@ -72,10 +76,13 @@ def model_pair(spec: CvtSpec, act: str = "quick_gelu") -> tuple[nn.Module, RefCv
 INPUTS = [(1, 224, 224), (3, 224, 224), (1, 160, 208), (3, 160, 208)]
 
 
-@pytest.fixture(params=["cpu", "portable"])
-def kernels(request):
-    """Both kernel paths of the fast model: the CPU one (oneDNN layouts and fused ops) and the portable
-    one CUDA takes (F.linear, SDPA), forced here on CPU so its arithmetic is tested without a GPU."""
+@pytest.fixture(params=["cpu", "cpu-amx", "portable"])
+def kernels(request, monkeypatch):
+    """Every kernel path of the fast model: the CPU one as a CPU without AMX takes it (oneDNN layouts
+    and fused ops) and as one with AMX does (`cpu_has_amx`), whichever CPU runs the test, and the
+    portable one CUDA takes (F.linear, SDPA), forced here on CPU so its arithmetic is tested without a
+    GPU."""
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: request.param == "cpu-amx")
     if request.param == "portable":
         with portable_kernels():
             yield request.param
@@ -116,18 +123,46 @@ def test_inference_mode_equals_no_grad():
     torch.testing.assert_close(got, expected, rtol=0, atol=EVAL_ATOL)
 
 
+class _CalledFunctions(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.called: set = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.called.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_token_linears_follow_the_cpu_capability(monkeypatch, amx):
+    """With AMX the token linears take F.linear, without it the oneDNN 1x1 convolution."""
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: amx)
+    x, weight, bias = torch.randn(2, 5, 8), torch.randn(4, 8), torch.randn(4)
+    with _CalledFunctions() as mode:
+        out = kernels_module.token_linear(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=0, atol=1e-6)
+    assert (F.linear in mode.called) == amx
+    assert (F.conv2d in mode.called) == (not amx)
+
+
+def test_amx_is_read_from_the_cpu():
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.exists() else []
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert kernels_module.cpu_has_amx() == ("amx_tile" in flags[0].split())
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_without_the_private_onednn_op_eval_logits_are_unchanged(monkeypatch, act):
     """The fused oneDNN kernels are a private torch op; a torch without it takes the public path."""
-    import cvt.models.kernels as cvt_module
-
     fast, ref = model_pair(small_spec(), act=act)
     fast.eval()
     ref.eval()
     x = torch.randn(3, 3, 160, 208)
     with torch.no_grad():
         fused = fast(x)
-        monkeypatch.setattr(cvt_module, "_HAS_ONEDNN_POINTWISE", False)
+        monkeypatch.setattr(kernels_module, "_HAS_ONEDNN_POINTWISE", False)
         public = fast(x)
         expected = ref(x)
     torch.testing.assert_close(public, expected, rtol=0, atol=EVAL_ATOL)

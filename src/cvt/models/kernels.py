@@ -1,10 +1,11 @@
 """How the CvT network computes, per device: the token linears, attention and the layout views.
 
-One predicate, `uses_cpu_kernels`, chooses. On CPU: oneDNN 1x1 convolutions of channels-last maps for
-the token linears (bias and, in inference, the activation inside the kernel) and chunked matmul
-attention for eager bf16 inference. Elsewhere (CUDA) and inside `portable_kernels` (export): the
-portable ops, ``F.linear`` and ``scaled_dot_product_attention``. Both compute the same function;
-benchmarks/RESULTS.md has why each choice was made.
+One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_amx`, what on the CPU
+depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
+linears (bias and, in inference, the activation inside the kernel) where the CPU has no AMX, and
+chunked matmul attention for eager bf16 inference. Elsewhere (CUDA) and inside `portable_kernels`
+(export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same
+function; benchmarks/RESULTS.md has why each choice was made.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
+    "attention", "cpu_has_amx", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
     "tokens_to_map", "uses_cpu_kernels",
 ]
 
@@ -48,6 +49,24 @@ def uses_cpu_kernels(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not _portable_only
 
 
+def _amx_tiles() -> bool:
+    # A private torch probe (CPUID); a torch without it is treated as a CPU without AMX.
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+_CPU_HAS_AMX = _amx_tiles()
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tile units (Intel Xeon since Sapphire Rapids), which make oneDNN's
+    and the BLAS's matmuls several times faster in bf16. The 1x1-convolution route of `token_linear`
+    was chosen on a CPU without AMX, where the BLAS sgemm behind ``F.linear`` was the slow one; with
+    AMX, ``F.linear`` (oneDNN's AMX matmul in bf16) is taken instead (benchmarks/RESULTS.md says what
+    was measured on which machine)."""
+    return _CPU_HAS_AMX
+
+
 # Activations ``token_linear`` applies, and their names as oneDNN post-ops (attr, algorithm).
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 _ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
@@ -61,13 +80,13 @@ def token_linear(
 ) -> torch.Tensor:
     """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens.
 
-    On CPU it runs as a 1x1 convolution of the tokens seen as a channels-last (B, C, 1, N) map (a view,
-    no copy): the same sums through oneDNN, whose kernels beat the sgemm behind ``F.linear`` there,
-    forward and backward, with the bias inside the kernel. In inference the activation runs inside the
-    kernel too, which saves a pass over, and an allocation of, the widest tensor of the MLP. Elsewhere
-    (CUDA) ``F.linear`` is the fast path.
+    On a CPU without AMX it runs as a 1x1 convolution of the tokens seen as a channels-last (B, C, 1, N)
+    map (a view, no copy): the same sums through oneDNN, whose kernels beat the sgemm behind
+    ``F.linear`` there, forward and backward, with the bias inside the kernel. In inference the
+    activation runs inside the kernel too, which saves a pass over, and an allocation of, the widest
+    tensor of the MLP. Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
     """
-    if not uses_cpu_kernels(x) or x.dim() != 3:
+    if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
     x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
@@ -120,25 +139,29 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
 # are reused by the allocator, where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
+# In bf16 training on CPU, the explicit matmuls also win while one image's scores are this small;
+# above it (CvT's first stage) SDPA's flash kernel, which stores no scores, is faster.
+_TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
 
-    ``scaled_dot_product_attention`` everywhere, except in eager bf16 inference on CPU: there its fused
-    kernel is slower than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images
-    at a time (benchmarks/RESULTS.md). That is also the published model's arithmetic under
-    autocast (bf16 scores, bf16 probabilities).
+    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU: in inference, and in
+    training where an image's scores are small, its fused kernel (forward and backward) is slower
+    than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images at a time
+    (benchmarks/RESULTS.md). That is also the published model's arithmetic under autocast (bf16
+    scores, bf16 probabilities).
     """
+    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
         or q.dtype != torch.bfloat16
-        or torch.is_grad_enabled()
+        or (torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE)
         or dropout_p > 0.0
         or torch.compiler.is_compiling()
     ):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
     out = []
     for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
