@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import RESULTS, append_to_section, interleaved, load_average, machine_info, markdown_table, median, synchronizer
+from common import (
+    RESULTS, append_to_section, interleaved, load_average, machine_info, markdown_table, median, run_heading, synchronizer,
+)
 
 from cvt.config import load_config
 from cvt.models.cvt import create_model
@@ -97,15 +99,8 @@ def main() -> None:
 
 
 def render(args: argparse.Namespace, info: dict[str, str], rows: list[list[str]], notes: list[str]) -> str:
-    lines = [f"#### Run {info['date (UTC)']}, CvT-13 at {args.size}, cpu", ""]
-    lines.append("; ".join(f"{k}: {v}" for k, v in info.items() if k != "date (UTC)"))
-    lines.append("")
-    lines.append(
-        f"Median of {args.rounds} interleaved rounds after {args.warmup} warmup calls, "
-        f"{'process CPU time' if args.clock == 'cpu' else 'wall time'}; relative = time / eager fp32 time "
-        "(below 1: faster). " + "; ".join(notes) + "." + (f" Note: {args.note}" if args.note else "")
-    )
-    lines.append("")
+    lines = run_heading(f"CvT-13 at {args.size}, cpu", info, args,
+                        "relative = time / eager fp32 time (below 1: faster). " + "; ".join(notes) + ".")
     header = ["contender", "batch", "ms / batch (median)", "range (ms)", "ms / image", "images / s", "relative"]
     lines.append(markdown_table(header, rows))
     return "\n".join(lines)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import (
-    RESULTS, append_to_section, gemm_rates, interleaved, load_average, machine_info, markdown_table, median, synchronizer,
+    RESULTS, append_to_section, gemm_rates, interleaved, load_average, machine_info, markdown_table, median, run_heading,
+    synchronizer,
 )
 
 from cvt.models.complexity import model_summary
@@ -484,18 +485,11 @@ def render(
     compile_lines: list[str],
     memory: dict[str, dict[str, float]],
 ) -> str:
-    lines = [f"#### Run {info['date (UTC)']}, {args.device}, batch {args.batch}", ""]
-    lines.append("; ".join(f"{k}: {v}" for k, v in info.items() if k != "date (UTC)"))
-    lines.append("")
-    lines.append(
-        f"Median of {args.rounds} interleaved rounds after {args.warmup} warmup calls, "
-        f"{'process CPU time' if args.clock == 'cpu' else 'wall time'}; ratio = reference time / our time "
-        "(the verdict uses the ratio of medians). "
-        f"Share of GEMM rate = {GEMM_SHARE_DEFINITION}. "
-        f"AdamW ({args.adamw}) for both."
-        + (f" Note: {args.note}" if args.note else "")
+    lines = run_heading(
+        f"{args.device}, batch {args.batch}", info, args,
+        "ratio = reference time / our time (the verdict uses the ratio of medians). "
+        f"Share of GEMM rate = {GEMM_SHARE_DEFINITION}. AdamW ({args.adamw}) for both.",
     )
-    lines.append("")
     header = [
         "measurement", "variants", "ours (median)", "reference (median)", "ratio", "ratio of minima",
         "share of GEMM rate, ours / reference", "target", "result",

@@ -193,3 +193,19 @@ def append_to_section(heading: str, text: str, path: Path = RESULTS) -> None:
         rest = content[end:]
         content = f"{section}\n\n{text.strip()}\n" + (f"\n{rest}" if rest else "")
     atomic_write_text(path, content)
+
+
+def run_heading(title: str, info: dict[str, str], args: object, protocol: str) -> list[str]:
+    """The opening lines of a run's RESULTS.md entry: its title and date, the machine, and how it was
+    timed (`args` carries rounds, warmup, clock and an optional note; `protocol` says how to read it)."""
+    clock = "process CPU time" if getattr(args, "clock") == "cpu" else "wall time"
+    note = getattr(args, "note", "")
+    return [
+        f"#### Run {info['date (UTC)']}, {title}",
+        "",
+        "; ".join(f"{k}: {v}" for k, v in info.items() if k != "date (UTC)"),
+        "",
+        f"Median of {getattr(args, 'rounds')} interleaved rounds after {getattr(args, 'warmup')} warmup calls, "
+        f"{clock}; {protocol}" + (f" Note: {note}" if note else ""),
+        "",
+    ]
