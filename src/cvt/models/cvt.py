@@ -36,7 +36,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .convert import checkpoint_filter_fn
-from .kernels import attention, depthwise_conv, map_to_tokens, to_autocast_dtype, token_linear, tokens_to_map
+from .kernels import attention, dense_grad, depthwise_conv, map_to_tokens, to_autocast_dtype, token_linear, tokens_to_map
 from .spec import CvtSpec, check_activation, model_spec
 from .zoo import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, PublishedWeights
 
@@ -159,8 +159,11 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _project(self, projection: nn.Module | None, cls: torch.Tensor | None, x_map: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        out = tokens if projection is None else map_to_tokens(projection(x_map))
-        return out if cls is None else torch.cat((cls, out), dim=1)
+        if projection is None:
+            return tokens if cls is None else torch.cat((cls, tokens), dim=1)
+        if cls is None:
+            return map_to_tokens(projection(x_map))
+        return torch.cat((cls, map_to_tokens(dense_grad(projection(x_map)))), dim=1)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "cpu_has_amx", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
+    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
     "tokens_to_map", "uses_cpu_kernels",
 ]
 
@@ -170,6 +171,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     return torch.cat(out)
 
 
+class _DenseChannelsLastGrad(torch.autograd.Function):
+    """Identity forward; backward hands on the gradient as a dense channels-last tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def dense_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``, whose gradient, in CPU training, reaches the ops before it dense and channels-last.
+
+    A map whose tokens are then concatenated after a cls token gets its gradient back as a slice of
+    the concatenation's, which is not dense; oneDNN's BatchNorm backward is several times slower on
+    such a gradient than the copy that makes it dense (benchmarks/RESULTS.md).
+    """
+    if uses_cpu_kernels(x) and torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _DenseChannelsLastGrad.apply(x)
+    return x
+
+
 def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a depthwise convolution, in training.
 
@@ -179,5 +204,6 @@ def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
         out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
-        return out[:, :, :: conv.stride[0], :: conv.stride[1]]
+        # Dense again: BatchNorm's bf16 kernels, forward and backward, take a slow path on a strided view.
+        return out[:, :, :: conv.stride[0], :: conv.stride[1]].contiguous(memory_format=torch.channels_last)
     return conv(x)
