@@ -285,6 +285,22 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var, rtol=1e-6, atol=1e-7)
 
 
+
+def test_dense_grad_hands_back_a_dense_channels_last_gradient():
+    """A map whose tokens follow a cls token gets its gradient as a slice of the concatenation's;
+    `dense_grad` hands the ops before it the same values, dense and channels-last (BatchNorm's
+    backward is several times slower on the slice)."""
+    x_map = torch.randn(2, 4, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    seen: list[torch.Tensor] = []
+    before = x_map * 2.0
+    before.register_hook(seen.append)
+    cls = torch.randn(2, 1, 4)
+    tokens = torch.cat((cls, kernels_module.map_to_tokens(kernels_module.dense_grad(before))), dim=1)
+    weight = torch.randn(2, 16, 4)
+    (tokens * weight).sum().backward()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(seen[0], kernels_module.tokens_to_map(weight[:, 1:], 3, 5), rtol=0, atol=0)
+
 # --------------------------------------------------------------------------------------------------
 # torch.compile: one graph, no breaks, in train and eval mode
 # --------------------------------------------------------------------------------------------------
