@@ -29,6 +29,7 @@ from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, PUBLISHED
 
 __all__ = [
     "asked_activation",
+    "config_value",
     "finetune_decay_steps",
     "finetune_warmup_steps",
     "get_defaults",
@@ -588,6 +589,12 @@ def _safe_yaml(text: str) -> Any:
         loader.dispose()
 
 
+def _yaml_line(error: Exception) -> str:
+    """' at line N' where a YAML error knows its line, else ''."""
+    mark = getattr(error, "problem_mark", None)
+    return f" at line {mark.line + 1}" if mark is not None else ""
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
@@ -599,10 +606,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except _YamlLimitError as e:
         raise UserError(f"config file {str(path)!r}: {e}; fix the file") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise UserError(f"YAML syntax error in {str(path)!r}{where}: {problem}; fix the file") from None
+        raise UserError(f"YAML syntax error in {str(path)!r}{_yaml_line(e)}: {problem}; fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -699,7 +704,8 @@ def load_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = (), *,
     return cfg
 
 
-def _value(node: CfgNode, dotted: str) -> Any:
+def config_value(node: CfgNode, dotted: str) -> Any:
+    """The value of a dotted key ('TEST.IMAGE_SIZE'), lists and tuples as plain lists."""
     for part in dotted.split("."):
         node = node[part]
     return list(node) if isinstance(node, (list, tuple)) else node
@@ -708,8 +714,8 @@ def _value(node: CfgNode, dotted: str) -> Any:
 def _warn_keys_without_effect(cfg: CfgNode) -> None:
     defaults = get_defaults()
     for key, why in KEYS_WITHOUT_EFFECT.items():
-        value = _value(cfg, key)
-        if value != _value(defaults, key):
+        value = config_value(cfg, key)
+        if value != config_value(defaults, key):
             log.warning("config key %s is %r but has no effect in this project: %s", key, value, why)
 
 
@@ -922,8 +928,7 @@ def settings_from_yaml_text(text: str, source: str) -> dict[str, Any]:
     try:
         data = _safe_yaml(text)
     except (yaml.YAMLError, _YamlLimitError) as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = f"{getattr(e, 'problem', None) or e}" + (f" at line {mark.line + 1}" if mark is not None else "")
+        problem = f"{getattr(e, 'problem', None) or e}{_yaml_line(e)}"
         raise UserError(f"{source} is not valid YAML ({problem}); give the experiment file with --cfg") from None
     if not isinstance(data, dict):
         raise UserError(f"{source} is not a mapping of config keys; give the experiment file with --cfg")

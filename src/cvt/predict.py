@@ -19,7 +19,7 @@ import torch
 from .config import asked_activation, load_config, spec_from_config
 from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb, test_output_size
 from .errors import UserError
-from .training.session import cpu_threads
+from .training.session import choose_cpu_threads, cpu_threads
 from .weights.deploy import OnnxClassifier
 from .weights.load import eval_config, model_from_checkpoint
 from .weights.read import Checkpoint, read_checkpoint
@@ -89,8 +89,9 @@ class Predictor:
     def __init__(
         self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto", batch_size: int = 32
     ) -> None:
+        self.batch_size = batch_size
         if isinstance(weights, (str, Path)) and Path(weights).suffix.lower() == ".onnx":
-            self._init_onnx(Path(weights), cfg_file, device)
+            names = self._init_onnx(Path(weights), cfg_file, device)
         else:
             ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
             self.cfg = eval_config(ckpt, cfg_file)
@@ -98,11 +99,15 @@ class Predictor:
             self.model, ckpt = model_from_checkpoint(ckpt, spec=spec, act=asked_activation(self.cfg))
             self.device = resolve_device(device)
             self.model.to(self.device).eval()
-            self.class_names = ckpt.class_names or [str(i) for i in range(self.model.num_classes)]
+            names = ckpt.class_names
+            # Chosen once: counting the model's multiply-adds is not work for every call of `predict`.
+            self.threads = choose_cpu_threads(
+                int(self.cfg.CPU_THREADS), self.model, test_output_size(self.cfg), batch_size
+            ) if self.device.type == "cpu" else 0
+        self.class_names = names or [str(i) for i in range(self.model.num_classes)]
         self.transform = build_transform(self.cfg, is_train=False)
-        self.batch_size = batch_size
 
-    def _init_onnx(self, path: Path, cfg_file: str | None, device: str) -> None:
+    def _init_onnx(self, path: Path, cfg_file: str | None, device: str) -> list[str] | None:
         if device not in ("auto", "cpu"):
             raise UserError(f"--device {device}: an ONNX file runs on the CPU here (ONNX Runtime); use --device cpu")
         self.model = OnnxClassifier(path)
@@ -111,7 +116,7 @@ class Predictor:
         if cfg is None:
             raise UserError(f"{path} does not say how its images were preprocessed; give its experiment file with --cfg")
         self.cfg = cfg
-        self.class_names = self.model.class_names or [str(i) for i in range(self.model.num_classes)]
+        return self.model.class_names
 
     def predict(self, files: Iterable[str | Path], topk: int = 5) -> Iterator[Prediction]:
         """One `Prediction` per file, in order; unreadable files give one with `error` set."""
@@ -119,7 +124,7 @@ class Predictor:
         batch: list[tuple[Path, torch.Tensor]] = []
         # An ONNX file runs on ONNX Runtime's own threads; a torch model on as many as its size merits.
         threads = contextlib.nullcontext() if isinstance(self.model, OnnxClassifier) else cpu_threads(
-            int(self.cfg.CPU_THREADS), self.model, test_output_size(self.cfg), self.batch_size, self.device, announce=False)
+            self.threads, self.model, test_output_size(self.cfg), self.batch_size, self.device, announce=False)
         with threads:
             for path in map(Path, files):
                 try:

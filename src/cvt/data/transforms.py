@@ -24,7 +24,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode
 
-from ..config import PIL_INTERPOLATIONS
+from ..config import PIL_INTERPOLATIONS, config_value
 from ..errors import UserError
 from ..models.zoo import CROP_PCT
 
@@ -88,14 +88,15 @@ def train_output_size(cfg: CfgNode) -> tuple[int, int]:
     return size, size
 
 
+def test_resize_size(cfg: CfgNode) -> int | tuple[int, int]:
+    """What the test transform resizes to: the shorter side IMAGE_SIZE[0] / CROP_PCT before a centre crop,
+    else (height, width) straight."""
+    return int(cfg.TEST.IMAGE_SIZE[0] / CROP_PCT) if cfg.TEST.CENTER_CROP else test_output_size(cfg)
+
+
 def eval_transform_settings(cfg: CfgNode) -> dict[str, Any]:
     """{key: value} of `EVAL_TRANSFORM_KEYS` in `cfg`, as plain JSON values."""
-    settings: dict[str, Any] = {}
-    for key in EVAL_TRANSFORM_KEYS:
-        section, name = key.split(".")
-        value = cfg[section][name]
-        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
-    return settings
+    return {key: config_value(cfg, key) for key in EVAL_TRANSFORM_KEYS}
 
 
 def build_transform(cfg: CfgNode, is_train: bool) -> Transform:
@@ -112,12 +113,9 @@ def build_transform(cfg: CfgNode, is_train: bool) -> Transform:
     interpolation = interpolation_mode(cfg.TEST.INTERPOLATION, "TEST.INTERPOLATION")
     height, width = test_output_size(cfg)
     if cfg.TEST.CENTER_CROP:
-        resize = [
-            T.Resize(int(cfg.TEST.IMAGE_SIZE[0] / CROP_PCT), interpolation=interpolation),
-            T.CenterCrop(width),
-        ]
+        resize = [T.Resize(test_resize_size(cfg), interpolation=interpolation), T.CenterCrop(width)]
     else:
-        resize = [T.Resize((height, width), interpolation=interpolation)]
+        resize = [T.Resize(test_resize_size(cfg), interpolation=interpolation)]
     return T.Compose([*resize, T.ToTensor(), normalize])
 
 

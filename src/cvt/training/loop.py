@@ -277,9 +277,8 @@ def train_one_epoch(
     bad_files = bad_files or BadFileLog()
     num_batches = len(loader)  # type: ignore[arg-type]
     no_sync = getattr(model, "no_sync", None)  # present on DistributedDataParallel only
-    if before_step is not None:
-        before_step(0)
     lr = optimizer.param_groups[-1]["lr"]  # the last group's: the head's under layer-wise decay
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what clipping clips
     label = label or f"epoch {epoch}"
     progress = _Progress(label, num_batches, settings.print_freq, world_size)
     _sync(settings.device)
@@ -312,7 +311,7 @@ def train_one_epoch(
         else:
             if before_step is not None:
                 before_step(tally.steps)
-            overflow = _optimizer_step(model, optimizer, settings, scaler, ema)
+            overflow = _optimizer_step(model, optimizer, params, settings, scaler, ema)
         tally.end_step(taken=not nonfinite_ranks, overflow=overflow)
         optimizer.zero_grad(set_to_none=True)
         progress.step_done(tally, optimizer.param_groups[-1]["lr"], index)
@@ -345,7 +344,7 @@ def _forward_backward(
 
 
 def _optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings,
+    model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], settings: LoopSettings,
     scaler: torch.amp.GradScaler, ema: ModelEmaV3 | None,
 ) -> torch.Tensor | None:
     """Clip, step and update; returns whether the gradient scaler skipped the step (a device bool,
@@ -353,7 +352,6 @@ def _optimizer_step(
     scale_before = scaler._get_scale_async().clone() if scaler.is_enabled() else None
     if settings.clip_grad_norm > 0:
         scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, settings.clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()

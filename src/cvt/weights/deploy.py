@@ -28,7 +28,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from ..config import PIL_INTERPOLATIONS, config_from_settings
-from ..data.transforms import CROP_PCT, eval_transform_settings, test_output_size
+from ..data.transforms import CROP_PCT, eval_transform_settings, test_output_size, test_resize_size
 from ..errors import UserError
 from ..files import atomic_write_bytes
 from ..models.kernels import portable_kernels
@@ -77,7 +77,7 @@ def deployment_metadata(cfg: CfgNode, num_classes: int, class_names: Sequence[st
     crop = bool(cfg.TEST.CENTER_CROP)
     props: dict[str, Any] = {
         "input_size": [3, height, width],
-        "resize": int(cfg.TEST.IMAGE_SIZE[0] / CROP_PCT) if crop else [height, width],
+        "resize": test_resize_size(cfg) if crop else list(test_resize_size(cfg)),
         "center_crop": crop,
         "crop_pct": CROP_PCT if crop else 1.0,
         "interpolation": PIL_INTERPOLATIONS[int(cfg.TEST.INTERPOLATION)],

@@ -10,8 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import get_defaults
-from ..models.zoo import CROP_PCT
+from ..models.zoo import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EVAL_TRANSFORM_KEY", "PREPROCESSOR_FILE", "eval_settings_from_hf_preprocessor", "hf_preprocessor_config"]
 
@@ -69,12 +68,11 @@ def eval_settings_from_hf_preprocessor(config: Mapping[str, Any]) -> dict[str, A
         return None
     if size < _HF_CROP_FROM and abs(crop_pct - CROP_PCT) > 1e-6:
         return None  # a crop other than the release's 0.875
-    defaults = get_defaults()
     return {
         "TEST.IMAGE_SIZE": [size, size],
         "TEST.CENTER_CROP": size < _HF_CROP_FROM,
         "TEST.INTERPOLATION": int(config.get("resample", 3)),
-        "INPUT.MEAN": list(config.get("image_mean", defaults.INPUT.MEAN)),
-        "INPUT.STD": list(config.get("image_std", defaults.INPUT.STD)),
+        "INPUT.MEAN": list(config.get("image_mean", IMAGENET_MEAN)),
+        "INPUT.STD": list(config.get("image_std", IMAGENET_STD)),
     }
 

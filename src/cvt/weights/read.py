@@ -216,8 +216,9 @@ def _read_folder(folder: Path) -> Checkpoint:
                 ckpt.class_names = class_names_from_hf_config(config)
                 if num_labels_from_hf_config(config) != ckpt.num_classes:
                     ckpt.class_names = None
-                if activation_from_hf_config(config):
-                    ckpt.act = activation_from_hf_config(config)
+                recorded_act = activation_from_hf_config(config)
+                if recorded_act:
+                    ckpt.act = recorded_act
                     ckpt.act_reason = f"recorded in {config_file.name} by the export that wrote it"
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise UserError(f"{str(config_file)!r} does not describe a CvT ({type(e).__name__}: {e}); use an intact copy") from None
