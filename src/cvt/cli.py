@@ -142,21 +142,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _model_name(name: str) -> str:
     """A model name or published tag as given, or a one-line error that points an experiment's name at --cfg."""
     from .config import list_experiments
-    from .models.spec import list_models
+    from .models.spec import list_models, model_spec
 
-    if name.lower().replace("_", "-") in list_models() + list_models(pretrained=True):
-        return name
-    if name in list_experiments():
-        raise UserError(f"{name!r} is an experiment, not a model name; use --cfg {name}")
-    raise UserError(
-        f"unknown model {name!r}; choose one of {', '.join(list_models() + list_models(pretrained=True))}, or --cfg EXPERIMENT"
-    )
+    try:
+        model_spec(name)
+    except UserError:
+        if name in list_experiments():
+            raise UserError(f"{name!r} is an experiment, not a model name; use --cfg {name}") from None
+        raise UserError(
+            f"unknown model {name!r}; choose one of {', '.join(list_models() + list_models(pretrained=True))}, or --cfg EXPERIMENT"
+        ) from None
+    return name
 
 
 def _test_size(name: str) -> int:
-    from .models.zoo import PUBLISHED
+    from .models.zoo import find_published
 
-    weights = PUBLISHED.get(name.lower().replace("_", "-"))
+    weights = find_published(name)
     return weights.image_size if weights else 224
 
 

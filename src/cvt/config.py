@@ -25,7 +25,7 @@ from yacs.config import CfgNode
 from .errors import UserError
 from .files import atomic_write_text
 from .models.spec import ACTIVATIONS, CvtSpec
-from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, PUBLISHED
+from .models.zoo import IMAGENET_MEAN, IMAGENET_STD, find_published
 
 __all__ = [
     "asked_activation",
@@ -726,11 +726,11 @@ def load_test_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = (
         if not cfg_file:
             raise UserError("cvt test needs --cfg (the experiment file that defines the data and model), or --model TAG")
         return load_config(cfg_file, opts)
-    tag = model.lower().replace("_", "-")
     if not cfg_file:
-        if tag not in PUBLISHED:
+        published = find_published(model)
+        if published is None:
             raise UserError(f"--model {model}: give --cfg (the experiment that defines its architecture); only the published tags have their own")
-        cfg_file = PUBLISHED[tag].experiment
+        cfg_file = published.experiment
     return load_config(cfg_file, [*opts, "TEST.MODEL_FILE", model])
 
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from .config import asked_activation, load_config, spec_from_config
+from .config import load_config
 from .data import IMAGE_EXTENSIONS, BadImageError, build_transform, load_rgb, test_output_size
 from .errors import UserError
 from .training.session import choose_cpu_threads, cpu_threads
 from .weights.deploy import OnnxClassifier
-from .weights.load import eval_config, model_from_checkpoint
+from .weights.load import eval_config, model_for_config
 from .weights.read import Checkpoint, read_checkpoint
 
 __all__ = ["Prediction", "Predictor", "image_files", "resolve_device"]
@@ -95,8 +95,7 @@ class Predictor:
         else:
             ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
             self.cfg = eval_config(ckpt, cfg_file)
-            spec = spec_from_config(self.cfg) if cfg_file else None
-            self.model, ckpt = model_from_checkpoint(ckpt, spec=spec, act=asked_activation(self.cfg))
+            self.model, ckpt = model_for_config(ckpt, self.cfg, cfg_file)
             self.device = resolve_device(device)
             self.model.to(self.device).eval()
             names = ckpt.class_names

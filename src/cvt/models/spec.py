@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import UserError
-from .zoo import PUBLISHED
+from .zoo import PUBLISHED, find_published, name_key
 
 __all__ = ["ACTIVATIONS", "INIT_METHODS", "PROJECTION_METHODS", "CvtSpec", "check_activation", "list_models", "model_spec"]
 
@@ -139,9 +139,8 @@ def list_models(pretrained: bool = False) -> list[str]:
 
 def model_spec(name: str) -> CvtSpec:
     """The architecture of a variant ('cvt-13') or of a published checkpoint's tag ('cvt-13-384-22k')."""
-    key = name.lower().replace("_", "-")
-    if key in PUBLISHED:
-        key = PUBLISHED[key].variant
+    published = find_published(name)
+    key = published.variant if published else name_key(name)
     if key not in _VARIANTS:
         raise UserError(
             f"unknown model {name!r}; choose one of {', '.join(list_models())}, a pretrained tag "

@@ -11,7 +11,10 @@ from typing import Any
 
 from ..errors import UserError
 
-__all__ = ["CROP_PCT", "IMAGENET_MEAN", "IMAGENET_STD", "PUBLISHED", "PublishedWeights", "published_weights", "repo_tag"]
+__all__ = [
+    "CROP_PCT", "IMAGENET_MEAN", "IMAGENET_STD", "PUBLISHED", "PublishedWeights", "find_published", "name_key",
+    "published_weights", "repo_tag",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,12 +70,22 @@ PUBLISHED: dict[str, PublishedWeights] = {
 }
 
 
+def name_key(name: str) -> str:
+    """How model names and tags are looked up: any case, '_' for '-' (timm writes cvt_13)."""
+    return name.lower().replace("_", "-")
+
+
+def find_published(name: str) -> PublishedWeights | None:
+    """The published checkpoint `name` is the tag of, or None."""
+    return PUBLISHED.get(name_key(name))
+
+
 def published_weights(tag: str) -> PublishedWeights:
-    """The published checkpoint `tag` names (also accepts '_' for '-' and any case)."""
-    key = tag.lower().replace("_", "-")
-    if key not in PUBLISHED:
+    """The published checkpoint `tag` names, or a UserError listing the tags."""
+    found = find_published(tag)
+    if found is None:
         raise UserError(f"unknown pretrained tag {tag!r}; choose one of {', '.join(PUBLISHED)}")
-    return PUBLISHED[key]
+    return found
 
 
 def repo_tag(repo: str) -> PublishedWeights | None:

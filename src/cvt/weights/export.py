@@ -20,11 +20,10 @@ from ..errors import UserError
 from ..files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from ..models.convert import checkpoint_filter_fn, hf_config_from_spec, hf_unsupported, official_to_hf
 from ..models.cvt import ConvolutionalVisionTransformer
-from ..config import asked_activation, spec_from_config
 from ..data.transforms import eval_transform_settings
 from .deploy import DEPLOY_FORMATS, deploy, require_dependencies
 from .hf_preprocessor import PREPROCESSOR_FILE, hf_preprocessor_config
-from .load import checkpoint_config, eval_config, model_from_checkpoint
+from .load import checkpoint_config, eval_config, model_for_config
 from .read import read_checkpoint, tensor_digest
 
 __all__ = ["EXPORT_FORMATS", "export_checkpoint", "save_hf", "save_official", "save_safetensors"]
@@ -139,8 +138,7 @@ def export_checkpoint(
         cfg = eval_config(ckpt, cfg_file)
     else:
         cfg = checkpoint_config(ckpt, cfg_file) if fmt != "official" or cfg_file else None
-    act = asked_activation(cfg) if cfg is not None else None
-    model, ckpt = model_from_checkpoint(ckpt, spec=spec_from_config(cfg) if cfg_file else None, act=act)
+    model, ckpt = model_for_config(ckpt, cfg, cfg_file)
     eval_settings = eval_transform_settings(cfg) if cfg is not None else None
     if fmt == "official":
         save_official(model, output)

@@ -29,7 +29,7 @@ except ImportError:  # huggingface_hub 1
     from httpx import HTTPError as TransportError
 
 from ..errors import UserError
-from ..models.zoo import PUBLISHED, PublishedWeights, published_weights, repo_tag
+from ..models.zoo import PublishedWeights, find_published, published_weights, repo_tag
 from .hf_preprocessor import PREPROCESSOR_FILE
 
 __all__ = ["HF_HUB_PREFIX", "HubWeights", "download", "is_hub_name", "provenance"]
@@ -53,7 +53,7 @@ class HubWeights:
 
 def is_hub_name(source: str) -> bool:
     """A published tag, ``hf-hub:...``, or something shaped like a tag (named, so unknown ones are told so)."""
-    return source.startswith(HF_HUB_PREFIX) or source.lower().replace("_", "-") in PUBLISHED or bool(_TAG_LIKE.match(source))
+    return source.startswith(HF_HUB_PREFIX) or find_published(source) is not None or bool(_TAG_LIKE.match(source))
 
 
 def _parse(source: str) -> tuple[str, str | None, PublishedWeights | None]:

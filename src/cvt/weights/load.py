@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from yacs.config import CfgNode
 
-from ..config import config_from_settings, config_from_yaml_text, load_config
+from ..config import asked_activation, config_from_settings, config_from_yaml_text, load_config, spec_from_config
 from ..errors import UserError, short_list
 from ..models.cvt import ConvolutionalVisionTransformer, create_model as create_network
 from ..models.spec import CvtSpec, check_activation, list_models, model_spec
@@ -31,6 +31,7 @@ __all__ = [
     "eval_config",
     "infer_spec",
     "load_checkpoint",
+    "model_for_config",
     "model_from_checkpoint",
 ]
 
@@ -257,3 +258,13 @@ def eval_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = None) -> 
         "(resize to 256, centre crop 224); give --cfg to change it", ckpt.source,
     )
     return load_config(None)
+
+
+def model_for_config(
+    ckpt: Checkpoint, cfg: CfgNode | None, cfg_file: str | os.PathLike | None
+) -> tuple[ConvolutionalVisionTransformer, Checkpoint]:
+    """`model_from_checkpoint` as `cfg` says to run it: with its MODEL.SPEC when it is the user's
+    experiment file (`cfg_file`; a config the checkpoint itself carries adds nothing), and with its
+    MODEL.ACTIVATION unless that is 'auto'."""
+    spec = spec_from_config(cfg) if cfg is not None and cfg_file else None
+    return model_from_checkpoint(ckpt, spec=spec, act=asked_activation(cfg) if cfg is not None else None)
