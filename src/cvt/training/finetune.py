@@ -19,18 +19,19 @@ optimizer steps instead of epochs.
 from __future__ import annotations
 
 import logging
-import signal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..errors import UserError
-from .distributed import all_reduce_sum
 from .loop import EpochResult, evaluate_with_ema, train_one_epoch
-from .session import StopSignals, TrainingInterrupted
-from .state import METRICS, TrainingRun, results_record, truncate_metrics
+from .session import StopSignals
+from .state import TrainingRun, results_record
+
+if TYPE_CHECKING:  # TensorBoard loads only when a run writes events (TrainingRun.recording)
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["freeze_layers", "frozen_prefixes", "run_steps"]
 
@@ -84,32 +85,23 @@ def run_steps(run: TrainingRun, stop: StopSignals, train_model: nn.Module, eval_
     if step >= total:
         log.info("all %d steps (FINETUNE.STEPS) are done already; raise FINETUNE.STEPS to train on", total)
     steps_per_pass = _steps_per_pass(run)
-    if run.env.is_main:
-        truncate_metrics(run.folder / METRICS, step + 1, key="step")
-    writer = None
-    if run.cfg.TENSORBOARD and run.env.is_main:
-        writer = SummaryWriter(str(run.folder / "tensorboard"), purge_step=step + 1)
-    try:
+    with run.recording(step + 1, key="step") as writer:
         while step < total:
             end = min(total, (step // every + 1) * every)
             result = _train_steps(run, train_model, step, end, steps_per_pass, stop)
             step += result.steps
             if result.interrupted:
-                _stop_mid_segment(run, step, stop)
+                reached = step
+                run.stop_mid_stretch(
+                    stop, lambda: run.save(0, step=reached),
+                    discarded=f"interrupted at step {step}: the steps since the last checkpoint are discarded (DETERMINISTIC)",
+                    saved=f"interrupted at step {step}: saved; a resume continues from there",
+                )
             val, ema_val = evaluate_with_ema(eval_model, run.ema, run.val_loader, run.settings, bad_files=run.bad_val)
-            is_best = run.best_top1 is None or val["top1"] > run.best_top1
-            if is_best:
-                run.best_top1 = val["top1"]
+            is_best = run.update_best(val)
             _record(run, step, total, result, val, ema_val, is_best, writer)
             run.save(0, step=step)
-            stop_flag = torch.tensor([float(stop.requested() and step < total)], device=run.env.device)
-            if all_reduce_sum(stop_flag).item():
-                log.warning("stopped after step %d; a resume continues from there", step)
-                log.warning("to resume: %s", run.how_to_resume())
-                raise TrainingInterrupted(stop.signum or signal.SIGINT, run.checkpoint_path)
-    finally:
-        if writer is not None:
-            writer.close()
+            run.stop_if_requested(stop, step < total, f"stopped after step {step}; a resume continues from there")
 
 
 def _steps_per_pass(run: TrainingRun) -> int:
@@ -163,19 +155,6 @@ def _train_steps(run: TrainingRun, train_model: nn.Module, start: int, end: int,
 def _total_overflows(parts: list[EpochResult]) -> int | None:
     counts = [p.overflow_steps for p in parts if p.overflow_steps is not None]
     return sum(counts) if counts else None
-
-
-def _stop_mid_segment(run: TrainingRun, step: int, stop: StopSignals) -> None:
-    """As an epoch run's mid-epoch stop: save the steps reached (not under DETERMINISTIC, which keeps
-    the last evaluation's checkpoint so a resume stays bit-exact), say how to resume, and raise."""
-    if run.cfg.DETERMINISTIC:
-        log.warning("interrupted at step %d: the steps since the last checkpoint are discarded (DETERMINISTIC)", step)
-    else:
-        run.save(0, step=step)
-        log.warning("interrupted at step %d: saved; a resume continues from there", step)
-    log.warning("to resume: %s", run.how_to_resume())
-    checkpoint = run.checkpoint_path if run.checkpoint_path.exists() else None
-    raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint)
 
 
 def _record(run: TrainingRun, step: int, total: int, result: EpochResult, val: dict[str, float],

@@ -33,16 +33,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode
 
 from ..config import asked_activation, output_dir, save_config
@@ -63,7 +61,7 @@ from ..models.cvt import ConvolutionalVisionTransformer, create_model
 from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import read_checkpoint
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed
+from .distributed import DistEnv, barrier, init_distributed
 from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .session import LOCK_FILE, StopSignals, TrainingInterrupted, cpu_threads, lock_run_folder, reproducibility, run_logging
@@ -78,8 +76,10 @@ from .state import (
     results_record,
     restore_rng,
     restore_training,
-    truncate_metrics,
 )
+
+if TYPE_CHECKING:  # TensorBoard loads only when a run writes events (TrainingRun.recording)
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["TrainingInterrupted", "build_model", "test", "train"]
 
@@ -292,35 +292,25 @@ def _run_epochs(run: TrainingRun, stop: StopSignals) -> None:
     """Epochs start_epoch .. END_EPOCH - 1: train, evaluate when due, record, save; stop on request."""
     if run.start_epoch >= run.end_epoch:
         log.info("all %d epochs (TRAIN.END_EPOCH) are done already; raise TRAIN.END_EPOCH to train on", run.end_epoch)
-    if run.env.is_main:
-        truncate_metrics(run.folder / METRICS, run.start_epoch)
     run.scheduler.step(run.start_epoch)
     train_model, eval_model = _wrap(run.model, run.cfg, run.env)
-    writer = None
-    if run.cfg.TENSORBOARD and run.env.is_main:
-        # purge_step drops events of epochs a crashed run logged past its last checkpoint.
-        writer = SummaryWriter(str(run.folder / "tensorboard"), purge_step=run.start_epoch)
-    try:
+    with run.recording(run.start_epoch, key="epoch") as writer:
         for epoch in range(run.start_epoch, run.end_epoch):
             result = _train_epoch(run, train_model, epoch, stop)
             if result.interrupted:
-                _stop_mid_epoch(run, epoch, stop)
+                run.stop_mid_stretch(
+                    stop, lambda: run.save(epoch),
+                    discarded=f"epoch {epoch} interrupted: its partial progress is discarded (DETERMINISTIC)",
+                    saved=f"epoch {epoch} interrupted: saved its progress; a resume redoes epoch {epoch}",
+                )
             val, ema_val = _evaluate_epoch(run, eval_model, epoch)
-            is_best = val is not None and (run.best_top1 is None or val["top1"] > run.best_top1)
-            if is_best:
-                run.best_top1 = val["top1"]
+            is_best = run.update_best(val)
             run.scheduler.step(epoch + 1, val["top1"] if val else None)
             _record_epoch(run, epoch, result, val, ema_val, is_best, writer)
             run.save(epoch + 1)
             # After the last epoch only final_state.pth is left to write: finish instead of stopping.
-            stop_flag = torch.tensor([float(stop.requested() and epoch + 1 < run.end_epoch)], device=run.env.device)
-            if all_reduce_sum(stop_flag).item():
-                log.warning("stopped after epoch %d; a resume continues at epoch %d", epoch, epoch + 1)
-                log.warning("to resume: %s", run.how_to_resume())
-                raise TrainingInterrupted(stop.signum or signal.SIGINT, run.checkpoint_path)
-    finally:
-        if writer is not None:
-            writer.close()
+            run.stop_if_requested(stop, epoch + 1 < run.end_epoch,
+                                  f"stopped after epoch {epoch}; a resume continues at epoch {epoch + 1}")
 
 
 def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, epoch: int, stop: StopSignals) -> EpochResult:
@@ -331,19 +321,6 @@ def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, epoch: int, sto
             epoch=epoch, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
             stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
         )
-
-
-def _stop_mid_epoch(run: TrainingRun, epoch: int, stop: StopSignals) -> None:
-    """Save the interrupted epoch's progress (not under DETERMINISTIC, which keeps the last completed
-    epoch's checkpoint so a resume stays bit-exact), say how to resume, and raise."""
-    if run.cfg.DETERMINISTIC:
-        log.warning("epoch %d interrupted: its partial progress is discarded (DETERMINISTIC)", epoch)
-    else:
-        run.save(epoch)
-        log.warning("epoch %d interrupted: saved its progress; a resume redoes epoch %d", epoch, epoch)
-    log.warning("to resume: %s", run.how_to_resume())
-    checkpoint = run.checkpoint_path if run.checkpoint_path.exists() else None
-    raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint)
 
 
 def _evaluate_epoch(

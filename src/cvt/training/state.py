@@ -7,11 +7,13 @@ The checkpoint format is the one docs/ARCHITECTURE.md defines: `model`, `optimiz
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +34,9 @@ from ..models.cvt import ConvolutionalVisionTransformer
 from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import Checkpoint, read_checkpoint
-from .distributed import DistEnv, all_gather
+from .distributed import DistEnv, all_gather, all_reduce_sum
 from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes
+from .session import StopSignals, TrainingInterrupted
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -443,6 +446,52 @@ class TrainingRun:
                 scaler=self.scaler, ema=self.ema, epoch=epochs_completed, best_top1=self.best_top1,
                 class_names=self.classes, cfg=self.cfg, rng=rng, step=step,
             )
+
+    @contextlib.contextmanager
+    def recording(self, first: int, key: str) -> Iterator[SummaryWriter | None]:
+        """Around a run's loop: metrics.jsonl keeps only the records before `first` (its `key`,
+        'epoch' or 'step'), so those about to be (re)run appear once, and TensorBoard drops the events
+        a crashed run logged from `first` on; yields the writer (rank 0 with TENSORBOARD, else None)."""
+        writer = None
+        if self.env.is_main:
+            truncate_metrics(self.folder / METRICS, first, key=key)
+            if self.cfg.TENSORBOARD:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=first)
+        try:
+            yield writer
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def update_best(self, val: dict[str, float] | None) -> bool:
+        """Whether `val` (None: not evaluated) is the best top-1 so far; if so it becomes best_top1."""
+        is_best = val is not None and (self.best_top1 is None or val["top1"] > self.best_top1)
+        if is_best:
+            self.best_top1 = val["top1"]
+        return is_best
+
+    def stop_if_requested(self, stop: StopSignals, more_left: bool, stopped: str) -> None:
+        """After a saved stretch: when any rank was asked to stop and there is more to train, log
+        `stopped` and how to resume on every rank, and raise (a collective: every rank takes part)."""
+        stop_flag = torch.tensor([float(stop.requested() and more_left)], device=self.env.device)
+        if all_reduce_sum(stop_flag).item():
+            log.warning("%s", stopped)
+            log.warning("to resume: %s", self.how_to_resume())
+            raise TrainingInterrupted(stop.signum or signal.SIGINT, self.checkpoint_path)
+
+    def stop_mid_stretch(self, stop: StopSignals, save: Callable[[], None], discarded: str, saved: str) -> None:
+        """A stretch (epoch, or steps between evaluations) cut short: `save` its progress, or under
+        DETERMINISTIC keep the last checkpoint so a resume stays bit-exact; say how to resume; raise."""
+        if self.cfg.DETERMINISTIC:
+            log.warning("%s", discarded)
+        else:
+            save()
+            log.warning("%s", saved)
+        log.warning("to resume: %s", self.how_to_resume())
+        checkpoint = self.checkpoint_path if self.checkpoint_path.exists() else None
+        raise TrainingInterrupted(stop.signum or signal.SIGINT, checkpoint)
 
     def publish(self, record: dict[str, Any], is_best: bool, writer: SummaryWriter | None, snapshot: str) -> None:
         """Rank 0 writes an evaluation's results: the metrics.jsonl `record` and its TensorBoard scalars
