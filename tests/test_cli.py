@@ -47,8 +47,15 @@ def test_info_with_overrides(capsys):
 
 def test_list(capsys):
     assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "cvt-w24" in out and "cvt-13-384x384" in out
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert "cvt-w24" in lines["models"] and "cvt-13-384x384" in lines["experiments"]
+    assert "transfer-protocol" not in lines["experiments"] and "transfer-protocol" in lines["bases"]
+
+
+def test_unknown_model_names_each_choice_once(capsys):
+    assert main(["info", "cvt-99"]) == 2
+    choices = capsys.readouterr().err.split("choose one of ")[1].split(", or --cfg")[0].split(", ")
+    assert len(choices) == len(set(choices)) and "cvt-13-384-22k" in choices
 
 
 @pytest.mark.parametrize(

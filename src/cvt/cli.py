@@ -150,7 +150,8 @@ def _model_name(name: str) -> str:
         if name in list_experiments():
             raise UserError(f"{name!r} is an experiment, not a model name; use --cfg {name}") from None
         raise UserError(
-            f"unknown model {name!r}; choose one of {', '.join(list_models() + list_models(pretrained=True))}, or --cfg EXPERIMENT"
+            f"unknown model {name!r}; choose one of {', '.join(dict.fromkeys(list_models() + list_models(pretrained=True)))}, "
+            "or --cfg EXPERIMENT"
         ) from None
     return name
 
@@ -193,12 +194,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .config import list_experiments
+    from .config import list_experiments, shared_bases
     from .models.spec import list_models
 
+    bases = shared_bases()
     print("models:      " + ", ".join(list_models()))
     print("pretrained:  " + ", ".join(list_models(pretrained=True)))
-    print("experiments: " + ", ".join(sorted(list_experiments())))
+    print("experiments: " + ", ".join(name for name in list_experiments() if name not in bases))
+    print("bases:       " + ", ".join(bases) + "  (shared keys for other files' BASE, not runnable alone)")
     return 0
 
 

@@ -362,6 +362,15 @@ def list_experiments() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def shared_bases() -> list[str]:
+    """Packaged files that hold only keys shared by experiments (no MODEL section), such as the transfer
+    protocol: material for other files' BASE, not experiments on their own."""
+    return [
+        stem for stem, path in list_experiments().items()
+        if "MODEL" not in (yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    ]
+
+
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     """An existing file wins; otherwise a packaged experiment's bare name, with or without `.yaml`."""
     path = Path(name_or_path)
