@@ -13,6 +13,7 @@ import torch
 
 import cvt.data.loader as loader_module
 import cvt.training.finetune as finetune_module
+import cvt.training.state as training_state
 import cvt.training.run as run_module
 import cvt.training.session as session_module
 from cvt import UserError
@@ -420,7 +421,7 @@ def test_the_cifar_recipe_trains_on_cifar_batches(tmp_path):
 @pytest.mark.parametrize("deterministic, saved_step", [(False, 3), (True, 2)])
 def test_a_stop_between_evaluations_saves_the_step_reached_or_keeps_the_last_evaluation(
         data, tmp_path, monkeypatch, deterministic, saved_step):
-    train_steps = finetune_module.train_one_epoch
+    train_steps = training_state.train_one_epoch
     calls = []
 
     def signal_then_train(*args, **kwargs):
@@ -429,11 +430,11 @@ def test_a_stop_between_evaluations_saves_the_step_reached_or_keeps_the_last_eva
             signal.raise_signal(signal.SIGINT)
         return train_steps(*args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "train_one_epoch", signal_then_train)
+    monkeypatch.setattr(training_state, "train_one_epoch", signal_then_train)
     with pytest.raises(TrainingInterrupted):
         finetune(data, tmp_path, "DETERMINISTIC", deterministic)
     folder = tmp_path / "shapes" / "tiny"
     assert read_checkpoint(folder / "checkpoint.pth").extra["step"] == saved_step
-    monkeypatch.setattr(finetune_module, "train_one_epoch", train_steps)
+    monkeypatch.setattr(training_state, "train_one_epoch", train_steps)
     finetune(data, tmp_path, "DETERMINISTIC", deterministic)
     assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]

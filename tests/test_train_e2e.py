@@ -23,6 +23,7 @@ from cvt.models import create_model
 from helpers import CLASSES, TINY_SPEC, VAL_PER_CLASS, config, epochs_in, make_image_folder
 
 import cvt.training.run as engine_train
+import cvt.training.state as training_state
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -111,7 +112,7 @@ def test_auto_resume_after_a_crash_runs_each_epoch_once(run, data, tmp_path):
 
 def _stop_in_epoch(monkeypatch, epoch: int, *, real_signal: bool) -> None:
     """Make training stop during `epoch`: by a real SIGINT to this process, or by a stop request."""
-    real = engine_train.train_one_epoch
+    real = training_state.train_one_epoch
 
     def wrapped(*args, **kwargs):
         if kwargs["epoch"] == epoch:
@@ -121,7 +122,20 @@ def _stop_in_epoch(monkeypatch, epoch: int, *, real_signal: bool) -> None:
                 kwargs["stop_requested"] = lambda: True
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_train, "train_one_epoch", wrapped)
+    monkeypatch.setattr(training_state, "train_one_epoch", wrapped)
+
+
+def test_detect_anomaly_turns_on_autograd_anomaly_mode_for_training_only(data, tmp_path, monkeypatch):
+    real, seen = training_state.train_one_epoch, []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_anomaly_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training_state, "train_one_epoch", recording)
+    train(config(data, tmp_path / "on", "TRAIN.END_EPOCH", 1, "TRAIN.DETECT_ANOMALY", True))
+    train(config(data, tmp_path / "off", "TRAIN.END_EPOCH", 1))
+    assert seen == [True, False] and not torch.is_anomaly_enabled()
 
 
 @pytest.mark.slow

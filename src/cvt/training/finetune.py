@@ -21,12 +21,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 from yacs.config import CfgNode
 
 from ..errors import UserError
-from .loop import EpochResult, evaluate_with_ema, train_one_epoch
+from .loop import EpochResult, evaluate_with_ema
 from .session import StopSignals
 from .state import TrainingRun, results_record
 
@@ -129,14 +128,10 @@ def _train_steps(run: TrainingRun, train_model: nn.Module, start: int, end: int,
         def set_rate(k: int, first: int = step) -> None:
             run.scheduler.step_update(first + k + 1)  # the schedule counts updates from 1
 
-        with torch.autograd.set_detect_anomaly(bool(run.cfg.TRAIN.DETECT_ANOMALY)):
-            part = train_one_epoch(
-                train_model, run.train_loader, run.criterion, run.optimizer, run.settings,
-                epoch=data_pass, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
-                stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
-                set_train_mode=run.set_train_mode, before_step=set_rate,
-                label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}", first_step=step,
-            )
+        part = run.train_pass(
+            train_model, stop, epoch=data_pass, set_train_mode=run.set_train_mode, before_step=set_rate,
+            label=f"steps {step + 1}-{step + count} of {run.cfg.FINETUNE.STEPS}", first_step=step,
+        )
         parts.append(part)
         step += part.steps
         if part.interrupted:

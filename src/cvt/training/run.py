@@ -62,7 +62,7 @@ from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import read_checkpoint
 from .distributed import DistEnv, barrier, init_distributed
-from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes, build_criterion, evaluate, evaluate_with_ema, train_one_epoch
+from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes, build_criterion, evaluate, evaluate_with_ema
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .session import LOCK_FILE, StopSignals, TrainingInterrupted, cpu_threads, lock_run_folder, reproducibility, run_logging
 from .finetune import freeze_layers, frozen_prefixes, run_steps
@@ -315,12 +315,7 @@ def _run_epochs(run: TrainingRun, stop: StopSignals) -> None:
 
 def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, epoch: int, stop: StopSignals) -> EpochResult:
     run.train_loader.set_epoch(epoch)  # the epoch's order and worker seeds: resumes see the same data
-    with torch.autograd.set_detect_anomaly(bool(run.cfg.TRAIN.DETECT_ANOMALY)):
-        return train_one_epoch(
-            train_model, run.train_loader, run.criterion, run.optimizer, run.settings,
-            epoch=epoch, scaler=run.scaler, ema=run.ema, mixup=run.mixup,
-            stop_requested=stop.requested, bad_files=run.bad_train, world_size=run.env.world_size,
-        )
+    return run.train_pass(train_model, stop, epoch=epoch)
 
 
 def _evaluate_epoch(

@@ -35,7 +35,7 @@ from ..weights.export import save_official
 from ..weights.load import load_checkpoint
 from ..weights.read import Checkpoint, read_checkpoint
 from .distributed import DistEnv, all_gather, all_reduce_sum
-from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes
+from .loop import BadFileLog, EpochResult, LoopSettings, TrainModes, train_one_epoch
 from .session import StopSignals, TrainingInterrupted
 
 if TYPE_CHECKING:
@@ -435,6 +435,16 @@ class TrainingRun:
         if self.cfg.TRAIN.AUTO_RESUME and not self.cfg.TRAIN.CHECKPOINT:
             return "run the same command again"
         return "run the same command with TRAIN.AUTO_RESUME True" + (" TRAIN.CHECKPOINT ''" if self.cfg.TRAIN.CHECKPOINT else "")
+
+    def train_pass(self, model: torch.nn.Module, stop: StopSignals, *, epoch: int, **options: Any) -> EpochResult:
+        """`train_one_epoch` over this run's loader, optimizer, scaler, EMA, mixup and bad-file log, under
+        autograd's anomaly mode when TRAIN.DETECT_ANOMALY asks for it; `options` go to it as given."""
+        with torch.autograd.set_detect_anomaly(bool(self.cfg.TRAIN.DETECT_ANOMALY)):
+            return train_one_epoch(
+                model, self.train_loader, self.criterion, self.optimizer, self.settings,
+                epoch=epoch, scaler=self.scaler, ema=self.ema, mixup=self.mixup, stop_requested=stop.requested,
+                bad_files=self.bad_train, world_size=self.env.world_size, **options,
+            )
 
     def save(self, epochs_completed: int, step: int | None = None) -> None:
         """checkpoint.pth after `epochs_completed` epochs, or `step` optimizer steps of a fine-tuning
