@@ -156,18 +156,17 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _list_images(class_dir: Path, split_dir: Path, walked: set[str]) -> list[str]:
+def _list_images(class_dir: Path, split_real: str, walked: set[str]) -> list[str]:
     """Image files under one class folder (subfolders included, as torchvision's), sorted.
 
     Links to files are followed, and links to folders outside the split folder; a folder already in
-    `walked` (real paths, shared by the split's classes) is never entered twice, and a link into
-    the split or above it is not followed: a link to '.' would count images again, one to '..' take
-    another class's images, and together they would walk forever.
+    `walked` (real paths, shared by the split's classes, holding every class folder from the start) is
+    never entered twice, and a link into the split (real path `split_real`) or above it is not
+    followed: a link to '.' would count images again, one to '..' take another class's images, and
+    together they would walk forever.
     """
-    split_real = os.path.realpath(split_dir)
     found: list[str] = []
     pending = [str(class_dir)]
-    walked.add(os.path.realpath(class_dir))
     while pending:
         folder = pending.pop()
         try:
@@ -300,8 +299,9 @@ class ImageFolderDataset(ImageListDataset):
         samples: list[tuple[str, int]] = []
         empty: list[str] = []
         walked = {os.path.realpath(split_dir / name) for name in classes}
+        split_real = os.path.realpath(split_dir)
         for index, name in enumerate(classes):
-            files = _list_images(split_dir / name, split_dir, walked)
+            files = _list_images(split_dir / name, split_real, walked)
             if not files:
                 empty.append(name)
             samples.extend((path, index) for path in files)
