@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -77,7 +78,7 @@ class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
         if name != "timm":
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec = importlib.util.find_spec(name)  # whichever finder provides timm (path entries, editable installs, zips)
         if spec is None or spec.loader is None:
             return spec
         loader_exec = spec.loader.exec_module
