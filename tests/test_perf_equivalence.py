@@ -34,6 +34,10 @@ GRAD_RTOL = 1e-4
 # fp32 logits' range (max - min over the batch). Measured ~1-2% on these models; 5% leaves room.
 BF16_RTOL_OF_RANGE = 0.05
 
+# bf16 attention, computed two ways: outputs and gradients may differ by this fraction of the largest
+# entry (measured ~1.5%).
+BF16_ATTENTION_RTOL_OF_MAX = 0.03
+
 NUM_CLASSES = 7
 
 
@@ -284,6 +288,37 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     torch.testing.assert_close(fast.bn.running_mean, ref.bn.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var, rtol=1e-6, atol=1e-7)
 
+
+@pytest.mark.parametrize("batch, heads, queries, keys", [(5, 1, 1500, 800), (3, 2, 1600, 700)])
+def test_bf16_training_attention_with_large_scores_recomputes_them(batch, heads, queries, keys):
+    """In bf16 CPU training, attention whose scores per image are large (CvT's first stage) runs as
+    `_RecomputedAttention`, chunks of images whose backward recomputes the probabilities: within bf16
+    rounding of the published arithmetic under autocast (explicit bf16 matmuls and softmax) and of
+    SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
+    dim = 64 * heads
+    q, k, v = (torch.randn(batch, n, dim).unflatten(-1, (heads, -1)).transpose(1, 2).to(torch.bfloat16) for n in (queries, keys, keys))
+    grad = torch.randn(batch, heads, queries, 64, dtype=torch.bfloat16)
+    scale = dim**-0.5
+    assert q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > kernels_module._TRAIN_SCORE_BYTES_PER_IMAGE
+
+    def explicit(q, k, v):
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    results = {}
+    for name, fn in [("ours", lambda q, k, v: kernels_module.attention(q, k, v, scale, 0.0)), ("explicit", explicit), ("sdpa", sdpa)]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        results[name] = [out] + [t.grad for t in leaves]
+        if name == "ours":
+            assert type(out.grad_fn.next_functions[0][0]).__name__ == "_RecomputedAttentionBackward"
+    for expected_name in ("explicit", "sdpa"):
+        for got, expected, what in zip(results["ours"], results[expected_name], ("out", "q", "k", "v")):
+            err = (got.float() - expected.float()).abs().max().item()
+            assert err <= BF16_ATTENTION_RTOL_OF_MAX * expected.float().abs().max().item(), f"{what} vs {expected_name}: {err:.3g}"
 
 
 def test_dense_grad_hands_back_a_dense_channels_last_gradient():

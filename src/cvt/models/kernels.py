@@ -3,7 +3,7 @@
 One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_amx`, what on the CPU
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel) where the CPU has no AMX, and
-chunked matmul attention for eager bf16 inference. Elsewhere (CUDA) and inside `portable_kernels`
+chunked matmul attention for eager bf16 inference and training. Elsewhere (CUDA) and inside `portable_kernels`
 (export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same
 function; benchmarks/RESULTS.md has why each choice was made.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
@@ -140,35 +141,97 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
 # are reused by the allocator, where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
-# In bf16 training on CPU, the explicit matmuls also win while one image's scores are this small;
-# above it (CvT's first stage) SDPA's flash kernel, which stores no scores, is faster.
+# In bf16 training on CPU, autograd through the explicit matmuls wins while one image's scores are
+# this small; above it (CvT's first stage) `_RecomputedAttention`, which keeps no scores for the backward.
 _TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
 
-    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU: in inference, and in
-    training where an image's scores are small, its fused kernel (forward and backward) is slower
-    than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images at a time
-    (benchmarks/RESULTS.md). That is also the published model's arithmetic under autocast (bf16
-    scores, bf16 probabilities).
+    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU, where its fused kernel
+    (forward and backward) is slower than two plain oneDNN bf16 matmuls around a vectorised softmax,
+    done a few images at a time (benchmarks/RESULTS.md). In training, autograd sees those ops where an
+    image's scores are small; where they are large, `_RecomputedAttention` does the same chunks in a
+    backward of its own. That is also the published model's arithmetic under autocast (bf16 scores,
+    bf16 probabilities).
     """
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
         or q.dtype != torch.bfloat16
-        or (torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE)
         or dropout_p > 0.0
         or torch.compiler.is_compiling()
     ):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
+    if torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE:
+        return _recomputed_attention(q, k, v, scale, chunk)
     out = []
     for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
         out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
     return torch.cat(out)
+
+
+def _recomputed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+    """`attention` for (B, heads, N, head_dim) tensors through `_RecomputedAttention`."""
+    batch, heads = q.shape[:2]
+    out = _RecomputedAttention.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale, chunk * heads)
+    return out.unflatten(0, (batch, heads))
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, buffer: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T * scale)`` of (n, N, head_dim) chunks, in place in (the first n entries of)
+    ``buffer``: a fresh score tensor per chunk would cost more in page faults than the softmax. The
+    scale is applied inside the matmul (one bf16 rounding where the published model has two; the same
+    where the scale is a power of two, as in CvT's first stage)."""
+    scores = buffer[: q.shape[0]]
+    torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
+    return torch._softmax(scores, -1, False, out=scores)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors, ``chunk`` batch entries at a
+    time, in both passes; the backward recomputes each chunk's probabilities instead of keeping them.
+
+    Autograd through the explicit matmuls keeps the whole batch's probabilities for the backward and
+    allocates several more tensors of that size there; SDPA's fused CPU kernels keep none but run far
+    below the machine's matmul rate. Here every matmul is a plain oneDNN one and the scores of one
+    chunk at a time stay in cache, in two reused buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+        out = q.new_empty(q.shape[:2] + v.shape[2:])
+        scores = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
+        for rows in _chunks(q.shape[0], chunk):
+            torch.bmm(_probabilities(q[rows], k[rows], scale, scores), v[rows], out=out[rows])
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, k, v = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        probs_buffer = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
+        grad_scores_buffer = torch.empty_like(probs_buffer)
+        for rows in _chunks(q.shape[0], chunk):
+            probs = _probabilities(q[rows], k[rows], scale, probs_buffer)
+            torch.bmm(probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
+            grad_scores = grad_scores_buffer[: probs.shape[0]]
+            torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
+            torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
+            torch.baddbmm(grad_q[rows], grad_scores, k[rows], beta=0.0, alpha=scale, out=grad_q[rows])
+            torch.baddbmm(grad_k[rows], grad_scores.transpose(1, 2), q[rows], beta=0.0, alpha=scale, out=grad_k[rows])
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _chunks(length: int, chunk: int) -> Iterator[slice]:
+    return (slice(start, start + chunk) for start in range(0, length, chunk))
 
 
 class _DenseChannelsLastGrad(torch.autograd.Function):
