@@ -280,6 +280,7 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = fast(x_fast), ref(x_ref)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)

@@ -267,6 +267,8 @@ def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
         out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
-        # Dense again: BatchNorm's bf16 kernels, forward and backward, take a slow path on a strided view.
-        return out[:, :, :: conv.stride[0], :: conv.stride[1]].contiguous(memory_format=torch.channels_last)
+        # Every stride-th output as a 1x1 average pooling: dense channels-last both ways, which BatchNorm's
+        # bf16 kernels and the convolution's backward need (a strided slice would hand on a strided view,
+        # and get back a gradient scattered into a zeroed contiguous, not channels-last, tensor).
+        return F.avg_pool2d(out, 1, conv.stride)
     return conv(x)
