@@ -290,6 +290,17 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var, rtol=1e-6, atol=1e-7)
 
 
+def _autograd_node_names(out: torch.Tensor) -> set[str]:
+    """The kinds of backward node that produced ``out``, all the way back to the leaves."""
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 @pytest.mark.parametrize("batch, heads, queries, keys", [(5, 1, 1500, 800), (3, 2, 1600, 700)])
 def test_bf16_training_attention_with_large_scores_recomputes_them(batch, heads, queries, keys):
     """In bf16 CPU training, attention whose scores per image are large (CvT's first stage) runs as
@@ -315,11 +326,35 @@ def test_bf16_training_attention_with_large_scores_recomputes_them(batch, heads,
         out.backward(grad)
         results[name] = [out] + [t.grad for t in leaves]
         if name == "ours":
-            assert type(out.grad_fn.next_functions[0][0]).__name__ == "_RecomputedAttentionBackward"
+            assert "_RecomputedAttentionBackward" in _autograd_node_names(out)
     for expected_name in ("explicit", "sdpa"):
         for got, expected, what in zip(results["ours"], results[expected_name], ("out", "q", "k", "v")):
             err = (got.float() - expected.float()).abs().max().item()
             assert err <= BF16_ATTENTION_RTOL_OF_MAX * expected.float().abs().max().item(), f"{what} vs {expected_name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("tokens, path", [(50, "_TokenLinearMatmulGradsBackward"), (300, "ConvolutionBackward0")])
+def test_bf16_training_token_linear_takes_matmul_grads_on_few_tokens(monkeypatch, tokens, path):
+    """In bf16 CPU training without AMX, a token linear over few tokens per image computes its
+    gradients as matmuls (`_TokenLinearMatmulGrads`), over many as the 1x1 convolution's backward:
+    the same forward bit for bit, gradients within bf16 rounding of fp32 ``F.linear``'s."""
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
+    x = torch.randn(3, tokens, 48)
+    weight, bias = 0.2 * torch.randn(96, 48), torch.randn(96)
+    grad = torch.randn(3, tokens, 96)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels_module.token_linear(*leaves)
+        with torch.no_grad():
+            conv_out = kernels_module.token_linear(x, weight, bias)
+    assert path in _autograd_node_names(out)
+    torch.testing.assert_close(out, conv_out, rtol=0, atol=0)
+    out.backward(grad.to(out.dtype))
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    F.linear(*expected).backward(grad)
+    for got, want in zip(leaves, expected):
+        err = (got.grad - want.grad).abs().max().item()
+        assert err <= BF16_ATTENTION_RTOL_OF_MAX * want.grad.abs().max().item()
 
 
 def test_dense_grad_hands_back_a_dense_channels_last_gradient():

@@ -86,10 +86,15 @@ def token_linear(
     map (a view, no copy): the same sums through oneDNN, whose kernels beat the sgemm behind
     ``F.linear`` there, forward and backward, with the bias inside the kernel. In inference the
     activation runs inside the kernel too, which saves a pass over, and an allocation of, the widest
-    tensor of the MLP. Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
+    tensor of the MLP. In bf16 training on images of few tokens the backward is plain matmuls
+    (`_TokenLinearMatmulGrads`). Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
     """
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
+        return out if activation is None else _ACTIVATIONS[activation](out)
+    if _trains_with_matmul_grads(x):
+        bias = None if bias is None else to_autocast_dtype(bias)
+        out = _TokenLinearMatmulGrads.apply(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
     x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
     dtype = None if activation is None else _fused_inference_dtype(x)
@@ -103,6 +108,42 @@ def token_linear(
         out = F.conv2d(x_map, weight, bias)
         out = out if activation is None else _ACTIVATIONS[activation](out)
     return out.squeeze(2).transpose(1, 2)
+
+
+# Tokens per image up to which bf16 training takes `_TokenLinearMatmulGrads` (CvT's last stage).
+_MATMUL_GRADS_MAX_TOKENS = 256
+
+
+def _trains_with_matmul_grads(x: torch.Tensor) -> bool:
+    """Whether `token_linear` computes its gradients as matmuls: in eager bf16 training on images of
+    few tokens, where oneDNN's weight-gradient kernel for a (B, C, 1, N) map, a reduction over N per
+    image, runs below the matmul's rate (benchmarks/RESULTS.md)."""
+    if not torch.is_grad_enabled() or x.shape[1] > _MATMUL_GRADS_MAX_TOKENS or torch.compiler.is_compiling():
+        return False
+    autocast = torch.is_autocast_enabled("cpu")
+    return (torch.get_autocast_dtype("cpu") if autocast else x.dtype) == torch.bfloat16
+
+
+class _TokenLinearMatmulGrads(torch.autograd.Function):
+    """``F.linear`` of (B, N, C) tokens: forward as `token_linear`'s 1x1 convolution, backward as two
+    plain matmuls over all B*N tokens at once and a sum for the bias."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None], bias)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out.squeeze(2).transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        rows = grad.contiguous().view(-1, grad.shape[-1])
+        grad_x = torch.mm(rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
