@@ -301,17 +301,25 @@ def _autograd_node_names(out: torch.Tensor) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("batch, heads, queries, keys", [(5, 1, 1500, 800), (3, 2, 1600, 700)])
-def test_bf16_training_attention_with_large_scores_recomputes_them(batch, heads, queries, keys):
+@pytest.mark.parametrize(
+    "batch, heads, queries, keys, node",
+    [
+        (5, 1, 1500, 800, "_RecomputedAttentionBackward"),
+        (3, 2, 1600, 700, "_RecomputedAttentionBackward"),
+        (4, 3, 197, 50, "_KeyMajorAttentionBackward"),
+        (4, 3, 197, 90, "BmmBackward0"),
+    ],
+)
+def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
     """In bf16 CPU training, attention whose scores per image are large (CvT's first stage) runs as
-    `_RecomputedAttention`, chunks of images whose backward recomputes the probabilities: within bf16
-    rounding of the published arithmetic under autocast (explicit bf16 matmuls and softmax) and of
-    SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
+    `_RecomputedAttention`, chunks of images whose backward recomputes the probabilities; over few keys
+    (CvT's last stage) as `_KeyMajorAttention`, scores transposed; else through autograd. Each within
+    bf16 rounding of the published arithmetic under autocast (explicit bf16 matmuls and softmax) and
+    of SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
     dim = 64 * heads
     q, k, v = (torch.randn(batch, n, dim).unflatten(-1, (heads, -1)).transpose(1, 2).to(torch.bfloat16) for n in (queries, keys, keys))
     grad = torch.randn(batch, heads, queries, 64, dtype=torch.bfloat16)
     scale = dim**-0.5
-    assert q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > kernels_module._TRAIN_SCORE_BYTES_PER_IMAGE
 
     def explicit(q, k, v):
         return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
@@ -326,7 +334,7 @@ def test_bf16_training_attention_with_large_scores_recomputes_them(batch, heads,
         out.backward(grad)
         results[name] = [out] + [t.grad for t in leaves]
         if name == "ours":
-            assert "_RecomputedAttentionBackward" in _autograd_node_names(out)
+            assert node in _autograd_node_names(out)
     for expected_name in ("explicit", "sdpa"):
         for got, expected, what in zip(results["ours"], results[expected_name], ("out", "q", "k", "v")):
             err = (got.float() - expected.float()).abs().max().item()

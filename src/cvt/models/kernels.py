@@ -185,6 +185,8 @@ _SCORE_CHUNK_BYTES = 8 * 2**20
 # In bf16 training on CPU, autograd through the explicit matmuls wins while one image's scores are
 # this small; above it (CvT's first stage) `_RecomputedAttention`, which keeps no scores for the backward.
 _TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
+# ... and over at most this many keys (CvT's last stage) `_KeyMajorAttention`.
+_KEY_MAJOR_MAX_KEYS = 64
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
@@ -194,8 +196,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     (forward and backward) is slower than two plain oneDNN bf16 matmuls around a vectorised softmax,
     done a few images at a time (benchmarks/RESULTS.md). In training, autograd sees those ops where an
     image's scores are small; where they are large, `_RecomputedAttention` does the same chunks in a
-    backward of its own. That is also the published model's arithmetic under autocast (bf16 scores,
-    bf16 probabilities).
+    backward of its own, and over few keys `_KeyMajorAttention` computes them transposed. That is also
+    the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
     """
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
@@ -207,7 +209,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
     if torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE:
-        return _recomputed_attention(q, k, v, scale, chunk)
+        return _over_heads(_RecomputedAttention, q, k, v, scale, chunk * q.shape[1])
+    if torch.is_grad_enabled() and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
+        return _over_heads(_KeyMajorAttention, q, k, v, scale)
     out = []
     for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
@@ -215,21 +219,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     return torch.cat(out)
 
 
-def _recomputed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
-    """`attention` for (B, heads, N, head_dim) tensors through `_RecomputedAttention`."""
+def _over_heads(function: type[torch.autograd.Function], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any) -> torch.Tensor:
+    """An attention ``function`` of (batch, N, head_dim) tensors applied to (B, heads, N, head_dim) ones."""
     batch, heads = q.shape[:2]
-    out = _RecomputedAttention.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale, chunk * heads)
-    return out.unflatten(0, (batch, heads))
+    return function.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args).unflatten(0, (batch, heads))
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, buffer: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T * scale)`` of (n, N, head_dim) chunks, in place in (the first n entries of)
+def _probabilities(a: torch.Tensor, b: torch.Tensor, scale: float, buffer: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``softmax(a b^T * scale, dim)`` of (n, ., head_dim) chunks, in place in (the first n entries of)
     ``buffer``: a fresh score tensor per chunk would cost more in page faults than the softmax. The
     scale is applied inside the matmul (one bf16 rounding where the published model has two; the same
     where the scale is a power of two, as in CvT's first stage)."""
-    scores = buffer[: q.shape[0]]
-    torch.baddbmm(scores, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=scores)
-    return torch._softmax(scores, -1, False, out=scores)
+    scores = _scaled_bmm(a, b.transpose(1, 2), scale, buffer[: a.shape[0]])
+    return torch._softmax(scores, dim, False, out=scores)
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b) * scale`` into ``out``, the scaling inside oneDNN's matmul."""
+    return torch.baddbmm(out, a, b, beta=0.0, alpha=scale, out=out)
 
 
 class _RecomputedAttention(torch.autograd.Function):
@@ -266,9 +273,38 @@ class _RecomputedAttention(torch.autograd.Function):
             grad_scores = grad_scores_buffer[: probs.shape[0]]
             torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
             torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
-            torch.baddbmm(grad_q[rows], grad_scores, k[rows], beta=0.0, alpha=scale, out=grad_q[rows])
-            torch.baddbmm(grad_k[rows], grad_scores.transpose(1, 2), q[rows], beta=0.0, alpha=scale, out=grad_k[rows])
+            _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
+            _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
         return grad_q, grad_k, grad_v, None, None
+
+
+class _KeyMajorAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors with few keys, the scores computed
+    and kept transposed, (keys, queries), the softmax across queries.
+
+    bf16 ``softmax`` over short rows (50 keys in CvT's last stage) runs at a fraction of its speed
+    over a long inner dimension. In this layout the backward's matmuls take their operands as stored,
+    and, as in `_RecomputedAttention`, the scale sits inside the matmuls and softmax's backward runs in
+    place.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        probs_t = _probabilities(k, q, scale, k.new_empty(k.shape[0], k.shape[1], q.shape[1]), dim=-2)
+        ctx.save_for_backward(q, k, v, probs_t)
+        ctx.scale = scale
+        return torch.bmm(probs_t.transpose(1, 2), v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, probs_t = ctx.saved_tensors
+        grad_v = torch.bmm(probs_t, grad_out)
+        grad_scores_t = torch.bmm(v, grad_out.transpose(1, 2))
+        torch._softmax_backward_data(grad_scores_t, probs_t, -2, probs_t.dtype, grad_input=grad_scores_t)
+        grad_q = _scaled_bmm(grad_scores_t.transpose(1, 2), k, ctx.scale, torch.empty_like(q))
+        grad_k = _scaled_bmm(grad_scores_t, q, ctx.scale, torch.empty_like(k))
+        return grad_q, grad_k, grad_v, None
 
 
 def _chunks(length: int, chunk: int) -> Iterator[slice]:
