@@ -2,10 +2,11 @@
 
 One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_amx`, what on the CPU
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
-linears (bias and, in inference, the activation inside the kernel) where the CPU has no AMX, and
-chunked matmul attention for eager bf16 inference and training. Elsewhere (CUDA) and inside `portable_kernels`
-(export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same
-function; benchmarks/RESULTS.md has why each choice was made.
+linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
+matmul gradients) where the CPU has no AMX, and chunked matmul attention for eager bf16 inference and
+training (with backwards of its own). Elsewhere (CUDA) and inside `portable_kernels` (export): the
+portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same function;
+benchmarks/RESULTS.md has why each choice was made.
 """
 from __future__ import annotations
 
