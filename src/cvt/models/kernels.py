@@ -220,7 +220,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     return torch.cat(out)
 
 
-def _over_heads(function: type[torch.autograd.Function], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any) -> torch.Tensor:
+def _over_heads(
+    function: type[torch.autograd.Function], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
+) -> torch.Tensor:
     """An attention ``function`` of (batch, N, head_dim) tensors applied to (B, heads, N, head_dim) ones."""
     batch, heads = q.shape[:2]
     return function.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args).unflatten(0, (batch, heads))
