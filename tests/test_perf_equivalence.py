@@ -34,6 +34,10 @@ GRAD_RTOL = 1e-4
 # fp32 logits' range (max - min over the batch). Measured ~1-2% on these models; 5% leaves room.
 BF16_RTOL_OF_RANGE = 0.05
 
+# A bf16 op computed two ways (attention, a token linear's gradients): outputs and gradients may differ
+# by this fraction of the largest entry (measured up to ~1.5%).
+BF16_RTOL_OF_MAX = 0.03
+
 NUM_CLASSES = 7
 
 
@@ -276,6 +280,7 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = fast(x_fast), ref(x_ref)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
@@ -284,6 +289,86 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     torch.testing.assert_close(fast.bn.running_mean, ref.bn.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var, rtol=1e-6, atol=1e-7)
 
+
+def _autograd_node_names(out: torch.Tensor) -> set[str]:
+    """The kinds of backward node that produced ``out``, all the way back to the leaves."""
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "batch, heads, queries, keys, node",
+    [
+        (5, 1, 1500, 800, "_RecomputedAttentionBackward"),
+        (3, 2, 1600, 700, "_RecomputedAttentionBackward"),
+        (4, 3, 197, 50, "_KeyMajorAttentionBackward"),
+        (4, 3, 197, 90, "BmmBackward0"),
+    ],
+)
+def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
+    """In bf16 CPU training, attention whose scores per image are large (CvT's first stage) runs as
+    `_RecomputedAttention`, chunks of images whose backward recomputes the probabilities; over few keys
+    (CvT's last stage) as `_KeyMajorAttention`, scores transposed; else through autograd. Each within
+    bf16 rounding of the published arithmetic under autocast (explicit bf16 matmuls and softmax) and
+    of SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
+    dim = 64 * heads
+    q, k, v = (
+        torch.randn(batch, n, dim).unflatten(-1, (heads, -1)).transpose(1, 2).to(torch.bfloat16) for n in (queries, keys, keys)
+    )
+    grad = torch.randn(batch, heads, queries, 64, dtype=torch.bfloat16)
+    scale = dim**-0.5
+
+    def explicit(q, k, v):
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def ours(q, k, v):
+        return kernels_module.attention(q, k, v, scale, 0.0)
+
+    results = {}
+    for name, fn in [("ours", ours), ("explicit", explicit), ("sdpa", sdpa)]:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad)
+        results[name] = [out] + [t.grad for t in leaves]
+        if name == "ours":
+            assert node in _autograd_node_names(out)
+    for expected_name in ("explicit", "sdpa"):
+        for got, expected, what in zip(results["ours"], results[expected_name], ("out", "q", "k", "v")):
+            err = (got.float() - expected.float()).abs().max().item()
+            bound = BF16_RTOL_OF_MAX * expected.float().abs().max().item()
+            assert err <= bound, f"{what} vs {expected_name}: {err:.3g}"
+
+
+@pytest.mark.parametrize("tokens, path", [(50, "_TokenLinearMatmulGradsBackward"), (300, "ConvolutionBackward0")])
+def test_bf16_training_token_linear_takes_matmul_grads_on_few_tokens(monkeypatch, tokens, path):
+    """In bf16 CPU training without AMX, a token linear over few tokens per image computes its
+    gradients as matmuls (`_TokenLinearMatmulGrads`), over many as the 1x1 convolution's backward:
+    the same forward bit for bit, gradients within bf16 rounding of fp32 ``F.linear``'s."""
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
+    x = torch.randn(3, tokens, 48)
+    weight, bias = 0.2 * torch.randn(96, 48), torch.randn(96)
+    grad = torch.randn(3, tokens, 96)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels_module.token_linear(*leaves)
+        with torch.no_grad():
+            conv_out = kernels_module.token_linear(x, weight, bias)
+    assert path in _autograd_node_names(out)
+    torch.testing.assert_close(out, conv_out, rtol=0, atol=0)
+    out.backward(grad.to(out.dtype))
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    F.linear(*expected).backward(grad)
+    for got, want in zip(leaves, expected):
+        err = (got.grad - want.grad).abs().max().item()
+        assert err <= BF16_RTOL_OF_MAX * want.grad.abs().max().item()
 
 
 def test_dense_grad_hands_back_a_dense_channels_last_gradient():

@@ -9,12 +9,13 @@ with no key conversion. The arithmetic equals the release's in fp32 eval mode to
 speed comes from how it is computed, never from what:
 
 * attention runs through ``scaled_dot_product_attention`` with the published scale (stage width ** -0.5,
-  not head width), except in eager bf16 inference on CPU (see `kernels.attention`);
+  not head width), except in eager bf16 on CPU (see `kernels.attention`);
 * QuickGELU ``y * sigmoid(1.702 y)`` equals ``silu(1.702 y) / 1.702``, so the two constants are folded
   into the weights of the linears around it and the activation is one fused SiLU;
 * on CPU the token linears run as 1x1 convolutions of channels-last maps (`kernels.token_linear`);
 * in eval mode, BatchNorm is folded into the depthwise convolution in front of it;
-* in CPU training, BatchNorm sees dense channels-last maps and gradients (`kernels.dense_grad`);
+* in CPU training, BatchNorm sees dense channels-last maps and gradients (`kernels.dense_grad`,
+  `kernels.depthwise_conv`);
 * tokens (B, N, C) and maps (B, C, H, W) are views of one another in channels-last memory layout,
   so moving between them copies nothing;
 * LayerNorm runs in float32 as published, without a round trip when the input already is float32.

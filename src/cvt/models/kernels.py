@@ -2,10 +2,11 @@
 
 One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_amx`, what on the CPU
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
-linears (bias and, in inference, the activation inside the kernel) where the CPU has no AMX, and
-chunked matmul attention for eager bf16 inference. Elsewhere (CUDA) and inside `portable_kernels`
-(export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same
-function; benchmarks/RESULTS.md has why each choice was made.
+linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
+matmul gradients) where the CPU has no AMX, and chunked matmul attention for eager bf16 inference and
+training (with backwards of its own). Elsewhere (CUDA) and inside `portable_kernels` (export): the
+portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same function;
+benchmarks/RESULTS.md has why each choice was made.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
@@ -85,10 +87,15 @@ def token_linear(
     map (a view, no copy): the same sums through oneDNN, whose kernels beat the sgemm behind
     ``F.linear`` there, forward and backward, with the bias inside the kernel. In inference the
     activation runs inside the kernel too, which saves a pass over, and an allocation of, the widest
-    tensor of the MLP. Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
+    tensor of the MLP. In bf16 training on images of few tokens the backward is plain matmuls
+    (`_TokenLinearMatmulGrads`). Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
     """
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
+        return out if activation is None else _ACTIVATIONS[activation](out)
+    if _trains_with_matmul_grads(x):
+        bias = None if bias is None else to_autocast_dtype(bias)
+        out = _TokenLinearMatmulGrads.apply(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
     x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
     dtype = None if activation is None else _fused_inference_dtype(x)
@@ -102,6 +109,42 @@ def token_linear(
         out = F.conv2d(x_map, weight, bias)
         out = out if activation is None else _ACTIVATIONS[activation](out)
     return out.squeeze(2).transpose(1, 2)
+
+
+# Tokens per image up to which bf16 training takes `_TokenLinearMatmulGrads` (CvT's last stage).
+_MATMUL_GRADS_MAX_TOKENS = 256
+
+
+def _trains_with_matmul_grads(x: torch.Tensor) -> bool:
+    """Whether `token_linear` computes its gradients as matmuls: in eager bf16 training on images of
+    few tokens, where oneDNN's weight-gradient kernel for a (B, C, 1, N) map, a reduction over N per
+    image, runs below the matmul's rate (benchmarks/RESULTS.md)."""
+    if not torch.is_grad_enabled() or x.shape[1] > _MATMUL_GRADS_MAX_TOKENS or torch.compiler.is_compiling():
+        return False
+    autocast = torch.is_autocast_enabled("cpu")
+    return (torch.get_autocast_dtype("cpu") if autocast else x.dtype) == torch.bfloat16
+
+
+class _TokenLinearMatmulGrads(torch.autograd.Function):
+    """``F.linear`` of (B, N, C) tokens: forward as `token_linear`'s 1x1 convolution, backward as two
+    plain matmuls over all B*N tokens at once and a sum for the bias."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None], bias)
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out.squeeze(2).transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        rows = grad.contiguous().view(-1, grad.shape[-1])
+        grad_x = torch.mm(rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -140,35 +183,135 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
 # are reused by the allocator, where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
-# In bf16 training on CPU, the explicit matmuls also win while one image's scores are this small;
-# above it (CvT's first stage) SDPA's flash kernel, which stores no scores, is faster.
+# In bf16 training on CPU, autograd through the explicit matmuls wins while one image's scores are
+# this small; above it (CvT's first stage) `_RecomputedAttention`, which keeps no scores for the backward.
 _TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
+# ... and over at most this many keys (CvT's last stage) `_KeyMajorAttention`.
+_KEY_MAJOR_MAX_KEYS = 64
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
 
-    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU: in inference, and in
-    training where an image's scores are small, its fused kernel (forward and backward) is slower
-    than two plain oneDNN bf16 matmuls around a vectorised softmax, done a few images at a time
-    (benchmarks/RESULTS.md). That is also the published model's arithmetic under autocast (bf16
-    scores, bf16 probabilities).
+    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU, where its fused kernel
+    (forward and backward) is slower than two plain oneDNN bf16 matmuls around a vectorised softmax,
+    done a few images at a time (benchmarks/RESULTS.md). In training, autograd sees those ops where an
+    image's scores are small; where they are large, `_RecomputedAttention` does the same chunks in a
+    backward of its own, and over few keys `_KeyMajorAttention` computes them transposed. That is also
+    the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
     """
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
         or q.dtype != torch.bfloat16
-        or (torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE)
         or dropout_p > 0.0
         or torch.compiler.is_compiling()
     ):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
+    if torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE:
+        return _over_heads(_RecomputedAttention, q, k, v, scale, chunk * q.shape[1])
+    if torch.is_grad_enabled() and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
+        return _over_heads(_KeyMajorAttention, q, k, v, scale)
     out = []
     for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
         out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
     return torch.cat(out)
+
+
+def _over_heads(
+    function: type[torch.autograd.Function], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
+) -> torch.Tensor:
+    """An attention ``function`` of (batch, N, head_dim) tensors applied to (B, heads, N, head_dim) ones."""
+    batch, heads = q.shape[:2]
+    return function.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args).unflatten(0, (batch, heads))
+
+
+def _probabilities(a: torch.Tensor, b: torch.Tensor, scale: float, buffer: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``softmax(a b^T * scale, dim)`` of (n, ., head_dim) chunks, in place in (the first n entries of)
+    ``buffer``: a fresh score tensor per chunk would cost more in page faults than the softmax. The
+    scale is applied inside the matmul (one bf16 rounding where the published model has two; the same
+    where the scale is a power of two, as in CvT's first stage)."""
+    scores = _scaled_bmm(a, b.transpose(1, 2), scale, buffer[: a.shape[0]])
+    return torch._softmax(scores, dim, False, out=scores)
+
+
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b) * scale`` into ``out``, the scaling inside oneDNN's matmul."""
+    return torch.baddbmm(out, a, b, beta=0.0, alpha=scale, out=out)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors, ``chunk`` batch entries at a
+    time, in both passes; the backward recomputes each chunk's probabilities instead of keeping them.
+
+    Autograd through the explicit matmuls keeps the whole batch's probabilities for the backward and
+    allocates several more tensors of that size there; SDPA's fused CPU kernels keep none but run far
+    below the machine's matmul rate. Here every matmul is a plain oneDNN one and the scores of one
+    chunk at a time stay in cache, in two reused buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+        out = q.new_empty(q.shape[:2] + v.shape[2:])
+        scores = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
+        for rows in _chunks(q.shape[0], chunk):
+            torch.bmm(_probabilities(q[rows], k[rows], scale, scores), v[rows], out=out[rows])
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, k, v = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        probs_buffer = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
+        grad_scores_buffer = torch.empty_like(probs_buffer)
+        for rows in _chunks(q.shape[0], chunk):
+            probs = _probabilities(q[rows], k[rows], scale, probs_buffer)
+            torch.bmm(probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
+            grad_scores = grad_scores_buffer[: probs.shape[0]]
+            torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
+            torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
+            _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
+            _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
+        return grad_q, grad_k, grad_v, None, None
+
+
+class _KeyMajorAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors with few keys, the scores computed
+    and kept transposed, (keys, queries), the softmax across queries.
+
+    bf16 ``softmax`` over short rows (50 keys in CvT's last stage) runs at a fraction of its speed
+    over a long inner dimension. In this layout the backward's matmuls take their operands as stored,
+    and, as in `_RecomputedAttention`, the scale sits inside the matmuls and softmax's backward runs in
+    place.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        probs_t = _probabilities(k, q, scale, k.new_empty(k.shape[0], k.shape[1], q.shape[1]), dim=-2)
+        ctx.save_for_backward(q, k, v, probs_t)
+        ctx.scale = scale
+        return torch.bmm(probs_t.transpose(1, 2), v)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, probs_t = ctx.saved_tensors
+        grad_v = torch.bmm(probs_t, grad_out)
+        grad_scores_t = torch.bmm(v, grad_out.transpose(1, 2))
+        torch._softmax_backward_data(grad_scores_t, probs_t, -2, probs_t.dtype, grad_input=grad_scores_t)
+        grad_q = _scaled_bmm(grad_scores_t.transpose(1, 2), k, ctx.scale, torch.empty_like(q))
+        grad_k = _scaled_bmm(grad_scores_t, q, ctx.scale, torch.empty_like(k))
+        return grad_q, grad_k, grad_v, None
+
+
+def _chunks(length: int, chunk: int) -> Iterator[slice]:
+    return (slice(start, start + chunk) for start in range(0, length, chunk))
 
 
 class _DenseChannelsLastGrad(torch.autograd.Function):
@@ -204,6 +347,8 @@ def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
         out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
-        # Dense again: BatchNorm's bf16 kernels, forward and backward, take a slow path on a strided view.
-        return out[:, :, :: conv.stride[0], :: conv.stride[1]].contiguous(memory_format=torch.channels_last)
+        # Every stride-th output as a 1x1 average pooling: dense channels-last both ways, which BatchNorm's
+        # bf16 kernels and the convolution's backward need (a strided slice would hand on a strided view,
+        # and get back a gradient scattered into a zeroed contiguous, not channels-last, tensor).
+        return F.avg_pool2d(out, 1, conv.stride)
     return conv(x)
