@@ -90,6 +90,9 @@ def token_linear(
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
         return out if activation is None else _ACTIVATIONS[activation](out)
+    if _opaque_under_compile(x):
+        out = _token_conv(x, weight, bias)
+        return out if activation is None else _ACTIVATIONS[activation](out)
     x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
     dtype = None if activation is None else _fused_inference_dtype(x)
     if dtype is not None:
@@ -102,6 +105,70 @@ def token_linear(
         out = F.conv2d(x_map, weight, bias)
         out = out if activation is None else _ACTIVATIONS[activation](out)
     return out.squeeze(2).transpose(1, 2)
+
+
+def _opaque_under_compile(x: torch.Tensor) -> bool:
+    """Whether ``torch.compile`` is tracing an fp32 training step, where the token linears go through
+    the opaque `_token_conv` op.
+
+    Inductor gives the (B, C, 1, N) map's size-1 dimension the stride 0, so oneDNN no longer sees a
+    channels-last input: it then convolves in NCHW, about twice as slowly, and inductor copies the
+    maps between layouts around every call, forward and backward (benchmarks/RESULTS.md). Inside an
+    op it cannot see into, the map is the eager view again.
+    """
+    return (
+        torch.compiler.is_compiling() and torch.is_grad_enabled() and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _conv_map(tokens: torch.Tensor) -> torch.Tensor:
+    # A dense (B, N, C) tensor seen as a channels-last (B, C, 1, N) map, as `token_linear` does.
+    return tokens.contiguous().transpose(1, 2).unsqueeze(2)
+
+
+@torch.library.custom_op("cvt::token_conv", mutates_args=())
+def _token_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for (B, N, C) tokens through the 1x1 convolution of `token_linear`."""
+    return F.conv2d(_conv_map(x), weight[:, :, None, None], bias).squeeze(2).transpose(1, 2).contiguous()
+
+
+@_token_conv.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("cvt::token_conv_backward", mutates_args=())
+def _token_conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `_token_conv` for x, weight and bias (an empty tensor without bias)."""
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        _conv_map(grad), _conv_map(x), weight[:, :, None, None], [weight.shape[0]] if with_bias else None,
+        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, with_bias],
+    )
+    grad_bias = grad_bias if with_bias else weight.new_empty(0)
+    return grad_x.squeeze(2).transpose(1, 2).contiguous(), grad_weight.flatten(1).contiguous(), grad_bias
+
+
+@_token_conv_backward.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), weight.new_empty(weight.shape[0] if with_bias else 0)
+
+
+def _token_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.with_bias = bias is not None
+
+
+def _token_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _token_conv_backward(grad, x, weight, ctx.with_bias)
+    return grad_x, grad_weight, grad_bias if ctx.with_bias else None
+
+
+_token_conv.register_autograd(_token_conv_grads, setup_context=_token_conv_setup)
 
 
 def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -154,6 +221,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     (benchmarks/RESULTS.md). That is also the published model's arithmetic under autocast (bf16
     scores, bf16 probabilities).
     """
+    if dropout_p == 0.0 and _opaque_under_compile(q):
+        return _flash_attention(q, k, v, scale)[0]
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
@@ -169,6 +238,56 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
         out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
     return torch.cat(out)
+
+
+def _heads_of_tokens(x: torch.Tensor) -> torch.Tensor:
+    # (B, heads, N, d) with the memory of dense (B, N, heads * d) tokens: what `_split_heads` views.
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("cvt::flash_attention", mutates_args=())
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash kernel on (B, heads, N, d) views of token tensors: (output, logsumexp).
+
+    Opaque to inductor, which otherwise copies q, k, v and the output between the token layout and
+    others around the kernel (benchmarks/RESULTS.md).
+    """
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    return _heads_of_tokens(out), logsumexp.contiguous()
+
+
+@_flash_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _heads_of_tokens(torch.empty_like(q)), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op("cvt::flash_attention_backward", mutates_args=())
+def _flash_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, logsumexp, 0.0, False, scale=scale
+    )
+    return tuple(_heads_of_tokens(g) for g in grads)  # type: ignore[return-value]
+
+
+@_flash_attention_backward.register_fake
+def _(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _heads_of_tokens(torch.empty_like(q)), _heads_of_tokens(torch.empty_like(k)), _heads_of_tokens(torch.empty_like(v))
+
+
+def _flash_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _flash_attention_grads(ctx: Any, grad: torch.Tensor, _grad_logsumexp: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (*_flash_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None)
+
+
+_flash_attention.register_autograd(_flash_attention_grads, setup_context=_flash_attention_setup)
 
 
 class _DenseChannelsLastGrad(torch.autograd.Function):
