@@ -10,7 +10,7 @@ function; benchmarks/RESULTS.md has why each choice was made.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -222,7 +222,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     scores, bf16 probabilities).
     """
     if dropout_p == 0.0 and _opaque_under_compile(q):
-        return _flash_attention(q, k, v, scale)[0]
+        return _heads(_flash_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale)[0], q.shape[1])
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
@@ -240,51 +240,60 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     return torch.cat(out)
 
 
-def _heads_of_tokens(x: torch.Tensor) -> torch.Tensor:
-    # (B, heads, N, d) with the memory of dense (B, N, heads * d) tokens: what `_split_heads` views.
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
+def _heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    # (B, N, heads * d) -> (B, heads, N, d), a view (as the model's `_split_heads`).
+    return tokens.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    # (B, heads, N, d) -> dense (B, N, heads * d) tokens; a view when ``x`` is a view of such tokens.
+    return x.transpose(1, 2).flatten(2).contiguous()
 
 
 @torch.library.custom_op("cvt::flash_attention", mutates_args=())
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's CPU flash kernel on (B, heads, N, d) views of token tensors: (output, logsumexp).
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash kernel on (B, N, heads * d) tokens: (output tokens, logsumexp).
 
     Opaque to inductor, which otherwise copies q, k, v and the output between the token layout and
     others around the kernel (benchmarks/RESULTS.md).
     """
-    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
-    return _heads_of_tokens(out), logsumexp.contiguous()
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _heads(q, heads), _heads(k, heads), _heads(v, heads), scale=scale
+    )
+    return _tokens(out), logsumexp.contiguous()
 
 
 @_flash_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _heads_of_tokens(torch.empty_like(q)), q.new_empty(q.shape[:-1])
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[0], heads, q.shape[1])
 
 
 @torch.library.custom_op("cvt::flash_attention_backward", mutates_args=())
 def _flash_attention_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor, scale: float
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+    heads: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, k, v, out, logsumexp, 0.0, False, scale=scale
+        *(_heads(t, heads) for t in (grad, q, k, v, out)), logsumexp, 0.0, False, scale=scale
     )
-    return tuple(_heads_of_tokens(g) for g in grads)  # type: ignore[return-value]
+    return tuple(_tokens(g) for g in grads)  # type: ignore[return-value]
 
 
 @_flash_attention_backward.register_fake
 def _(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor, scale: float
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+    heads: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _heads_of_tokens(torch.empty_like(q)), _heads_of_tokens(torch.empty_like(k)), _heads_of_tokens(torch.empty_like(v))
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))  # type: ignore[return-value]
 
 
 def _flash_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, ctx.scale = inputs
+    q, k, v, ctx.heads, ctx.scale = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _flash_attention_grads(ctx: Any, grad: torch.Tensor, _grad_logsumexp: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    return (*_flash_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None)
+    return (*_flash_attention_backward(grad, *ctx.saved_tensors, ctx.heads, ctx.scale), None, None)
 
 
 _flash_attention.register_autograd(_flash_attention_grads, setup_context=_flash_attention_setup)
@@ -314,6 +323,51 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.library.custom_op("cvt::depthwise_conv", mutates_args=())
+def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    """A depthwise convolution (no bias) of a channels-last map, channels-last out; opaque to
+    inductor, which otherwise copies the map into another layout for each of the three convolutions'
+    backward (its channels-last choice is made per graph, and the backward graph has no forward
+    convolution: benchmarks/RESULTS.md)."""
+    return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1]).contiguous(memory_format=torch.channels_last)
+
+
+@_depthwise_conv.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    size = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[2:], weight.shape[2:], stride, padding)]
+    return x.new_empty(x.shape[0], x.shape[1], *size).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("cvt::depthwise_conv_backward", mutates_args=())
+def _depthwise_conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=torch.channels_last), x, weight, None, stride, padding, [1, 1], False, [0, 0],
+        x.shape[1], [True, True, False],
+    )
+    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight.as_strided(weight.shape, weight.stride())
+
+
+@_depthwise_conv_backward.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight)
+
+
+def _depthwise_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, ctx.stride, ctx.padding = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _depthwise_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (*_depthwise_conv_backward(grad, *ctx.saved_tensors, ctx.stride, ctx.padding), None, None)
+
+
+_depthwise_conv.register_autograd(_depthwise_conv_grads, setup_context=_depthwise_conv_setup)
+
+
 def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a depthwise convolution, in training.
 
@@ -321,6 +375,8 @@ def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     stride-th output of the stride-1 convolution is the same sum, and its backward gives the same
     gradients, so bf16 training on CPU takes that path.
     """
+    if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1):
+        return _depthwise_conv(x, conv.weight, conv.stride, conv.padding)
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
         out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
         # Dense again: BatchNorm's bf16 kernels, forward and backward, take a slow path on a strided view.
