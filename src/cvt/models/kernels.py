@@ -3,7 +3,9 @@
 One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_amx`, what on the CPU
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel) where the CPU has no AMX, and
-chunked matmul attention for eager bf16 inference. Elsewhere (CUDA) and inside `portable_kernels`
+chunked matmul attention for eager bf16 inference; under ``torch.compile`` in fp32 training, the
+token linears, attention and depthwise convolutions as custom ops inductor cannot relayout (see
+`_opaque_under_compile`). Elsewhere (CUDA) and inside `portable_kernels`
 (export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same
 function; benchmarks/RESULTS.md has why each choice was made.
 """
@@ -108,17 +110,19 @@ def token_linear(
 
 
 def _opaque_under_compile(x: torch.Tensor) -> bool:
-    """Whether ``torch.compile`` is tracing an fp32 training step, where the token linears go through
-    the opaque `_token_conv` op.
+    """Whether ``torch.compile`` is tracing an fp32 CPU training step, where the token linears,
+    attention and depthwise convolutions run as ops opaque to inductor (`_token_conv`,
+    `_flash_attention`, `_depthwise_conv`), each with its backward op.
 
     Inductor gives the (B, C, 1, N) map's size-1 dimension the stride 0, so oneDNN no longer sees a
     channels-last input: it then convolves in NCHW, about twice as slowly, and inductor copies the
-    maps between layouts around every call, forward and backward (benchmarks/RESULTS.md). Inside an
-    op it cannot see into, the map is the eager view again.
+    maps between layouts around every call, forward and backward; it also copies the tensors around
+    SDPA and, in the backward graph, the depthwise convolutions' maps (benchmarks/RESULTS.md).
+    Inside the opaque ops the tensors keep the eager layouts.
     """
     return (
-        torch.compiler.is_compiling() and torch.is_grad_enabled() and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
+        torch.compiler.is_compiling() and uses_cpu_kernels(x) and torch.is_grad_enabled()
+        and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     )
 
 
@@ -265,7 +269,7 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 @_flash_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[0], heads, q.shape[1])
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[0], heads, q.shape[1])
 
 
 @torch.library.custom_op("cvt::flash_attention_backward", mutates_args=())
