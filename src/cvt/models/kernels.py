@@ -156,8 +156,11 @@ def _token_conv_backward(
 
 
 @_token_conv_backward.register_fake
-def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), weight.new_empty(weight.shape[0] if with_bias else 0)
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_bias = weight.new_empty(weight.shape[0] if with_bias else 0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_bias
 
 
 def _token_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -255,7 +258,9 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("cvt::flash_attention", mutates_args=())
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's CPU flash kernel on (B, N, heads * d) tokens: (output tokens, logsumexp).
 
     Opaque to inductor, which otherwise copies q, k, v and the output between the token layout and
