@@ -411,3 +411,51 @@ def test_compiles_to_one_graph_in_train_and_eval():
         torch.testing.assert_close(compiled(x), ref(x), rtol=0, atol=EVAL_ATOL)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _assert_bf16_close(compiled(x), ref(x))
+
+
+def test_compiled_training_ops_keep_the_custom_op_contract():
+    """The opaque ops a compiled fp32 CPU training step runs (kernels.py's cvt:: ops): their fake
+    implementations give the real shapes and strides (inductor plans its buffers from them), and
+    their autograd registration is sound (torch.library.opcheck)."""
+    tokens, weight, bias = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6)
+    for args in [(tokens, weight, bias.requires_grad_()), (tokens, weight, None)]:
+        torch.library.opcheck(torch.ops.cvt.token_conv.default, args)
+    q, k, v = (torch.randn(2, n, 12, requires_grad=True) for n in (5, 7, 7))
+    torch.library.opcheck(torch.ops.cvt.flash_attention.default, (q, k, v, 3, 0.3))
+    x_map = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for stride in [(1, 1), (2, 2)]:
+        weight = torch.randn(6, 1, 3, 3, requires_grad=True)
+        torch.library.opcheck(torch.ops.cvt.depthwise_conv.default, (x_map, weight, stride, (1, 1)))
+
+
+@pytest.mark.slow
+def test_inductor_training_step_equals_the_reference_through_the_opaque_ops():
+    """With the real compiler: a train-mode step gives the reference's logits, gradients and
+    BatchNorm statistics, and the compiled code (forward and backward) calls the opaque token
+    linear, attention and depthwise ops instead of letting inductor lay out their tensors."""
+    from torch._inductor.utils import run_and_get_code
+
+    fast, ref = model_pair(small_spec())
+    fast.train()
+    ref.train()
+    compiled = torch.compile(fast, fullgraph=True)
+    x = torch.randn(3, 3, 96, 96)
+    target = torch.randint(0, NUM_CLASSES, (3,))
+
+    def step() -> torch.Tensor:
+        out = compiled(x)
+        F.cross_entropy(out, target).backward()
+        return out
+
+    got, code = run_and_get_code(step)
+    expected = ref(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=EVAL_ATOL)
+    F.cross_entropy(expected, target).backward()
+    _assert_grads_close(fast, ref)
+    ref_buffers = dict(ref.named_buffers())
+    for name, buffer in fast.named_buffers():
+        torch.testing.assert_close(buffer, ref_buffers[name], rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    generated = "\n".join(code)
+    for op in ["token_conv", "flash_attention", "depthwise_conv"]:
+        for direction in ["", "_backward"]:
+            assert f"torch.ops.cvt.{op}{direction}.default(" in generated, op + direction

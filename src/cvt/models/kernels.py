@@ -4,14 +4,16 @@ One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
 matmul gradients) where the CPU has no AMX, and chunked matmul attention for eager bf16 inference and
-training (with backwards of its own). Elsewhere (CUDA) and inside `portable_kernels` (export): the
-portable ops, ``F.linear`` and ``scaled_dot_product_attention``. All compute the same function;
+training (with backwards of its own); under ``torch.compile`` in fp32 training, the token linears,
+attention and depthwise convolutions as custom ops inductor cannot relayout (see
+`_opaque_under_compile`). Elsewhere (CUDA) and inside `portable_kernels` (export): the portable ops,
+``F.linear`` and ``scaled_dot_product_attention``. All compute the same function;
 benchmarks/RESULTS.md has why each choice was made.
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +80,11 @@ _ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
 _HAS_ONEDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _conv_map(tokens: torch.Tensor) -> torch.Tensor:
+    # A dense (B, N, C) tensor seen as a channels-last (B, C, 1, N) map, the 1x1 convolutions' input.
+    return tokens.contiguous().transpose(1, 2).unsqueeze(2)
+
+
 def token_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
 ) -> torch.Tensor:
@@ -92,23 +99,21 @@ def token_linear(
     """
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
-        return out if activation is None else _ACTIVATIONS[activation](out)
-    if _trains_with_matmul_grads(x):
+    elif _opaque_under_compile(x):
+        out = _token_conv(x, weight, bias)
+    elif _trains_with_matmul_grads(x):
         bias = None if bias is None else to_autocast_dtype(bias)
         out = _TokenLinearMatmulGrads.apply(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
-        return out if activation is None else _ACTIVATIONS[activation](out)
-    x_map, weight = x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None]
-    dtype = None if activation is None else _fused_inference_dtype(x)
-    if dtype is not None:
+    elif activation is not None and (dtype := _fused_inference_dtype(x)) is not None:
         attr, algorithm = _ONEDNN_POST_OPS[activation]
         out = torch.ops.mkldnn._convolution_pointwise(
-            x_map.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+            _conv_map(x).to(dtype), weight[:, :, None, None].to(dtype), None if bias is None else bias.to(dtype),
             [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm,
         )
+        return out.squeeze(2).transpose(1, 2)
     else:
-        out = F.conv2d(x_map, weight, bias)
-        out = out if activation is None else _ACTIVATIONS[activation](out)
-    return out.squeeze(2).transpose(1, 2)
+        out = F.conv2d(_conv_map(x), weight[:, :, None, None], bias).squeeze(2).transpose(1, 2)
+    return out if activation is None else _ACTIVATIONS[activation](out)
 
 
 # Tokens per image up to which bf16 training takes `_TokenLinearMatmulGrads` (CvT's last stage).
@@ -131,7 +136,7 @@ class _TokenLinearMatmulGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight[:, :, None, None], bias)
+        out = F.conv2d(_conv_map(x), weight[:, :, None, None], bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return out.squeeze(2).transpose(1, 2)
@@ -145,6 +150,70 @@ class _TokenLinearMatmulGrads(torch.autograd.Function):
         grad_weight = torch.mm(rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
+
+
+def _opaque_under_compile(x: torch.Tensor) -> bool:
+    """Whether ``torch.compile`` is tracing an fp32 CPU training step, where the token linears,
+    attention and depthwise convolutions run as ops opaque to inductor (`_token_conv`,
+    `_flash_attention`, `_depthwise_conv`), each with its backward op.
+
+    Inductor gives the (B, C, 1, N) map's size-1 dimension the stride 0, so oneDNN no longer sees a
+    channels-last input: it then convolves in NCHW, about twice as slowly, and inductor copies the
+    maps between layouts around every call, forward and backward; it also copies the tensors around
+    SDPA and, in the backward graph, the depthwise convolutions' maps (benchmarks/RESULTS.md).
+    Inside the opaque ops the tensors keep the eager layouts.
+    """
+    return (
+        torch.compiler.is_compiling() and uses_cpu_kernels(x) and torch.is_grad_enabled()
+        and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    )
+
+
+@torch.library.custom_op("cvt::token_conv", mutates_args=())
+def _token_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for (B, N, C) tokens through the 1x1 convolution of `token_linear`."""
+    return F.conv2d(_conv_map(x), weight[:, :, None, None], bias).squeeze(2).transpose(1, 2).contiguous()
+
+
+@_token_conv.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("cvt::token_conv_backward", mutates_args=())
+def _token_conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `_token_conv` for x, weight and bias (an empty tensor without bias)."""
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        _conv_map(grad), _conv_map(x), weight[:, :, None, None], [weight.shape[0]] if with_bias else None,
+        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, with_bias],
+    )
+    grad_bias = grad_bias if with_bias else weight.new_empty(0)
+    return grad_x.squeeze(2).transpose(1, 2).contiguous(), grad_weight.flatten(1).contiguous(), grad_bias
+
+
+@_token_conv_backward.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_bias = weight.new_empty(weight.shape[0] if with_bias else 0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_bias
+
+
+def _token_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.with_bias = bias is not None
+
+
+def _token_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _token_conv_backward(grad, x, weight, ctx.with_bias)
+    return grad_x, grad_weight, grad_bias if ctx.with_bias else None
+
+
+_token_conv.register_autograd(_token_conv_grads, setup_context=_token_conv_setup)
 
 
 def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -200,6 +269,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     backward of its own, and over few keys `_KeyMajorAttention` computes them transposed. That is also
     the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
     """
+    if dropout_p == 0.0 and _opaque_under_compile(q):
+        return _heads(_flash_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale)[0], q.shape[1])
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
         not uses_cpu_kernels(q)
@@ -314,6 +385,67 @@ def _chunks(length: int, chunk: int) -> Iterator[slice]:
     return (slice(start, start + chunk) for start in range(0, length, chunk))
 
 
+def _heads(tokens: torch.Tensor, heads: int) -> torch.Tensor:
+    # (B, N, heads * d) -> (B, heads, N, d), a view (as the model's `_split_heads`).
+    return tokens.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    # (B, heads, N, d) -> dense (B, N, heads * d) tokens; a view when ``x`` is a view of such tokens.
+    return x.transpose(1, 2).flatten(2).contiguous()
+
+
+@torch.library.custom_op("cvt::flash_attention", mutates_args=())
+def _flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash kernel on (B, N, heads * d) tokens: (output tokens, logsumexp).
+
+    Opaque to inductor, which otherwise copies q, k, v and the output between the token layout and
+    others around the kernel (benchmarks/RESULTS.md).
+    """
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _heads(q, heads), _heads(k, heads), _heads(v, heads), scale=scale
+    )
+    return _tokens(out), logsumexp.contiguous()
+
+
+@_flash_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[0], heads, q.shape[1])
+
+
+@torch.library.custom_op("cvt::flash_attention_backward", mutates_args=())
+def _flash_attention_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+    heads: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *(_heads(t, heads) for t in (grad, q, k, v, out)), logsumexp, 0.0, False, scale=scale
+    )
+    return tuple(_tokens(g) for g in grads)  # type: ignore[return-value]
+
+
+@_flash_attention_backward.register_fake
+def _(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+    heads: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _flash_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, ctx.heads, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _flash_attention_grads(ctx: Any, grad: torch.Tensor, _grad_logsumexp: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (*_flash_attention_backward(grad, *ctx.saved_tensors, ctx.heads, ctx.scale), None, None)
+
+
+_flash_attention.register_autograd(_flash_attention_grads, setup_context=_flash_attention_setup)
+
+
 class _DenseChannelsLastGrad(torch.autograd.Function):
     """Identity forward; backward hands on the gradient as a dense channels-last tensor."""
 
@@ -338,6 +470,51 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.library.custom_op("cvt::depthwise_conv", mutates_args=())
+def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    """A depthwise convolution (no bias) of a channels-last map, channels-last out; opaque to
+    inductor, which otherwise copies the map into another layout for each of the three convolutions'
+    backward (its channels-last choice is made per graph, and the backward graph has no forward
+    convolution: benchmarks/RESULTS.md)."""
+    return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1]).contiguous(memory_format=torch.channels_last)
+
+
+@_depthwise_conv.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+    size = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[2:], weight.shape[2:], stride, padding)]
+    return x.new_empty(x.shape[0], x.shape[1], *size).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("cvt::depthwise_conv_backward", mutates_args=())
+def _depthwise_conv_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=torch.channels_last), x, weight, None, stride, padding, [1, 1], False, [0, 0],
+        x.shape[1], [True, True, False],
+    )
+    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight.as_strided(weight.shape, weight.stride())
+
+
+@_depthwise_conv_backward.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight)
+
+
+def _depthwise_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, ctx.stride, ctx.padding = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _depthwise_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (*_depthwise_conv_backward(grad, *ctx.saved_tensors, ctx.stride, ctx.padding), None, None)
+
+
+_depthwise_conv.register_autograd(_depthwise_conv_grads, setup_context=_depthwise_conv_setup)
+
+
 def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a depthwise convolution, in training.
 
@@ -345,6 +522,8 @@ def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     stride-th output of the stride-1 convolution is the same sum, and its backward gives the same
     gradients, so bf16 training on CPU takes that path.
     """
+    if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1) and conv.bias is None:
+        return _depthwise_conv(x, conv.weight, conv.stride, conv.padding)
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
         out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
         # Every stride-th output as a 1x1 average pooling: dense channels-last both ways, which BatchNorm's
