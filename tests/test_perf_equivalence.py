@@ -420,12 +420,15 @@ def test_compiled_training_ops_keep_the_custom_op_contract():
     tokens, weight, bias = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6)
     for args in [(tokens, weight, bias.requires_grad_()), (tokens, weight, None)]:
         torch.library.opcheck(torch.ops.cvt.token_conv.default, args)
+    with torch.no_grad():
+        for args in [(tokens, weight, bias, "silu"), (tokens, weight, None, "gelu")]:
+            torch.library.opcheck(torch.ops.cvt.token_conv_pointwise.default, args)
     q, k, v = (torch.randn(2, n, 12, requires_grad=True) for n in (5, 7, 7))
     torch.library.opcheck(torch.ops.cvt.flash_attention.default, (q, k, v, 3, 0.3))
     x_map = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
-    for stride in [(1, 1), (2, 2)]:
+    for stride, conv_bias in [((1, 1), None), ((2, 2), None), ((2, 2), torch.randn(6, requires_grad=True))]:
         weight = torch.randn(6, 1, 3, 3, requires_grad=True)
-        torch.library.opcheck(torch.ops.cvt.depthwise_conv.default, (x_map, weight, stride, (1, 1)))
+        torch.library.opcheck(torch.ops.cvt.depthwise_conv.default, (x_map, weight, conv_bias, stride, (1, 1)))
 
 
 @pytest.mark.slow
@@ -459,3 +462,24 @@ def test_inductor_training_step_equals_the_reference_through_the_opaque_ops():
     for op in ["token_conv", "flash_attention", "depthwise_conv"]:
         for direction in ["", "_backward"]:
             assert f"torch.ops.cvt.{op}{direction}.default(" in generated, op + direction
+
+
+@pytest.mark.slow
+def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops():
+    """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model) gives
+    the reference's logits, and its code calls the opaque ops, the MLP's activation fused into the
+    first linear, instead of letting inductor lay out the token maps."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    fast, ref = model_pair(small_spec())
+    fast.eval()
+    ref.eval()
+    compiled = torch.compile(fast, fullgraph=True)
+    x = torch.randn(3, 3, 96, 96)
+    with inductor_config.patch(freezing=False), torch.no_grad():
+        got, code = run_and_get_code(compiled, x)
+        torch.testing.assert_close(got, ref(x), rtol=0, atol=EVAL_ATOL)
+    generated = "\n".join(code)
+    for op in ["token_conv", "token_conv_pointwise", "flash_attention", "depthwise_conv"]:
+        assert f"torch.ops.cvt.{op}.default(" in generated, op

@@ -114,7 +114,7 @@ class ConvProjection(nn.Module):
         scale = bn.weight * inv_std if bn.affine else inv_std
         shift = bn.bias - bn.running_mean * scale if bn.affine else -bn.running_mean * scale
         weight = self.conv.weight * scale.to(self.conv.weight.dtype).view(-1, 1, 1, 1)
-        return F.conv2d(x, weight, shift.to(weight.dtype), self.conv.stride, self.conv.padding, groups=self.conv.groups)
+        return depthwise_conv(x, self.conv, weight, shift.to(weight.dtype))
 
 
 def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padding: int) -> nn.Module | None:

@@ -100,6 +100,8 @@ def token_linear(
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
     elif _opaque_under_compile(x):
+        if activation is not None and _HAS_ONEDNN_POINTWISE and not torch.is_grad_enabled():
+            return _token_conv_pointwise(x, weight, bias, activation)
         out = _token_conv(x, weight, bias)
     elif _trains_with_matmul_grads(x):
         bias = None if bias is None else to_autocast_dtype(bias)
@@ -153,20 +155,29 @@ class _TokenLinearMatmulGrads(torch.autograd.Function):
 
 
 def _opaque_under_compile(x: torch.Tensor) -> bool:
-    """Whether ``torch.compile`` is tracing an fp32 CPU training step, where the token linears,
-    attention and depthwise convolutions run as ops opaque to inductor (`_token_conv`,
-    `_flash_attention`, `_depthwise_conv`), each with its backward op.
+    """Whether ``torch.compile`` is tracing fp32 CPU work where the token linears, attention and
+    depthwise convolutions run as ops opaque to inductor (`_token_conv`, `_token_conv_pointwise`,
+    `_flash_attention`, `_depthwise_conv`), each with its backward op: a training step, or inference
+    without inductor's freezing.
 
     Inductor gives the (B, C, 1, N) map's size-1 dimension the stride 0, so oneDNN no longer sees a
     channels-last input: it then convolves in NCHW, about twice as slowly, and inductor copies the
     maps between layouts around every call, forward and backward; it also copies the tensors around
     SDPA and, in the backward graph, the depthwise convolutions' maps (benchmarks/RESULTS.md).
-    Inside the opaque ops the tensors keep the eager layouts.
+    Inside the opaque ops the tensors keep the eager layouts. With freezing (inference only), inductor
+    prepacks the weights and plans the layouts itself, and does better than the opaque ops.
     """
     return (
-        torch.compiler.is_compiling() and uses_cpu_kernels(x) and torch.is_grad_enabled()
-        and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        torch.compiler.is_compiling() and uses_cpu_kernels(x) and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu") and (torch.is_grad_enabled() or not _inductor_freezes())
     )
+
+
+def _inductor_freezes() -> bool:
+    """Whether inductor's freezing is on, read while the graph is traced (a global setting)."""
+    from torch._inductor import config  # only while compiling: eager never imports the compiler
+
+    return bool(config.freezing)
 
 
 @torch.library.custom_op("cvt::token_conv", mutates_args=())
@@ -214,6 +225,22 @@ def _token_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 _token_conv.register_autograd(_token_conv_grads, setup_context=_token_conv_setup)
+
+
+@torch.library.custom_op("cvt::token_conv_pointwise", mutates_args=())
+def _token_conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens in inference, the activation
+    inside oneDNN's 1x1 convolution as in eager inference (no backward: autograd must be off)."""
+    attr, algorithm = _ONEDNN_POST_OPS[activation]
+    out = torch.ops.mkldnn._convolution_pointwise(
+        _conv_map(x), weight[:, :, None, None], bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm
+    )
+    return out.squeeze(2).transpose(1, 2).contiguous()
+
+
+@_token_conv_pointwise.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -471,59 +498,76 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("cvt::depthwise_conv", mutates_args=())
-def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
-    """A depthwise convolution (no bias) of a channels-last map, channels-last out; opaque to
-    inductor, which otherwise copies the map into another layout for each of the three convolutions'
-    backward (its channels-last choice is made per graph, and the backward graph has no forward
-    convolution: benchmarks/RESULTS.md)."""
-    return F.conv2d(x, weight, None, stride, padding, 1, x.shape[1]).contiguous(memory_format=torch.channels_last)
+def _depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int]
+) -> torch.Tensor:
+    """A depthwise convolution of a channels-last map, channels-last out; opaque to inductor, which
+    otherwise copies the map into another layout for each of the three convolutions' backward (its
+    channels-last choice is made per graph, and the backward graph has no forward convolution:
+    benchmarks/RESULTS.md)."""
+    return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1]).contiguous(memory_format=torch.channels_last)
 
 
 @_depthwise_conv.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> torch.Tensor:
+def _(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int]
+) -> torch.Tensor:
     size = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[2:], weight.shape[2:], stride, padding)]
     return x.new_empty(x.shape[0], x.shape[1], *size).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("cvt::depthwise_conv_backward", mutates_args=())
 def _depthwise_conv_backward(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=torch.channels_last), x, weight, None, stride, padding, [1, 1], False, [0, 0],
-        x.shape[1], [True, True, False],
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool, stride: Sequence[int],
+    padding: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `_depthwise_conv` for x, weight and bias (an empty tensor without bias)."""
+    grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=torch.channels_last), x, weight, [weight.shape[0]] if with_bias else None,
+        stride, padding, [1, 1], False, [0, 0], x.shape[1], [True, True, with_bias],
     )
-    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight.as_strided(weight.shape, weight.stride())
+    grad_bias = grad_bias if with_bias else weight.new_empty(0)
+    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight.as_strided(weight.shape, weight.stride()), grad_bias
 
 
 @_depthwise_conv_backward.register_fake
 def _(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight)
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool, stride: Sequence[int],
+    padding: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_bias = weight.new_empty(weight.shape[0] if with_bias else 0)
+    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight), grad_bias
 
 
 def _depthwise_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, ctx.stride, ctx.padding = inputs
+    x, weight, bias, ctx.stride, ctx.padding = inputs
     ctx.save_for_backward(x, weight)
+    ctx.with_bias = bias is not None
 
 
 def _depthwise_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    return (*_depthwise_conv_backward(grad, *ctx.saved_tensors, ctx.stride, ctx.padding), None, None)
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _depthwise_conv_backward(grad, x, weight, ctx.with_bias, ctx.stride, ctx.padding)
+    return grad_x, grad_weight, grad_bias if ctx.with_bias else None, None, None
 
 
 _depthwise_conv.register_autograd(_depthwise_conv_grads, setup_context=_depthwise_conv_setup)
 
 
-def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` for a depthwise convolution, in training.
+def depthwise_conv(
+    x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``conv(x)`` for a depthwise convolution without bias; with ``weight`` and ``bias``, the same
+    convolution with those instead (an eval-mode BatchNorm folded in).
 
     oneDNN's bf16 depthwise backward is far slower strided than not (benchmarks/RESULTS.md). Every
     stride-th output of the stride-1 convolution is the same sum, and its backward gives the same
     gradients, so bf16 training on CPU takes that path.
     """
     if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1) and conv.bias is None:
-        return _depthwise_conv(x, conv.weight, conv.stride, conv.padding)
+        return _depthwise_conv(x, conv.weight if weight is None else weight, bias, conv.stride, conv.padding)
+    if weight is not None:
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
         out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
         # Every stride-th output as a 1x1 average pooling: dense channels-last both ways, which BatchNorm's
