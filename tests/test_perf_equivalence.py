@@ -420,11 +420,16 @@ def test_compiled_training_ops_keep_the_custom_op_contract():
     tokens, weight, bias = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6)
     for args in [(tokens, weight, bias.requires_grad_()), (tokens, weight, None)]:
         torch.library.opcheck(torch.ops.cvt.token_conv.default, args)
-    with torch.no_grad():
-        for args in [(tokens, weight, bias, "silu"), (tokens, weight, None, "gelu")]:
-            torch.library.opcheck(torch.ops.cvt.token_conv_pointwise.default, args)
     q, k, v = (torch.randn(2, n, 12, requires_grad=True) for n in (5, 7, 7))
     torch.library.opcheck(torch.ops.cvt.flash_attention.default, (q, k, v, 3, 0.3))
+    with torch.no_grad():  # the inference-only ops, in both dtypes compiled inference takes them
+        for dtype in [torch.float32, torch.bfloat16]:
+            for args in [(tokens, weight, bias, "silu"), (tokens, weight, None, "gelu")]:
+                args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)
+                torch.library.opcheck(torch.ops.cvt.token_conv_pointwise.default, args)
+        q, k, v = (t.detach().bfloat16() for t in (q, k, v))
+        torch.library.opcheck(torch.ops.cvt.flash_attention.default, (q, k, v, 3, 0.3))
+        torch.library.opcheck(torch.ops.cvt.chunked_attention.default, (q, k, v, 3, 0.3))
     x_map = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
     for stride, conv_bias in [((1, 1), None), ((2, 2), None), ((2, 2), torch.randn(6, requires_grad=True))]:
         weight = torch.randn(6, 1, 3, 3, requires_grad=True)
@@ -466,9 +471,9 @@ def test_inductor_training_step_equals_the_reference_through_the_opaque_ops():
 
 @pytest.mark.slow
 def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops():
-    """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model) gives
-    the reference's logits, and its code calls the opaque ops, the MLP's activation fused into the
-    first linear, instead of letting inductor lay out the token maps."""
+    """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model), in
+    fp32 and under bf16 autocast, gives the reference's logits, and its code calls the opaque ops, the
+    MLP's activation fused into the first linear, instead of letting inductor lay out the token maps."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
@@ -480,6 +485,9 @@ def test_inductor_inference_without_freezing_equals_the_reference_through_the_op
     with inductor_config.patch(freezing=False), torch.no_grad():
         got, code = run_and_get_code(compiled, x)
         torch.testing.assert_close(got, ref(x), rtol=0, atol=EVAL_ATOL)
-    generated = "\n".join(code)
-    for op in ["token_conv", "token_conv_pointwise", "flash_attention", "depthwise_conv"]:
-        assert f"torch.ops.cvt.{op}.default(" in generated, op
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16, code_bf16 = run_and_get_code(compiled, x)
+            _assert_bf16_close(got_bf16, ref(x))
+    for generated, attention_op in [("\n".join(code), "flash_attention"), ("\n".join(code_bf16), "chunked_attention")]:
+        for op in ["token_conv", "token_conv_pointwise", attention_op, "depthwise_conv"]:
+            assert f"torch.ops.cvt.{op}.default(" in generated, op

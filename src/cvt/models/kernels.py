@@ -100,6 +100,9 @@ def token_linear(
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
     elif _opaque_under_compile(x):
+        # Autocast does not know the custom ops: their inputs get its dtype here, as ``F.linear``'s would.
+        x, weight = to_autocast_dtype(x), to_autocast_dtype(weight)
+        bias = None if bias is None else to_autocast_dtype(bias)
         if activation is not None and _HAS_ONEDNN_POINTWISE and not torch.is_grad_enabled():
             return _token_conv_pointwise(x, weight, bias, activation)
         out = _token_conv(x, weight, bias)
@@ -167,10 +170,13 @@ def _opaque_under_compile(x: torch.Tensor) -> bool:
     Inside the opaque ops the tensors keep the eager layouts. With freezing (inference only), inductor
     prepacks the weights and plans the layouts itself, and does better than the opaque ops.
     """
-    return (
-        torch.compiler.is_compiling() and uses_cpu_kernels(x) and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu") and (torch.is_grad_enabled() or not _inductor_freezes())
-    )
+    if not torch.compiler.is_compiling() or not uses_cpu_kernels(x):
+        return False
+    if torch.is_grad_enabled():
+        return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    return dtype in (torch.float32, torch.bfloat16) and not _inductor_freezes()
 
 
 def _inductor_freezes() -> bool:
@@ -297,6 +303,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
     """
     if dropout_p == 0.0 and _opaque_under_compile(q):
+        if q.dtype == torch.bfloat16:  # no-grad only (`_opaque_under_compile`)
+            return _heads(_chunked_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale), q.shape[1])
         return _heads(_flash_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale)[0], q.shape[1])
     per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
     if (
@@ -311,11 +319,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
         return _over_heads(_RecomputedAttention, q, k, v, scale, chunk * q.shape[1])
     if torch.is_grad_enabled() and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
         return _over_heads(_KeyMajorAttention, q, k, v, scale)
+    return _attention_in_chunks(q, k, v, scale, chunk)
+
+
+def _attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
     out = []
     for q_c, k_c, v_c in zip(q.split(chunk), k.split(chunk), v.split(chunk)):
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
         out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
     return torch.cat(out)
+
+
+@torch.library.custom_op("cvt::chunked_attention", mutates_args=())
+def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Eager bf16 inference's attention (`attention`) on (B, N, heads * d) tokens, for compiled bf16
+    inference, where it beats SDPA's flash kernel as in eager (no backward: autograd must be off)."""
+    q, k, v = (_heads(t, heads) for t in (q, k, v))
+    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+    return _tokens(_attention_in_chunks(q, k, v, scale, max(1, _SCORE_CHUNK_BYTES // per_image)))
+
+
+@_chunked_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def _over_heads(
@@ -439,7 +465,8 @@ def _flash_attention(
 
 @_flash_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[0], heads, q.shape[1])
+    # The logsumexp is float32 whatever the inputs' dtype, as SDPA's.
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[0], heads, q.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("cvt::flash_attention_backward", mutates_args=())
@@ -565,7 +592,8 @@ def depthwise_conv(
     gradients, so bf16 training on CPU takes that path.
     """
     if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1) and conv.bias is None:
-        return _depthwise_conv(x, conv.weight if weight is None else weight, bias, conv.stride, conv.padding)
+        weight = conv.weight if weight is None else weight
+        return _depthwise_conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), conv.stride, conv.padding)
     if weight is not None:
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
