@@ -414,9 +414,9 @@ def test_compiles_to_one_graph_in_train_and_eval():
 
 
 def test_compiled_training_ops_keep_the_custom_op_contract():
-    """The opaque ops a compiled fp32 CPU training step runs (kernels.py's cvt:: ops): their fake
-    implementations give the real shapes and strides (inductor plans its buffers from them), and
-    their autograd registration is sound (torch.library.opcheck)."""
+    """The opaque ops compiled CPU training and inference run (kernels.py's cvt:: ops): their fake
+    implementations give the real shapes, strides and dtypes (inductor plans its buffers from them),
+    and their autograd registration is sound (torch.library.opcheck)."""
     tokens, weight, bias = torch.randn(2, 5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True), torch.randn(6)
     for args in [(tokens, weight, bias.requires_grad_()), (tokens, weight, None)]:
         torch.library.opcheck(torch.ops.cvt.token_conv.default, args)

@@ -4,11 +4,11 @@ One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
 matmul gradients) where the CPU has no AMX, and chunked matmul attention for eager bf16 inference and
-training (with backwards of its own); under ``torch.compile`` in fp32 training, the token linears,
-attention and depthwise convolutions as custom ops inductor cannot relayout (see
-`_opaque_under_compile`). Elsewhere (CUDA) and inside `portable_kernels` (export): the portable ops,
-``F.linear`` and ``scaled_dot_product_attention``. All compute the same function;
-benchmarks/RESULTS.md has why each choice was made.
+training (with backwards of its own); under ``torch.compile``, in fp32 training and in fp32 or bf16
+inference without inductor's freezing, the token linears, attention and depthwise convolutions as
+custom ops inductor cannot relayout (see `_opaque_under_compile`). Elsewhere (CUDA) and inside
+`portable_kernels` (export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``.
+All compute the same function; benchmarks/RESULTS.md has why each choice was made.
 """
 from __future__ import annotations
 
@@ -158,17 +158,17 @@ class _TokenLinearMatmulGrads(torch.autograd.Function):
 
 
 def _opaque_under_compile(x: torch.Tensor) -> bool:
-    """Whether ``torch.compile`` is tracing fp32 CPU work where the token linears, attention and
-    depthwise convolutions run as ops opaque to inductor (`_token_conv`, `_token_conv_pointwise`,
-    `_flash_attention`, `_depthwise_conv`), each with its backward op: a training step, or inference
-    without inductor's freezing.
+    """Whether ``torch.compile`` is tracing CPU work where the token linears, attention and depthwise
+    convolutions run as ops opaque to inductor (`_token_conv`, `_token_conv_pointwise`,
+    `_flash_attention`, `_chunked_attention`, `_depthwise_conv`): an fp32 training step (each op
+    with its backward op), or fp32 or bf16 (autocast) inference without inductor's freezing.
 
     Inductor gives the (B, C, 1, N) map's size-1 dimension the stride 0, so oneDNN no longer sees a
     channels-last input: it then convolves in NCHW, about twice as slowly, and inductor copies the
     maps between layouts around every call, forward and backward; it also copies the tensors around
     SDPA and, in the backward graph, the depthwise convolutions' maps (benchmarks/RESULTS.md).
     Inside the opaque ops the tensors keep the eager layouts. With freezing (inference only), inductor
-    prepacks the weights and plans the layouts itself, and does better than the opaque ops.
+    prepacks the weights and plans the layouts itself, and in fp32 does better than the opaque ops.
     """
     if not torch.compiler.is_compiling() or not uses_cpu_kernels(x):
         return False
@@ -234,7 +234,9 @@ _token_conv.register_autograd(_token_conv_grads, setup_context=_token_conv_setup
 
 
 @torch.library.custom_op("cvt::token_conv_pointwise", mutates_args=())
-def _token_conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _token_conv_pointwise(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
     """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens in inference, the activation
     inside oneDNN's 1x1 convolution as in eager inference (no backward: autograd must be off)."""
     attr, algorithm = _ONEDNN_POST_OPS[activation]
@@ -554,7 +556,8 @@ def _depthwise_conv_backward(
         stride, padding, [1, 1], False, [0, 0], x.shape[1], [True, True, with_bias],
     )
     grad_bias = grad_bias if with_bias else weight.new_empty(0)
-    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight.as_strided(weight.shape, weight.stride()), grad_bias
+    grad_weight = grad_weight.as_strided(weight.shape, weight.stride())
+    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight, grad_bias
 
 
 @_depthwise_conv_backward.register_fake
@@ -593,7 +596,8 @@ def depthwise_conv(
     """
     if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1) and conv.bias is None:
         weight = conv.weight if weight is None else weight
-        return _depthwise_conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), conv.stride, conv.padding)
+        bias = None if bias is None else bias.to(x.dtype)
+        return _depthwise_conv(x, weight.to(x.dtype), bias, conv.stride, conv.padding)
     if weight is not None:
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
