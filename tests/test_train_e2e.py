@@ -282,6 +282,16 @@ def test_test_scores_a_class_subset_and_imagenet_real_labels(run, data, tmp_path
     assert written["real_top5"] == 100.0  # each image's one ReaL label is its class: 3 classes, top-5
 
 
+@pytest.mark.slow
+def test_compiled_training_runs_again_at_another_image_size_in_the_same_process(data, tmp_path):
+    # The second run's graphs meet the first's code objects: with dynamic shapes the image size
+    # would turn symbolic, which inductor could not compile for training.
+    for size in (32, 48):
+        result = train(config(data, tmp_path / str(size), "TRAIN.END_EPOCH", 1, "TRAIN.COMPILE", True,
+                              "TRAIN.IMAGE_SIZE", [size, size], "TEST.IMAGE_SIZE", [size, size], "TENSORBOARD", False))
+        assert math.isfinite(result["metrics"]["train_loss"])
+
+
 def test_compiled_training_with_gradient_checkpointing_saves_plain_official_keys(data, tmp_path):
     """TRAIN.COMPILE and TRAIN.GRAD_CHECKPOINTING together: the run trains, evaluates and saves the
     model's own keys (no `_orig_mod.` prefix of the compiled wrapper)."""

@@ -284,7 +284,10 @@ def _wrap(model: torch.nn.Module, cfg: CfgNode, env: DistEnv) -> tuple[torch.nn.
     if env.distributed:
         train_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.TRAIN.COMPILE:
-        return torch.compile(train_model), torch.compile(model)
+        # Static shapes: a recompile per new shape (a last partial batch) instead of symbolic sizes,
+        # with which inductor (torch 2.14) fails on a training graph whose image size became symbolic
+        # (a second run at another size in the same process).
+        return torch.compile(train_model, dynamic=False), torch.compile(model, dynamic=False)
     return train_model, model
 
 
