@@ -80,9 +80,29 @@ _ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
 _HAS_ONEDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype CPU ops on ``x`` compute in: autocast's when it is on, else ``x``'s own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 def _conv_map(tokens: torch.Tensor) -> torch.Tensor:
     # A dense (B, N, C) tensor seen as a channels-last (B, C, 1, N) map, the 1x1 convolutions' input.
     return tokens.contiguous().transpose(1, 2).unsqueeze(2)
+
+
+def _conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` of (B, N, C) tokens as a 1x1 convolution of their channels-last map."""
+    return F.conv2d(_conv_map(x), weight[:, :, None, None], bias).squeeze(2).transpose(1, 2)
+
+
+def _conv_tokens_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``activation(F.linear(x, weight, bias))`` of (B, N, C) tokens, the activation inside oneDNN's 1x1
+    convolution (an inference-only kernel: no backward)."""
+    attr, algorithm = _ONEDNN_POST_OPS[activation]
+    out = torch.ops.mkldnn._convolution_pointwise(
+        _conv_map(x), weight[:, :, None, None], bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm
+    )
+    return out.squeeze(2).transpose(1, 2)
 
 
 def token_linear(
@@ -110,14 +130,9 @@ def token_linear(
         bias = None if bias is None else to_autocast_dtype(bias)
         out = _TokenLinearMatmulGrads.apply(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
     elif activation is not None and (dtype := _fused_inference_dtype(x)) is not None:
-        attr, algorithm = _ONEDNN_POST_OPS[activation]
-        out = torch.ops.mkldnn._convolution_pointwise(
-            _conv_map(x).to(dtype), weight[:, :, None, None].to(dtype), None if bias is None else bias.to(dtype),
-            [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm,
-        )
-        return out.squeeze(2).transpose(1, 2)
+        return _conv_tokens_pointwise(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), activation)
     else:
-        out = F.conv2d(_conv_map(x), weight[:, :, None, None], bias).squeeze(2).transpose(1, 2)
+        out = _conv_tokens(x, weight, bias)
     return out if activation is None else _ACTIVATIONS[activation](out)
 
 
@@ -131,8 +146,7 @@ def _trains_with_matmul_grads(x: torch.Tensor) -> bool:
     image, runs below the matmul's rate (benchmarks/RESULTS.md)."""
     if not torch.is_grad_enabled() or x.shape[1] > _MATMUL_GRADS_MAX_TOKENS or torch.compiler.is_compiling():
         return False
-    autocast = torch.is_autocast_enabled("cpu")
-    return (torch.get_autocast_dtype("cpu") if autocast else x.dtype) == torch.bfloat16
+    return _compute_dtype(x) == torch.bfloat16
 
 
 class _TokenLinearMatmulGrads(torch.autograd.Function):
@@ -141,10 +155,9 @@ class _TokenLinearMatmulGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = F.conv2d(_conv_map(x), weight[:, :, None, None], bias)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return out.squeeze(2).transpose(1, 2)
+        return _conv_tokens(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -174,9 +187,7 @@ def _opaque_under_compile(x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled():
         return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-    return dtype in (torch.float32, torch.bfloat16) and not _inductor_freezes()
+    return _compute_dtype(x) in (torch.float32, torch.bfloat16) and not _inductor_freezes()
 
 
 def _inductor_freezes() -> bool:
@@ -189,7 +200,7 @@ def _inductor_freezes() -> bool:
 @torch.library.custom_op("cvt::token_conv", mutates_args=())
 def _token_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for (B, N, C) tokens through the 1x1 convolution of `token_linear`."""
-    return F.conv2d(_conv_map(x), weight[:, :, None, None], bias).squeeze(2).transpose(1, 2).contiguous()
+    return _conv_tokens(x, weight, bias).contiguous()
 
 
 @_token_conv.register_fake
@@ -239,11 +250,7 @@ def _token_conv_pointwise(
 ) -> torch.Tensor:
     """``activation(F.linear(x, weight, bias))`` for (B, N, C) tokens in inference, the activation
     inside oneDNN's 1x1 convolution as in eager inference (no backward: autograd must be off)."""
-    attr, algorithm = _ONEDNN_POST_OPS[activation]
-    out = torch.ops.mkldnn._convolution_pointwise(
-        _conv_map(x), weight[:, :, None, None], bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm
-    )
-    return out.squeeze(2).transpose(1, 2).contiguous()
+    return _conv_tokens_pointwise(x, weight, bias, activation).contiguous()
 
 
 @_token_conv_pointwise.register_fake
@@ -294,6 +301,11 @@ _TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
 _KEY_MAJOR_MAX_KEYS = 64
 
 
+def _images_per_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many (image, head) rows of ``q`` the chunked bf16 path takes at once: _SCORE_CHUNK_BYTES of scores."""
+    return max(1, _SCORE_CHUNK_BYTES // (q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
 
@@ -316,7 +328,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
         or torch.compiler.is_compiling()
     ):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    chunk = max(1, _SCORE_CHUNK_BYTES // per_image)
+    chunk = _images_per_chunk(q, k)
     if torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE:
         return _over_heads(_RecomputedAttention, q, k, v, scale, chunk * q.shape[1])
     if torch.is_grad_enabled() and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
@@ -337,8 +349,7 @@ def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     """Eager bf16 inference's attention (`attention`) on (B, N, heads * d) tokens, for compiled bf16
     inference, where it beats SDPA's flash kernel as in eager (no backward: autograd must be off)."""
     q, k, v = (_heads(t, heads) for t in (q, k, v))
-    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-    return _tokens(_attention_in_chunks(q, k, v, scale, max(1, _SCORE_CHUNK_BYTES // per_image)))
+    return _tokens(_attention_in_chunks(q, k, v, scale, _images_per_chunk(q, k)))
 
 
 @_chunked_attention.register_fake
