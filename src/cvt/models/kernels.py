@@ -3,8 +3,8 @@
 One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_amx`, what on the CPU
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
-matmul gradients) where the CPU has no AMX, and chunked matmul attention for eager bf16 inference and
-training (with backwards of its own); under ``torch.compile``, in fp32 training and in fp32 or bf16
+matmul gradients) where the CPU has no AMX, and chunked matmul attention for bf16 inference and
+training (with backwards of its own); under ``torch.compile``, in fp32 and bf16 training and in
 inference without inductor's freezing, the token linears, attention and depthwise convolutions as
 custom ops inductor cannot relayout (see `_opaque_under_compile`). Elsewhere (CUDA) and inside
 `portable_kernels` (export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``.
@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
@@ -128,7 +127,7 @@ def token_linear(
         out = _token_conv(x, weight, bias)
     elif _trains_with_matmul_grads(x):
         bias = None if bias is None else to_autocast_dtype(bias)
-        out = _TokenLinearMatmulGrads.apply(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
+        out = _token_conv(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
     elif activation is not None and (dtype := _fused_inference_dtype(x)) is not None:
         return _conv_tokens_pointwise(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), activation)
     else:
@@ -136,45 +135,28 @@ def token_linear(
     return out if activation is None else _ACTIVATIONS[activation](out)
 
 
-# Tokens per image up to which bf16 training takes `_TokenLinearMatmulGrads` (CvT's last stage).
+# Tokens per image up to which bf16 training takes its token linears' gradients as matmuls (CvT's last stage).
 _MATMUL_GRADS_MAX_TOKENS = 256
 
 
 def _trains_with_matmul_grads(x: torch.Tensor) -> bool:
-    """Whether `token_linear` computes its gradients as matmuls: in eager bf16 training on images of
-    few tokens, where oneDNN's weight-gradient kernel for a (B, C, 1, N) map, a reduction over N per
-    image, runs below the matmul's rate (benchmarks/RESULTS.md)."""
-    if not torch.is_grad_enabled() or x.shape[1] > _MATMUL_GRADS_MAX_TOKENS or torch.compiler.is_compiling():
-        return False
-    return _compute_dtype(x) == torch.bfloat16
+    """Whether `token_linear` in eager bf16 training runs as `_token_conv`, whose backward computes
+    the gradients of few tokens per image as matmuls (`_takes_matmul_grads`)."""
+    return torch.is_grad_enabled() and _takes_matmul_grads(x.shape[1], _compute_dtype(x))
 
 
-class _TokenLinearMatmulGrads(torch.autograd.Function):
-    """``F.linear`` of (B, N, C) tokens: forward as `token_linear`'s 1x1 convolution, backward as two
-    plain matmuls over all B*N tokens at once and a sum for the bias."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _conv_tokens(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        rows = grad.contiguous().view(-1, grad.shape[-1])
-        grad_x = torch.mm(rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.mm(rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        grad_bias = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+def _takes_matmul_grads(tokens: int, dtype: torch.dtype) -> bool:
+    """Whether a token linear's gradients are two matmuls over all B*N tokens at once and a sum: in
+    bf16 over few tokens per image, where oneDNN's weight-gradient kernel for a (B, C, 1, N) map, a
+    reduction over N per image, runs below the matmul's rate (benchmarks/RESULTS.md)."""
+    return dtype == torch.bfloat16 and tokens <= _MATMUL_GRADS_MAX_TOKENS
 
 
 def _opaque_under_compile(x: torch.Tensor) -> bool:
     """Whether ``torch.compile`` is tracing CPU work where the token linears, attention and depthwise
-    convolutions run as ops opaque to inductor (`_token_conv`, `_token_conv_pointwise`,
-    `_flash_attention`, `_chunked_attention`, `_depthwise_conv`): an fp32 training step (each op
-    with its backward op), or fp32 or bf16 (autocast) inference without inductor's freezing.
+    convolutions run as ops opaque to inductor (`_token_conv`, `_token_conv_pointwise`, the
+    attention ops, `_depthwise_conv`): an fp32 or bf16 (autocast) training step (each op with its
+    backward op: in bf16 those of eager bf16 training), or inference without inductor's freezing.
 
     Inductor gives the (B, C, 1, N) map's size-1 dimension the stride 0, so oneDNN no longer sees a
     channels-last input: it then convolves in NCHW, about twice as slowly, and inductor copies the
@@ -185,9 +167,7 @@ def _opaque_under_compile(x: torch.Tensor) -> bool:
     """
     if not torch.compiler.is_compiling() or not uses_cpu_kernels(x):
         return False
-    if torch.is_grad_enabled():
-        return x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return _compute_dtype(x) in (torch.float32, torch.bfloat16) and not _inductor_freezes()
+    return _compute_dtype(x) in (torch.float32, torch.bfloat16) and (torch.is_grad_enabled() or not _inductor_freezes())
 
 
 def _inductor_freezes() -> bool:
@@ -213,6 +193,10 @@ def _token_conv_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `_token_conv` for x, weight and bias (an empty tensor without bias)."""
+    if _takes_matmul_grads(x.shape[1], grad.dtype):
+        rows = grad.contiguous().view(-1, grad.shape[-1])
+        grad_bias = rows.sum(0) if with_bias else weight.new_empty(0)
+        return torch.mm(rows, weight).view(x.shape), torch.mm(rows.t(), x.reshape(-1, x.shape[-1])), grad_bias
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         _conv_map(grad), _conv_map(x), weight[:, :, None, None], [weight.shape[0]] if with_bias else None,
         [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, with_bias],
@@ -309,30 +293,37 @@ def _images_per_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (B, heads, N, head_dim) tensors.
 
-    ``scaled_dot_product_attention`` everywhere, except in eager bf16 on CPU, where its fused kernel
+    ``scaled_dot_product_attention`` everywhere, except in bf16 on CPU, where its fused kernel
     (forward and backward) is slower than two plain oneDNN bf16 matmuls around a vectorised softmax,
-    done a few images at a time (benchmarks/RESULTS.md). In training, autograd sees those ops where an
-    image's scores are small; where they are large, `_RecomputedAttention` does the same chunks in a
-    backward of its own, and over few keys `_KeyMajorAttention` computes them transposed. That is also
-    the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
+    done a few images at a time (`_bf16_attention`), and in fp32 under ``torch.compile``
+    (`_flash_attention`: the same kernel, opaque to inductor).
     """
-    if dropout_p == 0.0 and _opaque_under_compile(q):
-        if q.dtype == torch.bfloat16:  # no-grad only (`_opaque_under_compile`)
-            return _heads(_chunked_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale), q.shape[1])
-        return _heads(_flash_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale)[0], q.shape[1])
-    per_image = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-    if (
-        not uses_cpu_kernels(q)
-        or q.dtype != torch.bfloat16
-        or dropout_p > 0.0
-        or torch.compiler.is_compiling()
-    ):
+    if not uses_cpu_kernels(q) or dropout_p > 0.0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if q.dtype == torch.bfloat16 and (_opaque_under_compile(q) or not torch.compiler.is_compiling()):
+        return _bf16_attention(q, k, v, scale)
+    if q.dtype == torch.float32 and _opaque_under_compile(q):
+        return _heads(_flash_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale)[0], q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """bf16 attention on CPU as plain matmuls around a softmax, eager or compiled (benchmarks/RESULTS.md).
+
+    In training, where an image's scores are large (CvT's first stage), `_recomputed_attention`,
+    whose backward recomputes them a chunk at a time; over few keys (CvT's last stage)
+    `_key_major_attention`, the scores transposed; else autograd (or inductor) through the chunked
+    matmuls. In inference, the chunked matmuls (`_chunked_attention` under the compiler). That is
+    also the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
+    """
     chunk = _images_per_chunk(q, k)
-    if torch.is_grad_enabled() and per_image > _TRAIN_SCORE_BYTES_PER_IMAGE:
-        return _over_heads(_RecomputedAttention, q, k, v, scale, chunk * q.shape[1])
-    if torch.is_grad_enabled() and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
-        return _over_heads(_KeyMajorAttention, q, k, v, scale)
+    if torch.is_grad_enabled():
+        if q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > _TRAIN_SCORE_BYTES_PER_IMAGE:
+            return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
+        if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
+            return _over_heads(_key_major_attention, q, k, v, scale)
+    elif torch.compiler.is_compiling():
+        return _heads(_chunked_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale), q.shape[1])
     return _attention_in_chunks(q, k, v, scale, chunk)
 
 
@@ -357,12 +348,12 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: floa
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def _over_heads(
-    function: type[torch.autograd.Function], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any
-) -> torch.Tensor:
-    """An attention ``function`` of (batch, N, head_dim) tensors applied to (B, heads, N, head_dim) ones."""
+def _over_heads(op: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any) -> torch.Tensor:
+    """An attention ``op`` of (batch, N, head_dim) tensors (its first output) applied to (B, heads, N,
+    head_dim) ones."""
     batch, heads = q.shape[:2]
-    return function.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args).unflatten(0, (batch, heads))
+    out = op(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args)
+    return (out[0] if isinstance(out, tuple) else out).unflatten(0, (batch, heads))
 
 
 def _probabilities(a: torch.Tensor, b: torch.Tensor, scale: float, buffer: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -379,7 +370,12 @@ def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tenso
     return torch.baddbmm(out, a, b, beta=0.0, alpha=scale, out=out)
 
 
-class _RecomputedAttention(torch.autograd.Function):
+# Custom ops rather than autograd Functions: the same code then runs eager and compiled, where
+# inductor calls them as they are (it cannot trace their in-place work in reused buffers).
+
+
+@torch.library.custom_op("cvt::recomputed_attention", mutates_args=())
+def _recomputed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors, ``chunk`` batch entries at a
     time, in both passes; the backward recomputes each chunk's probabilities instead of keeping them.
 
@@ -388,63 +384,105 @@ class _RecomputedAttention(torch.autograd.Function):
     below the machine's matmul rate. Here every matmul is a plain oneDNN one and the scores of one
     chunk at a time stay in cache, in two reused buffers.
     """
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
-        out = q.new_empty(q.shape[:2] + v.shape[2:])
-        scores = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
-        for rows in _chunks(q.shape[0], chunk):
-            torch.bmm(_probabilities(q[rows], k[rows], scale, scores), v[rows], out=out[rows])
-        ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.chunk = scale, chunk
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
-        q, k, v = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        probs_buffer = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
-        grad_scores_buffer = torch.empty_like(probs_buffer)
-        for rows in _chunks(q.shape[0], chunk):
-            probs = _probabilities(q[rows], k[rows], scale, probs_buffer)
-            torch.bmm(probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
-            grad_scores = grad_scores_buffer[: probs.shape[0]]
-            torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
-            torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
-            _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
-            _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
-        return grad_q, grad_k, grad_v, None, None
+    out = q.new_empty(q.shape[:2] + v.shape[2:])
+    scores = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
+    for rows in _chunks(q.shape[0], chunk):
+        torch.bmm(_probabilities(q[rows], k[rows], scale, scores), v[rows], out=out[rows])
+    return out
 
 
-class _KeyMajorAttention(torch.autograd.Function):
+@_recomputed_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+    return q.new_empty(q.shape[:2] + v.shape[2:])
+
+
+@torch.library.custom_op("cvt::recomputed_attention_backward", mutates_args=())
+def _recomputed_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    probs_buffer = q.new_empty(min(chunk, q.shape[0]), q.shape[1], k.shape[1])
+    grad_scores_buffer = torch.empty_like(probs_buffer)
+    for rows in _chunks(q.shape[0], chunk):
+        probs = _probabilities(q[rows], k[rows], scale, probs_buffer)
+        torch.bmm(probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
+        grad_scores = grad_scores_buffer[: probs.shape[0]]
+        torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
+        torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
+        _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
+        _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
+    return grad_q, grad_k, grad_v
+
+
+@_recomputed_attention_backward.register_fake
+def _(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _recomputed_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    q, k, v, ctx.scale, ctx.chunk = inputs
+    ctx.save_for_backward(q, k, v)
+
+
+def _recomputed_attention_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (*_recomputed_attention_backward(grad, *ctx.saved_tensors, ctx.scale, ctx.chunk), None, None)
+
+
+_recomputed_attention.register_autograd(_recomputed_attention_grads, setup_context=_recomputed_attention_setup)
+
+
+@torch.library.custom_op("cvt::key_major_attention", mutates_args=())
+def _key_major_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors with few keys, the scores computed
-    and kept transposed, (keys, queries), the softmax across queries.
+    and kept transposed, (keys, queries), the softmax across queries: (output, probabilities^T).
 
     bf16 ``softmax`` over short rows (50 keys in CvT's last stage) runs at a fraction of its speed
     over a long inner dimension. In this layout the backward's matmuls take their operands as stored,
-    and, as in `_RecomputedAttention`, the scale sits inside the matmuls and softmax's backward runs in
-    place.
+    and, as in `_recomputed_attention`, the scale sits inside the matmuls and softmax's backward runs
+    in place.
     """
+    probs_t = _probabilities(k, q, scale, k.new_empty(k.shape[0], k.shape[1], q.shape[1]), dim=-2)
+    return torch.bmm(probs_t.transpose(1, 2), v), probs_t
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        probs_t = _probabilities(k, q, scale, k.new_empty(k.shape[0], k.shape[1], q.shape[1]), dim=-2)
-        ctx.save_for_backward(q, k, v, probs_t)
-        ctx.scale = scale
-        return torch.bmm(probs_t.transpose(1, 2), v)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, probs_t = ctx.saved_tensors
-        grad_v = torch.bmm(probs_t, grad_out)
-        grad_scores_t = torch.bmm(v, grad_out.transpose(1, 2))
-        torch._softmax_backward_data(grad_scores_t, probs_t, -2, probs_t.dtype, grad_input=grad_scores_t)
-        grad_q = _scaled_bmm(grad_scores_t.transpose(1, 2), k, ctx.scale, torch.empty_like(q))
-        grad_k = _scaled_bmm(grad_scores_t, q, ctx.scale, torch.empty_like(k))
-        return grad_q, grad_k, grad_v, None
+@_key_major_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape[:2] + v.shape[2:]), k.new_empty(k.shape[0], k.shape[1], q.shape[1])
+
+
+@torch.library.custom_op("cvt::key_major_attention_backward", mutates_args=())
+def _key_major_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_t: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_v = torch.bmm(probs_t, grad_out)
+    grad_scores_t = torch.bmm(v, grad_out.transpose(1, 2))
+    torch._softmax_backward_data(grad_scores_t, probs_t, -2, probs_t.dtype, grad_input=grad_scores_t)
+    grad_q = _scaled_bmm(grad_scores_t.transpose(1, 2), k, scale, torch.empty_like(q))
+    grad_k = _scaled_bmm(grad_scores_t, q, scale, torch.empty_like(k))
+    return grad_q, grad_k, grad_v
+
+
+@_key_major_attention_backward.register_fake
+def _(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs_t: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _key_major_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+
+
+def _key_major_attention_grads(ctx: Any, grad: torch.Tensor, _grad_probs_t: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (*_key_major_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None)
+
+
+_key_major_attention.register_autograd(_key_major_attention_grads, setup_context=_key_major_attention_setup)
 
 
 def _chunks(length: int, chunk: int) -> Iterator[slice]:
@@ -598,23 +636,21 @@ _depthwise_conv.register_autograd(_depthwise_conv_grads, setup_context=_depthwis
 def depthwise_conv(
     x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``conv(x)`` for a depthwise convolution without bias; with ``weight`` and ``bias``, the same
-    convolution with those instead (an eval-mode BatchNorm folded in).
+    """``conv(x)`` for a depthwise convolution; with ``weight`` and ``bias``, the same convolution with
+    those instead (an eval-mode BatchNorm folded in).
 
     oneDNN's bf16 depthwise backward is far slower strided than not (benchmarks/RESULTS.md). Every
     stride-th output of the stride-1 convolution is the same sum, and its backward gives the same
     gradients, so bf16 training on CPU takes that path.
     """
-    if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1) and conv.bias is None:
-        weight = conv.weight if weight is None else weight
-        bias = None if bias is None else bias.to(x.dtype)
-        return _depthwise_conv(x, weight.to(x.dtype), bias, conv.stride, conv.padding)
-    if weight is not None:
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1):
-        out = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
-        # Every stride-th output as a 1x1 average pooling: dense channels-last both ways, which BatchNorm's
-        # bf16 kernels and the convolution's backward need (a strided slice would hand on a strided view,
-        # and get back a gradient scattered into a zeroed contiguous, not channels-last, tensor).
-        return F.avg_pool2d(out, 1, conv.stride)
-    return conv(x)
+    weight, bias = (conv.weight, conv.bias) if weight is None else (weight, bias)
+    subsample = uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1)
+    stride = (1, 1) if subsample else conv.stride
+    if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1):
+        out = _depthwise_conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, conv.padding)
+    else:
+        out = F.conv2d(x, weight, bias, stride, conv.padding, conv.dilation, conv.groups)
+    # Every stride-th output as a 1x1 average pooling: dense channels-last both ways, which BatchNorm's
+    # bf16 kernels and the convolution's backward need (a strided slice would hand on a strided view,
+    # and get back a gradient scattered into a zeroed contiguous, not channels-last, tensor).
+    return F.avg_pool2d(out, 1, conv.stride) if subsample else out
