@@ -538,3 +538,24 @@ def test_inductor_inference_without_freezing_equals_the_reference_through_the_op
     for generated, attention_op in [("\n".join(code), "flash_attention"), ("\n".join(code_bf16), "chunked_attention")]:
         for op in ["token_conv", "token_conv_pointwise", attention_op, "depthwise_conv"]:
             assert f"torch.ops.cvt.{op}.default(" in generated, op
+
+
+@pytest.mark.slow
+def test_inductor_bf16_inference_with_freezing_keeps_the_chunked_attention():
+    """With inductor's freezing, compiled bf16 inference leaves the token linears and convolutions to
+    inductor's prepacked kernels but keeps eager bf16's chunked attention (SDPA is slower there), and
+    stays within bf16 rounding of the reference."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    fast, ref = model_pair(small_spec())
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 3, 96, 96)
+    with inductor_config.patch(freezing=True), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, code = run_and_get_code(torch.compile(fast, fullgraph=True), x)
+    with torch.no_grad():
+        _assert_bf16_close(got, ref(x))
+    generated = "\n".join(code)
+    assert "torch.ops.cvt.chunked_attention.default(" in generated
+    assert "torch.ops.cvt.token_conv" not in generated

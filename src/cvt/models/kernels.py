@@ -300,7 +300,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
     """
     if not uses_cpu_kernels(q) or dropout_p > 0.0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    if q.dtype == torch.bfloat16 and (_opaque_under_compile(q) or not torch.compiler.is_compiling()):
+    if q.dtype == torch.bfloat16:
         return _bf16_attention(q, k, v, scale)
     if q.dtype == torch.float32 and _opaque_under_compile(q):
         return _heads(_flash_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale)[0], q.shape[1])
@@ -313,7 +313,8 @@ def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     In training, where an image's scores are large (CvT's first stage), `_recomputed_attention`,
     whose backward recomputes them a chunk at a time; over few keys (CvT's last stage)
     `_key_major_attention`, the scores transposed; else autograd (or inductor) through the chunked
-    matmuls. In inference, the chunked matmuls (`_chunked_attention` under the compiler). That is
+    matmuls. In inference, the chunked matmuls (`_chunked_attention` under the compiler, with or
+    without inductor's freezing: SDPA in bf16 is slower there too, benchmarks/RESULTS.md). That is
     also the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
     """
     chunk = _images_per_chunk(q, k)
