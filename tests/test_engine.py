@@ -6,7 +6,10 @@ import copy
 import io
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -494,10 +497,39 @@ def test_single_process_without_torchrun_environment(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
+_REPEATED_TENSOR_FAULTS = """
+import resource, torch
+from cvt.training.session import keep_freed_memory
+def faults_of(tensors):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(tensors):
+        torch.ones(2**24)  # 64 MiB, written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of(2)
+by_default = faults_of(5)
+kept = keep_freed_memory()
+faults_of(30)  # the heap settles
+print(by_default, kept, faults_of(5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_big_tensors_faulting_their_pages_in_anew():
+    """In a fresh process (the setting lasts for the process): by default glibc maps every big tensor
+    anew and each of its pages faults; once told to keep freed memory, tensors reuse freed memory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    out = subprocess.run([sys.executable, "-c", _REPEATED_TENSOR_FAULTS], env=env, capture_output=True, text=True, check=True)
+    by_default, kept, after = out.stdout.split()
+    assert kept == "True"
+    assert int(by_default) > 5 * 10_000 and int(after) == 0, out.stdout
+
+
 def test_cpu_threads_one_for_a_demo_sized_model_else_the_usable_cores(monkeypatch, caplog):
     from cvt.training import session
 
     monkeypatch.setattr(session, "usable_cores", lambda: 6)
+    allocator_calls = []  # recorded, not made: the setting would last for the rest of this test process
+    monkeypatch.setattr(session, "keep_freed_memory", lambda: allocator_calls.append(True))
     demo = load_config("cvt-digits")
     small = create_model(dict(demo.MODEL.SPEC), num_classes=10)
     assert session.choose_cpu_threads(0, small, (32, 32), 64) == 1
@@ -512,8 +544,10 @@ def test_cpu_threads_one_for_a_demo_sized_model_else_the_usable_cores(monkeypatc
         assert threads == torch.get_num_threads() == 1
     assert torch.get_num_threads() == before  # the caller's count back
     assert "CPU threads: 1 (chosen for this model's size" in caplog.text
+    assert allocator_calls == [True]
     with session.cpu_threads(3, small, (32, 32), 64, torch.device("meta")) as threads:
         assert threads == torch.get_num_threads() == before  # not on the CPU: left alone
+    assert allocator_calls == [True]
     with pytest.raises(UserError, match="CPU_THREADS"):
         _cfg("CPU_THREADS", -1)
 
