@@ -118,6 +118,21 @@ def test_predict_json(capsys, tiny_experiment):
     assert "is not a device" in capsys.readouterr().err
 
 
+def test_commands_that_run_a_model_have_malloc_keep_freed_memory(monkeypatch, capsys, tiny_experiment):
+    """`cvt predict` (as train and test) owns its process: it has glibc keep the memory a step frees;
+    `cvt list` and `cvt info` run no model and leave malloc alone. Recorded, not made: the setting
+    would last for the rest of the test process."""
+    import cvt.training.session
+
+    calls = []
+    monkeypatch.setattr(cvt.training.session, "keep_freed_memory", lambda: calls.append(True))
+    cfg, weights, images, _ = tiny_experiment
+    assert main(["list"]) == 0 and main(["info", "cvt-13"]) == 0
+    assert calls == []
+    assert main(["predict", "--cfg", str(cfg), "--weights", str(weights), str(images)]) == 0
+    assert calls == [True]
+
+
 def test_predict_skips_a_broken_image_names_it_and_goes_on(capsys, tiny_experiment):
     cfg, weights, images, _ = tiny_experiment
     (images / "3.jpg").write_bytes(b"\xff\xd8\xff broken")

@@ -6,7 +6,10 @@ import copy
 import io
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -492,6 +495,33 @@ def test_single_process_without_torchrun_environment(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # CPU threads, progress lines, the run's log
 # --------------------------------------------------------------------------------------------------
+
+
+_REPEATED_TENSOR_FAULTS = """
+import resource, torch
+from cvt.training.session import keep_freed_memory
+def faults_of(tensors):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(tensors):
+        torch.ones(2**24)  # 64 MiB, written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of(2)
+by_default = faults_of(5)
+kept = keep_freed_memory()
+faults_of(30)  # the heap settles
+print(by_default, kept, faults_of(5))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_stops_big_tensors_faulting_their_pages_in_anew():
+    """In a fresh process (the setting lasts for the process): by default glibc maps every big tensor
+    anew and each of its pages faults; once told to keep freed memory, tensors reuse freed memory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    out = subprocess.run([sys.executable, "-c", _REPEATED_TENSOR_FAULTS], env=env, capture_output=True, text=True, check=True)
+    by_default, kept, after = out.stdout.split()
+    assert kept == "True"
+    assert int(by_default) > 5 * 10_000 and int(after) == 0, out.stdout
 
 
 def test_cpu_threads_one_for_a_demo_sized_model_else_the_usable_cores(monkeypatch, caplog):

@@ -215,6 +215,11 @@ _COMMANDS = {
 }
 
 
+# The commands that run a model. Their process is theirs: glibc's malloc may keep the memory a step
+# frees for the next (`cvt.training.session.keep_freed_memory`).
+_RUN_MODELS = {"train", "test", "predict"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -230,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.command in _RUN_MODELS:
+            from .training.session import keep_freed_memory
+
+            keep_freed_memory()
         return _COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

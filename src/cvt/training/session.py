@@ -1,9 +1,10 @@
 """What a training or test process sets up around its work: the lock on the run folder, logging to
-it, seeded generators and cuDNN switches, its CPU thread count, and the signals that ask a run to stop
-after the current step."""
+it, seeded generators and cuDNN switches, its CPU thread count and allocator, and the signals that ask
+a run to stop after the current step."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "TrainingInterrupted",
     "choose_cpu_threads",
     "cpu_threads",
+    "keep_freed_memory",
     "lock_run_folder",
     "reproducibility",
     "run_logging",
@@ -212,6 +214,35 @@ def choose_cpu_threads(requested: int, model: torch.nn.Module, image_size: tuple
         return requested
     step_gmacs = model_summary(model.spec, 0, image_size)["gmacs"] * batch  # counted on the meta device
     return 1 if step_gmacs < SMALL_STEP_GMACS else usable_cores()
+
+
+# glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` sets: the heap's free top kept
+# up to 2 GiB - 1 (mallopt takes an int), and no mmap below 1 GiB, or below 32 MiB, the most older glibc
+# releases accept.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT_TOP_BYTES = 2**31 - 1
+_MMAP_THRESHOLDS = (2**30, 32 * 2**20)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a CPU step frees for the next steps instead of handing it
+    back to the system; True when set (glibc only: elsewhere nothing changes).
+
+    By default glibc serves big tensors with fresh mmaps and trims the heap's free top, so a step's big
+    activations and gradients fault their pages in anew every step, a few percent of a training step
+    and a tenth of inference (benchmarks/RESULTS.md). The process keeps the memory instead; it settles
+    at about the peak the steps need. Lasts for the process, so the `cvt` command sets it for the
+    commands that run a model (its process is theirs), and a Python caller who wants it calls this; the
+    MALLOC_*_ environment variables, or another allocator preloaded, take precedence.
+    """
+    if not sys.platform.startswith("linux") or any(
+        name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+    ):
+        return False
+    libc = ctypes.CDLL(None)  # the process's own C library
+    if not hasattr(libc, "gnu_get_libc_version") or libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_TOP_BYTES) != 1:
+        return False
+    return any(libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 for threshold in _MMAP_THRESHOLDS)
 
 
 @contextlib.contextmanager
