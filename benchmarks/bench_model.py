@@ -10,6 +10,7 @@ the same thread count and the same optimizer. Reported: the median per call and 
     python benchmarks/bench_model.py --sizes 224 --no-compile --no-memory
     python benchmarks/bench_model.py --sizes 224 --no-memory --freezing --amx-branch off   # issue 16, both
     python benchmarks/bench_model.py --sizes 224 --no-memory --freezing --amx-branch on    #   AMX branches
+    python benchmarks/bench_model.py --sizes 224 --no-memory --keep-freed-memory   # malloc as the cvt command has it
     python benchmarks/bench_model.py --device cuda --batch 64 --memory-size 384 --memory-batch 64 \
         --memory-dtype bf16 --compile-dtypes bf16       # the CUDA targets (AMP: bf16 autocast)
 
@@ -45,6 +46,7 @@ from cvt.models.complexity import model_summary
 from cvt.models.convert import hf_config_from_spec, official_to_hf
 from cvt.models import kernels
 from cvt.models.cvt import create_model
+from cvt.training.session import keep_freed_memory
 
 NUM_CLASSES = 1000
 
@@ -340,6 +342,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--memory-size", type=int, default=224)
     p.add_argument("--memory-batch", type=int, default=16)
     p.add_argument("--memory-dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc's malloc keeps freed memory, as `cvt train/test/predict` set it (both models)")
     p.add_argument("--no-write", dest="write", action="store_false", help=f"print only, do not append to {RESULTS.name}")
     p.add_argument("--note", default="", help="a line to record with the results")
     p.add_argument("--memory-child", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -444,6 +448,7 @@ def main() -> None:
     if args.amx_branch != "auto":
         kernels._CPU_HAS_AMX = args.amx_branch == "on"  # what an AMX CPU would take, or not, on any CPU
     info = machine_info(device, torch.get_num_threads())
+    info["malloc"] = "keeps freed memory (keep_freed_memory)" if args.keep_freed_memory and keep_freed_memory() else "default"
     info["token linears"] = "F.linear (AMX branch)" if kernels.cpu_has_amx() else "oneDNN 1x1 conv (no-AMX branch)"
     info["token linears"] += f", {'forced' if args.amx_branch != 'auto' else 'as detected'}"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
