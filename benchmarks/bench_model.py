@@ -448,7 +448,8 @@ def main() -> None:
     if args.amx_branch != "auto":
         kernels._CPU_HAS_AMX = args.amx_branch == "on"  # what an AMX CPU would take, or not, on any CPU
     info = machine_info(device, torch.get_num_threads())
-    info["malloc"] = "keeps freed memory (keep_freed_memory)" if args.keep_freed_memory and keep_freed_memory() else "default"
+    kept = keep_freed_memory() if args.keep_freed_memory else 0
+    info["malloc"] = f"keeps freed memory (keep_freed_memory: mmap threshold {kept >> 20} MiB)" if kept else "default"
     info["token linears"] = "F.linear (AMX branch)" if kernels.cpu_has_amx() else "oneDNN 1x1 conv (no-AMX branch)"
     info["token linears"] += f", {'forced' if args.amx_branch != 'auto' else 'as detected'}"
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

@@ -11,6 +11,8 @@ import random
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -513,15 +515,22 @@ print(by_default, kept, faults_of(5))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def _huge_pages_always() -> bool:
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return setting.exists() and "[always]" in setting.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _huge_pages_always(),
+                    reason="glibc's malloc, 4 KiB pages (huge pages fault far less often)")
 def test_keep_freed_memory_stops_big_tensors_faulting_their_pages_in_anew():
     """In a fresh process (the setting lasts for the process): by default glibc maps every big tensor
     anew and each of its pages faults; once told to keep freed memory, tensors reuse freed memory."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
     out = subprocess.run([sys.executable, "-c", _REPEATED_TENSOR_FAULTS], env=env, capture_output=True, text=True, check=True)
-    by_default, kept, after = out.stdout.split()
-    assert kept == "True"
-    assert int(by_default) > 5 * 10_000 and int(after) == 0, out.stdout
+    by_default, threshold, after = map(int, out.stdout.split())
+    if threshold < 2**26:
+        pytest.skip(f"this glibc took an mmap threshold of {threshold} bytes, below the test's 64 MiB tensors")
+    assert by_default > 5 * 10_000 and after == 0, out.stdout
 
 
 def test_cpu_threads_one_for_a_demo_sized_model_else_the_usable_cores(monkeypatch, caplog):

@@ -237,10 +237,23 @@ def test_train_outputs_and_gradients_equal_the_reference(method, cls_token, kern
 
 
 def _assert_bf16_close(got: torch.Tensor, fp32: torch.Tensor) -> None:
-    assert got.dtype == torch.float32 or got.dtype == torch.bfloat16
+    assert got.dtype in (torch.float32, torch.bfloat16, torch.float16)
     scale = (fp32.max() - fp32.min()).item()
     err = (got.float() - fp32).abs().max().item()
     assert err <= BF16_RTOL_OF_RANGE * scale, f"bf16 logits off by {err:.4g}, fp32 logit range {scale:.4g}"
+
+
+def test_fp16_autocast_eval_runs_on_cpu():
+    """CPU autocast in float16 (which the CLI does not offer, a library caller may) takes the plain
+    convolutions: oneDNN's fused inference kernels have no fp16 path on most CPUs."""
+    fast, ref = model_pair(small_spec())
+    fast.eval()
+    ref.eval()
+    x = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = fast(x)
+        _assert_bf16_close(got, ref(x))
 
 
 @pytest.mark.parametrize("method", ["dw_bn", "linear"])
@@ -290,6 +303,21 @@ def test_bf16_strided_projection_trains_like_the_strided_convolution():
     torch.testing.assert_close(fast.bn.running_var, ref.bn.running_var, rtol=1e-6, atol=1e-7)
 
 
+def test_bf16_frozen_projection_convolves_strided():
+    """A frozen projection (eval mode, no parameter needing a gradient, as FINETUNE.FROZEN_LAYERS
+    leaves it) under bf16 autocast with autograd on needs no backward: it convolves strided, not at
+    stride 1 and then subsampled (four times the work), and gives the reference's output."""
+    fast = create_model(small_spec(), NUM_CLASSES).stage1.blocks[0].attn.conv_proj_k.eval().requires_grad_(False)
+    ref = RefConvBn(32, 3, 2, 1).eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 32, 13, 10, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _CalledFunctions() as mode:
+        out = fast(x)
+    assert F.avg_pool2d not in mode.called
+    with torch.no_grad():
+        _assert_bf16_close(out, ref(x.float()))
+
+
 def _autograd_node_names(out: torch.Tensor) -> set[str]:
     """The kinds of backward node that produced ``out``, all the way back to the leaves."""
     names, todo = set(), [out.grad_fn]
@@ -336,7 +364,10 @@ def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
     for name, fn in [("ours", ours), ("explicit", explicit), ("sdpa", sdpa)]:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
-        out.backward(grad)
+        with torch.profiler.profile() as profile:
+            out.backward(grad)
+        if name == "ours" and node.startswith("cvt_"):  # no zero gradient made for an op's unused output
+            assert not {"aten::zeros", "aten::fill_"} & {event.name for event in profile.events()}
         results[name] = [out] + [t.grad for t in leaves]
         if name == "ours":
             assert any(node in name for name in _autograd_node_names(out))
@@ -363,7 +394,11 @@ def test_bf16_training_token_linear_takes_matmul_grads_on_few_tokens(monkeypatch
             conv_out = kernels_module.token_linear(x, weight, bias)
     assert any(path in name for name in _autograd_node_names(out))
     torch.testing.assert_close(out, conv_out, rtol=0, atol=0)
-    out.backward(grad.to(out.dtype))
+    with torch.profiler.profile() as profile:
+        out.backward(grad.to(out.dtype))
+    ran = {event.name for event in profile.events()}
+    assert ("aten::convolution_backward" in ran) == (tokens > kernels_module._MATMUL_GRADS_MAX_TOKENS)
+    assert ("aten::mm" in ran) == (tokens <= kernels_module._MATMUL_GRADS_MAX_TOKENS)
     expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
     F.linear(*expected).backward(grad)
     for got, want in zip(leaves, expected):

@@ -292,12 +292,13 @@ def test_compiled_training_runs_again_at_another_image_size_in_the_same_process(
         assert math.isfinite(result["metrics"]["train_loss"])
 
 
-def test_compiled_training_with_gradient_checkpointing_saves_plain_official_keys(data, tmp_path):
-    """TRAIN.COMPILE and TRAIN.GRAD_CHECKPOINTING together, under bf16 autocast (the CPU's AMP, whose
-    compiled step runs the bf16 custom ops of `cvt.models.kernels`): the run trains, evaluates and
-    saves the model's own keys (no `_orig_mod.` prefix of the compiled wrapper)."""
+@pytest.mark.parametrize("amp", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_compiled_training_with_gradient_checkpointing_saves_plain_official_keys(data, tmp_path, amp):
+    """TRAIN.COMPILE and TRAIN.GRAD_CHECKPOINTING together, in fp32 and under bf16 autocast (the CPU's
+    AMP, whose compiled step runs the bf16 custom ops of `cvt.models.kernels`): the run trains,
+    evaluates and saves the model's own keys (no `_orig_mod.` prefix of the compiled wrapper)."""
     result = train(config(data, tmp_path, "TRAIN.END_EPOCH", 1, "TRAIN.COMPILE", True,
-                          "TRAIN.GRAD_CHECKPOINTING", True, "AMP.ENABLED", True, "TENSORBOARD", False))
+                          "TRAIN.GRAD_CHECKPOINTING", True, "AMP.ENABLED", amp, "TENSORBOARD", False))
     assert math.isfinite(result["metrics"]["train_loss"]) and "val_top1" in result["metrics"]
     state = torch.load(result["final_state"], weights_only=True)
     trained_spec = dict(TINY_SPEC, DEPTH=[1, 1, 1])  # as run_opts sets it

@@ -4,9 +4,10 @@ One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
 matmul gradients) where the CPU has no AMX, and chunked matmul attention for bf16 inference and
-training (with backwards of its own); under ``torch.compile``, in fp32 and bf16 training and in
-inference without inductor's freezing, the token linears, attention and depthwise convolutions as
-custom ops inductor cannot relayout (see `_opaque_under_compile`). Elsewhere (CUDA) and inside
+training (with backwards of its own, custom ops that run eager and compiled); under ``torch.compile``,
+in fp32 and bf16 training and in inference without inductor's freezing, the token linears, attention
+and depthwise convolutions as custom ops inductor cannot relayout (see `_opaque_under_compile`; bf16
+attention stays the chunked matmuls with freezing too). Elsewhere (CUDA) and inside
 `portable_kernels` (export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``.
 All compute the same function; benchmarks/RESULTS.md has why each choice was made.
 """
@@ -114,7 +115,7 @@ def token_linear(
     ``F.linear`` there, forward and backward, with the bias inside the kernel. In inference the
     activation runs inside the kernel too, which saves a pass over, and an allocation of, the widest
     tensor of the MLP. In bf16 training on images of few tokens the backward is plain matmuls
-    (`_TokenLinearMatmulGrads`). Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
+    (`_token_conv`'s backward). Elsewhere (CUDA, AMX CPUs: `cpu_has_amx`) ``F.linear`` is the fast path.
     """
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
@@ -251,9 +252,8 @@ def _fused_inference_dtype(x: torch.Tensor) -> torch.dtype | None:
     """
     if not _HAS_ONEDNN_POINTWISE or not uses_cpu_kernels(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
+    dtype = _compute_dtype(x)
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
 
 
 def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -279,9 +279,9 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # are reused by the allocator, where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
 # In bf16 training on CPU, autograd through the explicit matmuls wins while one image's scores are
-# this small; above it (CvT's first stage) `_RecomputedAttention`, which keeps no scores for the backward.
+# this small; above it (CvT's first stage) `_recomputed_attention`, which keeps no scores for the backward.
 _TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
-# ... and over at most this many keys (CvT's last stage) `_KeyMajorAttention`.
+# ... and over at most this many keys (CvT's last stage) `_key_major_attention`.
 _KEY_MAJOR_MAX_KEYS = 64
 
 
@@ -295,8 +295,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
 
     ``scaled_dot_product_attention`` everywhere, except in bf16 on CPU, where its fused kernel
     (forward and backward) is slower than two plain oneDNN bf16 matmuls around a vectorised softmax,
-    done a few images at a time (`_bf16_attention`), and in fp32 under ``torch.compile``
-    (`_flash_attention`: the same kernel, opaque to inductor).
+    done a few images at a time (`_bf16_attention`), and in fp32 under ``torch.compile`` where the
+    ops are opaque (`_opaque_under_compile`: `_flash_attention`, the same kernel, opaque to inductor).
     """
     if not uses_cpu_kernels(q) or dropout_p > 0.0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
@@ -476,10 +476,11 @@ def _(
 
 def _key_major_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, ctx.scale = inputs
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the probabilities, which nothing uses
     ctx.save_for_backward(q, k, v, output[1])
 
 
-def _key_major_attention_grads(ctx: Any, grad: torch.Tensor, _grad_probs_t: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+def _key_major_attention_grads(ctx: Any, grad: torch.Tensor, _grad_probs_t: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     return (*_key_major_attention_backward(grad, *ctx.saved_tensors, ctx.scale), None)
 
 
@@ -542,10 +543,11 @@ def _(
 
 def _flash_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, ctx.heads, ctx.scale = inputs
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the logsumexp, which nothing uses
     ctx.save_for_backward(q, k, v, *output)
 
 
-def _flash_attention_grads(ctx: Any, grad: torch.Tensor, _grad_logsumexp: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+def _flash_attention_grads(ctx: Any, grad: torch.Tensor, _grad_logsumexp: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     return (*_flash_attention_backward(grad, *ctx.saved_tensors, ctx.heads, ctx.scale), None, None)
 
 
@@ -645,7 +647,9 @@ def depthwise_conv(
     gradients, so bf16 training on CPU takes that path.
     """
     weight, bias = (conv.weight, conv.bias) if weight is None else (weight, bias)
-    subsample = uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and torch.is_grad_enabled() and conv.stride != (1, 1)
+    x = to_autocast_dtype(x)  # the custom op is unknown to autocast; a no-op for the model's own inputs
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    subsample = uses_cpu_kernels(x) and x.dtype == torch.bfloat16 and needs_grad and conv.stride != (1, 1)
     stride = (1, 1) if subsample else conv.stride
     if _opaque_under_compile(x) and conv.groups == x.shape[1] and conv.dilation == (1, 1):
         out = _depthwise_conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, conv.padding)

@@ -224,25 +224,31 @@ _KEPT_TOP_BYTES = 2**31 - 1
 _MMAP_THRESHOLDS = (2**30, 32 * 2**20)
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep the memory a CPU step frees for the next steps instead of handing it
-    back to the system; True when set (glibc only: elsewhere nothing changes).
+def keep_freed_memory() -> int:
+    """Have glibc's malloc keep the memory the process frees for later use instead of handing it back
+    to the system; returns the mmap threshold set, in bytes (0: nothing changed, as on another C
+    library, or where the environment sets malloc up).
 
     By default glibc serves big tensors with fresh mmaps and trims the heap's free top, so a step's big
     activations and gradients fault their pages in anew every step, a few percent of a training step
-    and a tenth of inference (benchmarks/RESULTS.md). The process keeps the memory instead; it settles
-    at about the peak the steps need. Lasts for the process, so the `cvt` command sets it for the
-    commands that run a model (its process is theirs), and a Python caller who wants it calls this; the
-    MALLOC_*_ environment variables, or another allocator preloaded, take precedence.
+    and a tenth of inference on the CPU (benchmarks/RESULTS.md). The process keeps the memory instead;
+    it settles at about the peak the steps need. Lasts for the process and the data-loader workers it
+    forks, so the `cvt` command sets it for the commands that run a model (its process is theirs), and
+    a Python caller who wants it calls this; the MALLOC_*_ environment variables, or another allocator
+    preloaded, take precedence.
     """
     if not sys.platform.startswith("linux") or any(
         name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
     ):
-        return False
+        return 0
     libc = ctypes.CDLL(None)  # the process's own C library
-    if not hasattr(libc, "gnu_get_libc_version") or libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_TOP_BYTES) != 1:
-        return False
-    return any(libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 for threshold in _MMAP_THRESHOLDS)
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return 0
+    for threshold in _MMAP_THRESHOLDS:
+        if libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1:
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_TOP_BYTES)
+            return threshold
+    return 0
 
 
 @contextlib.contextmanager
