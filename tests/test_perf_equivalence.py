@@ -378,6 +378,26 @@ def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
             assert err <= bound, f"{what} vs {expected_name}: {err:.3g}"
 
 
+@pytest.mark.parametrize(
+    "batch, heads, queries, keys, op",
+    [(5, 1, 1500, 800, "cvt::recomputed_attention"), (4, 3, 197, 50, "cvt::key_major_attention"),
+     (4, 3, 784, 196, "cvt::recomputed_attention")],
+)
+def test_bf16_inference_attention_paths(batch, heads, queries, keys, op):
+    """In bf16 CPU inference, attention runs over few keys key-major (CvT's last stage), else in
+    chunks of images with the scale inside the matmul and the softmax in place in a reused buffer:
+    within bf16 rounding of the explicit bf16 arithmetic and of SDPA."""
+    q, k, v = (torch.randn(batch, heads, n, 64, dtype=torch.bfloat16) for n in (queries, keys, keys))
+    scale = (64 * heads) ** -0.5
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        got = kernels_module.attention(q, k, v, scale, 0.0)
+    assert op in {event.name for event in profile.events()}
+    explicit = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1), v)
+    for expected in (explicit, F.scaled_dot_product_attention(q, k, v, scale=scale)):
+        err = (got.float() - expected.float()).abs().max().item()
+        assert err <= BF16_RTOL_OF_MAX * expected.float().abs().max().item()
+
+
 @pytest.mark.parametrize("tokens, path", [(50, "cvt_token_conv"), (300, "ConvolutionBackward0")])
 def test_bf16_training_token_linear_takes_matmul_grads_on_few_tokens(monkeypatch, tokens, path):
     """In bf16 CPU training without AMX, a token linear over few tokens per image computes its
@@ -471,7 +491,9 @@ def test_compiled_training_ops_keep_the_custom_op_contract():
                 torch.library.opcheck(torch.ops.cvt.token_conv_pointwise.default, args)
         q, k, v = (t.detach().bfloat16() for t in (q, k, v))
         torch.library.opcheck(torch.ops.cvt.flash_attention.default, (q, k, v, 3, 0.3))
-        torch.library.opcheck(torch.ops.cvt.chunked_attention.default, (q, k, v, 3, 0.3))
+        q_bf16, k_bf16, v_bf16 = (t.detach() for t in (q_bf16, k_bf16, v_bf16))
+        torch.library.opcheck(torch.ops.cvt.recomputed_attention.default, (q_bf16, k_bf16, v_bf16, 0.5, 2))
+        torch.library.opcheck(torch.ops.cvt.key_major_attention.default, (q_bf16, k_bf16, v_bf16, 0.5))
     x_map = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
     for stride, conv_bias in [((1, 1), None), ((2, 2), None), ((2, 2), torch.randn(6, requires_grad=True))]:
         weight = torch.randn(6, 1, 3, 3, requires_grad=True)
@@ -521,7 +543,7 @@ def test_inductor_bf16_training_step_runs_the_eager_bf16_ops(monkeypatch):
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
-    monkeypatch.setattr(kernels_module, "_TRAIN_SCORE_BYTES_PER_IMAGE", 2**16)
+    monkeypatch.setattr(kernels_module, "_LARGE_SCORE_BYTES_PER_IMAGE", 2**16)
     fast, _ = model_pair(small_spec())
     fast.train()
     compiled = torch.compile(fast, fullgraph=True)
@@ -570,15 +592,16 @@ def test_inductor_inference_without_freezing_equals_the_reference_through_the_op
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got_bf16, code_bf16 = run_and_get_code(compiled, x)
             _assert_bf16_close(got_bf16, ref(x))
-    for generated, attention_op in [("\n".join(code), "flash_attention"), ("\n".join(code_bf16), "chunked_attention")]:
-        for op in ["token_conv", "token_conv_pointwise", attention_op, "depthwise_conv"]:
+    bf16_attention = ["recomputed_attention", "key_major_attention"]
+    for generated, attention_ops in [("\n".join(code), ["flash_attention"]), ("\n".join(code_bf16), bf16_attention)]:
+        for op in ["token_conv", "token_conv_pointwise", *attention_ops, "depthwise_conv"]:
             assert f"torch.ops.cvt.{op}.default(" in generated, op
 
 
 @pytest.mark.slow
-def test_inductor_bf16_inference_with_freezing_keeps_the_chunked_attention():
+def test_inductor_bf16_inference_with_freezing_keeps_the_bf16_attention_ops():
     """With inductor's freezing, compiled bf16 inference leaves the token linears and convolutions to
-    inductor's prepacked kernels but keeps eager bf16's chunked attention (SDPA is slower there), and
+    inductor's prepacked kernels but keeps eager bf16's attention ops (SDPA is slower there), and
     stays within bf16 rounding of the reference."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
@@ -592,5 +615,6 @@ def test_inductor_bf16_inference_with_freezing_keeps_the_chunked_attention():
     with torch.no_grad():
         _assert_bf16_close(got, ref(x))
     generated = "\n".join(code)
-    assert "torch.ops.cvt.chunked_attention.default(" in generated
+    assert "torch.ops.cvt.recomputed_attention.default(" in generated
+    assert "torch.ops.cvt.key_major_attention.default(" in generated
     assert "torch.ops.cvt.token_conv" not in generated

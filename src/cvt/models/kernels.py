@@ -4,10 +4,10 @@ One predicate, `uses_cpu_kernels`, chooses the device's path, and one, `cpu_has_
 depends on its instruction sets. On CPU: oneDNN 1x1 convolutions of channels-last maps for the token
 linears (bias and, in inference, the activation inside the kernel; in bf16 training over few tokens,
 matmul gradients) where the CPU has no AMX, and chunked matmul attention for bf16 inference and
-training (with backwards of its own, custom ops that run eager and compiled); under ``torch.compile``,
-in fp32 and bf16 training and in inference without inductor's freezing, the token linears, attention
-and depthwise convolutions as custom ops inductor cannot relayout (see `_opaque_under_compile`; bf16
-attention stays the chunked matmuls with freezing too). Elsewhere (CUDA) and inside
+training (custom ops with backwards of their own, which run eager and compiled); under
+``torch.compile``, in fp32 and bf16 training and in inference without inductor's freezing, the token
+linears, attention and depthwise convolutions as custom ops inductor cannot relayout (see
+`_opaque_under_compile`; bf16 attention stays the chunked matmuls with freezing too). Elsewhere (CUDA) and inside
 `portable_kernels` (export): the portable ops, ``F.linear`` and ``scaled_dot_product_attention``.
 All compute the same function; benchmarks/RESULTS.md has why each choice was made.
 """
@@ -275,13 +275,14 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-# The most attention scores held at once by the bf16 CPU inference path: a few MiB stay in cache and
-# are reused by the allocator, where the whole batch's would not.
+# The most attention scores held at once by the bf16 CPU path: a few MiB stay in cache and are reused,
+# where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
-# In bf16 training on CPU, autograd through the explicit matmuls wins while one image's scores are
-# this small; above it (CvT's first stage) `_recomputed_attention`, which keeps no scores for the backward.
-_TRAIN_SCORE_BYTES_PER_IMAGE = 2 * 2**20
-# ... and over at most this many keys (CvT's last stage) `_key_major_attention`.
+# Above this much of one image's scores (CvT's first stage) bf16 attention runs as
+# `_recomputed_attention`, which keeps no scores for a backward; in training below it autograd through
+# the explicit matmuls wins ...
+_LARGE_SCORE_BYTES_PER_IMAGE = 2 * 2**20
+# ... except over at most this many keys (CvT's last stage): `_key_major_attention`.
 _KEY_MAJOR_MAX_KEYS = 64
 
 
@@ -308,23 +309,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, d
 
 
 def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """bf16 attention on CPU as plain matmuls around a softmax, eager or compiled (benchmarks/RESULTS.md).
+    """bf16 attention on CPU as plain matmuls around a softmax, eager or compiled, with or without
+    inductor's freezing (benchmarks/RESULTS.md).
 
-    In training, where an image's scores are large (CvT's first stage), `_recomputed_attention`,
-    whose backward recomputes them a chunk at a time; over few keys (CvT's last stage)
-    `_key_major_attention`, the scores transposed; else autograd (or inductor) through the chunked
-    matmuls. In inference, the chunked matmuls (`_chunked_attention` under the compiler, with or
-    without inductor's freezing: SDPA in bf16 is slower there too, benchmarks/RESULTS.md). That is
-    also the published model's arithmetic under autocast (bf16 scores, bf16 probabilities).
+    Where an image's scores are large (CvT's first stage), `_recomputed_attention`: a chunk of images
+    at a time, whose backward recomputes them; over few keys (CvT's last stage) `_key_major_attention`,
+    the scores transposed; else in training autograd (or inductor) through the chunked matmuls, in
+    inference `_recomputed_attention`'s chunks again. That is also the published model's arithmetic
+    under autocast (bf16 scores, bf16 probabilities).
     """
     chunk = _images_per_chunk(q, k)
-    if torch.is_grad_enabled():
-        if q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > _TRAIN_SCORE_BYTES_PER_IMAGE:
-            return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
-        if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
-            return _over_heads(_key_major_attention, q, k, v, scale)
-    elif torch.compiler.is_compiling():
-        return _heads(_chunked_attention(_tokens(q), _tokens(k), _tokens(v), q.shape[1], scale), q.shape[1])
+    if q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > _LARGE_SCORE_BYTES_PER_IMAGE:
+        return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
+    if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
+        return _over_heads(_key_major_attention, q, k, v, scale)
+    if not torch.is_grad_enabled():
+        return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
     return _attention_in_chunks(q, k, v, scale, chunk)
 
 
@@ -334,19 +334,6 @@ def _attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
         scores = torch.matmul(q_c, k_c.transpose(-2, -1)).mul_(scale)
         out.append(torch.matmul(torch.softmax(scores, dim=-1), v_c))
     return torch.cat(out)
-
-
-@torch.library.custom_op("cvt::chunked_attention", mutates_args=())
-def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """Eager bf16 inference's attention (`attention`) on (B, N, heads * d) tokens, for compiled bf16
-    inference, where it beats SDPA's flash kernel as in eager (no backward: autograd must be off)."""
-    q, k, v = (_heads(t, heads) for t in (q, k, v))
-    return _tokens(_attention_in_chunks(q, k, v, scale, _images_per_chunk(q, k)))
-
-
-@_chunked_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def _over_heads(op: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any) -> torch.Tensor:
