@@ -119,16 +119,13 @@ def token_linear(
     """
     if not uses_cpu_kernels(x) or x.dim() != 3 or cpu_has_amx():
         out = F.linear(x, weight, bias)
-    elif _opaque_under_compile(x):
+    elif _opaque_under_compile(x) or _trains_with_matmul_grads(x):
         # Autocast does not know the custom ops: their inputs get its dtype here, as ``F.linear``'s would.
         x, weight = to_autocast_dtype(x), to_autocast_dtype(weight)
         bias = None if bias is None else to_autocast_dtype(bias)
         if activation is not None and _HAS_ONEDNN_POINTWISE and not torch.is_grad_enabled():
-            return _token_conv_pointwise(x, weight, bias, activation)
+            return _token_conv_pointwise(x, weight, bias, activation)  # compiled inference only
         out = _token_conv(x, weight, bias)
-    elif _trains_with_matmul_grads(x):
-        bias = None if bias is None else to_autocast_dtype(bias)
-        out = _token_conv(to_autocast_dtype(x), to_autocast_dtype(weight), bias)
     elif activation is not None and (dtype := _fused_inference_dtype(x)) is not None:
         return _conv_tokens_pointwise(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), activation)
     else:
@@ -319,13 +316,12 @@ def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     under autocast (bf16 scores, bf16 probabilities).
     """
     chunk = _images_per_chunk(q, k)
-    if q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > _LARGE_SCORE_BYTES_PER_IMAGE:
-        return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
-    if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
-        return _over_heads(_key_major_attention, q, k, v, scale)
-    if not torch.is_grad_enabled():
-        return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
-    return _attention_in_chunks(q, k, v, scale, chunk)
+    if q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() <= _LARGE_SCORE_BYTES_PER_IMAGE:
+        if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
+            return _over_heads(_key_major_attention, q, k, v, scale)
+        if torch.is_grad_enabled():
+            return _attention_in_chunks(q, k, v, scale, chunk)
+    return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
 
 
 def _attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
