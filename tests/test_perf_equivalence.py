@@ -9,6 +9,7 @@ LayerNorm cast to float32 and back.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt.models.kernels as kernels_module
 from cvt.models.cvt import create_model
@@ -424,6 +426,81 @@ def test_bf16_training_token_linear_takes_matmul_grads_on_few_tokens(monkeypatch
     for got, want in zip(leaves, expected):
         err = (got.grad - want.grad).abs().max().item()
         assert err <= BF16_RTOL_OF_MAX * want.grad.abs().max().item()
+
+
+class _OpOutputs(TorchDispatchMode):
+    """The outputs of every call of one op (``namespace::name``) while active, backward included."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op, self.outputs = op, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.name().split(".")[0] == self.op:
+            self.outputs.append(out)
+        return out
+
+
+def _backward_of(op, leaves: list[torch.Tensor], frozen: int, backward_op: str) -> tuple[list[torch.Tensor], set[str]]:
+    """The gradients ``op(*leaves)`` hands back with leaf ``frozen`` not needing one, the outputs of
+    ``backward_op`` (unneeded ones empty), and the aten ops the backward ran."""
+    for i, leaf in enumerate(leaves):
+        leaf.requires_grad_(i != frozen)
+    out = op(*leaves)
+    with _OpOutputs(backward_op) as mode, torch.profiler.profile() as profile:
+        out.backward(torch.ones_like(out))
+    (computed,) = mode.outputs
+    return list(computed), {event.name for event in profile.events()}
+
+
+@pytest.mark.parametrize("dtype, tokens", [(torch.bfloat16, 50), (torch.bfloat16, 300), (torch.float32, 300)])
+@pytest.mark.parametrize("frozen", [0, 1, 2])
+def test_token_conv_backward_computes_only_the_gradients_needed(dtype, tokens, frozen):
+    """`cvt::token_conv`'s backward computes the gradients of the inputs that need one (a frozen weight
+    or bias, an input nothing trainable made, gets none computed), in both of its routes (matmuls over
+    few tokens in bf16, the 1x1 convolution's backward otherwise), and the same ones as with all three."""
+    x, weight, bias = torch.randn(3, tokens, 48, dtype=dtype), torch.randn(96, 48, dtype=dtype), torch.randn(96, dtype=dtype)
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    kernels_module._token_conv(*expected).backward(torch.ones(3, tokens, 96, dtype=dtype))
+    leaves = [t.clone() for t in (x, weight, bias)]
+    computed, ran = _backward_of(kernels_module._token_conv, leaves, frozen, "cvt::token_conv_backward")
+    assert computed[frozen].numel() == 0 and leaves[frozen].grad is None
+    if tokens <= kernels_module._MATMUL_GRADS_MAX_TOKENS and frozen < 2:
+        assert "aten::convolution_backward" not in ran
+    for i in {0, 1, 2} - {frozen}:
+        torch.testing.assert_close(leaves[i].grad, expected[i].grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 2])
+def test_depthwise_conv_backward_computes_only_the_gradients_needed(frozen):
+    """`cvt::depthwise_conv` (the projections under ``torch.compile``): its backward computes only the
+    gradients needed, the same as with all three."""
+    x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8, 1, 3, 3), torch.randn(8)
+
+    def conv(x, weight, bias):
+        return kernels_module._depthwise_conv(x, weight, bias, [2, 2], [1, 1])
+
+    expected = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    conv(*expected).backward(torch.ones(2, 8, 5, 4))
+    leaves = [t.clone() for t in (x, weight, bias)]
+    computed, _ = _backward_of(conv, leaves, frozen, "cvt::depthwise_conv_backward")
+    assert computed[frozen].numel() == 0 and leaves[frozen].grad is None
+    for i in {0, 1, 2} - {frozen}:
+        torch.testing.assert_close(leaves[i].grad, expected[i].grad, rtol=0, atol=0)
+
+
+def test_compile_caches_are_keyed_by_the_kernels_source(monkeypatch):
+    """Inductor's caches do not see what the custom ops' backwards trace into: the kernels module's
+    digest in torch.compile's cache key tag makes a changed module compile afresh instead of reusing a
+    stale backward graph (which crashed on a changed op signature). A user's own tag is kept."""
+    digest = hashlib.sha256(Path(kernels_module.__file__).read_bytes()).hexdigest()[:16]
+    assert f"cvt-kernels-{digest}" in torch.compiler.config.cache_key_tag.split("+")
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
+    kernels_module._tag_compile_caches()
+    kernels_module._tag_compile_caches()
+    assert torch.compiler.config.cache_key_tag == f"mine+cvt-kernels-{digest}"
 
 
 def test_dense_grad_hands_back_a_dense_channels_last_gradient():

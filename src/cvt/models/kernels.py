@@ -14,7 +14,9 @@ All compute the same function; benchmarks/RESULTS.md has why each choice was mad
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -186,41 +188,57 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _no_grad_for(x: torch.Tensor) -> torch.Tensor:
+    # What a backward op returns in place of a gradient nobody needs: ops cannot return None.
+    return x.new_empty(0)
+
+
 @torch.library.custom_op("cvt::token_conv_backward", mutates_args=())
 def _token_conv_backward(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `_token_conv` for x, weight and bias (an empty tensor without bias)."""
+    """The gradients of `_token_conv` for x, weight and bias that ``needs`` asks for, in that order (an
+    empty tensor for the others: a frozen weight, no bias, an input that needs none)."""
+    needs_x, needs_weight, needs_bias = needs
     if _takes_matmul_grads(x.shape[1], grad.dtype):
         rows = grad.contiguous().view(-1, grad.shape[-1])
-        grad_bias = rows.sum(0) if with_bias else weight.new_empty(0)
-        return torch.mm(rows, weight).view(x.shape), torch.mm(rows.t(), x.reshape(-1, x.shape[-1])), grad_bias
+        return (
+            torch.mm(rows, weight).view(x.shape) if needs_x else _no_grad_for(x),
+            torch.mm(rows.t(), x.reshape(-1, x.shape[-1])) if needs_weight else _no_grad_for(weight),
+            rows.sum(0) if needs_bias else _no_grad_for(weight),
+        )
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        _conv_map(grad), _conv_map(x), weight[:, :, None, None], [weight.shape[0]] if with_bias else None,
-        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, with_bias],
+        _conv_map(grad), _conv_map(x), weight[:, :, None, None], [weight.shape[0]] if needs_bias else None,
+        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, list(needs),
     )
-    grad_bias = grad_bias if with_bias else weight.new_empty(0)
-    return grad_x.squeeze(2).transpose(1, 2).contiguous(), grad_weight.flatten(1).contiguous(), grad_bias
+    return (
+        grad_x.squeeze(2).transpose(1, 2).contiguous() if needs_x else _no_grad_for(x),
+        grad_weight.flatten(1).contiguous() if needs_weight else _no_grad_for(weight),
+        grad_bias if needs_bias else _no_grad_for(weight),
+    )
 
 
 @_token_conv_backward.register_fake
 def _(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_bias = weight.new_empty(weight.shape[0] if with_bias else 0)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_bias
+    needs_x, needs_weight, needs_bias = needs
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else _no_grad_for(x),
+        torch.empty_like(weight) if needs_weight else _no_grad_for(weight),
+        weight.new_empty(weight.shape[0]) if needs_bias else _no_grad_for(weight),
+    )
 
 
 def _token_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, bias = inputs
+    x, weight, _bias = inputs
     ctx.save_for_backward(x, weight)
-    ctx.with_bias = bias is not None
 
 
-def _token_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _token_conv_backward(grad, x, weight, ctx.with_bias)
-    return grad_x, grad_weight, grad_bias if ctx.with_bias else None
+def _token_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = _token_conv_backward(grad, *ctx.saved_tensors, needs)
+    return tuple(g if needed else None for g, needed in zip(grads, needs))
 
 
 _token_conv.register_autograd(_token_conv_grads, setup_context=_token_conv_setup)
@@ -582,38 +600,45 @@ def _(
 
 @torch.library.custom_op("cvt::depthwise_conv_backward", mutates_args=())
 def _depthwise_conv_backward(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool, stride: Sequence[int],
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool], stride: Sequence[int],
     padding: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `_depthwise_conv` for x, weight and bias (an empty tensor without bias)."""
+    """The gradients of `_depthwise_conv` for x, weight and bias that ``needs`` asks for, in that order
+    (an empty tensor for the others)."""
+    needs_x, needs_weight, needs_bias = needs
     grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=torch.channels_last), x, weight, [weight.shape[0]] if with_bias else None,
-        stride, padding, [1, 1], False, [0, 0], x.shape[1], [True, True, with_bias],
+        grad.contiguous(memory_format=torch.channels_last), x, weight, [weight.shape[0]] if needs_bias else None,
+        stride, padding, [1, 1], False, [0, 0], x.shape[1], list(needs),
     )
-    grad_bias = grad_bias if with_bias else weight.new_empty(0)
-    grad_weight = grad_weight.as_strided(weight.shape, weight.stride())
-    return grad_x.contiguous(memory_format=torch.channels_last), grad_weight, grad_bias
+    return (
+        grad_x.contiguous(memory_format=torch.channels_last) if needs_x else _no_grad_for(x),
+        grad_weight.as_strided(weight.shape, weight.stride()) if needs_weight else _no_grad_for(weight),
+        grad_bias if needs_bias else _no_grad_for(weight),
+    )
 
 
 @_depthwise_conv_backward.register_fake
 def _(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, with_bias: bool, stride: Sequence[int],
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool], stride: Sequence[int],
     padding: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_bias = weight.new_empty(weight.shape[0] if with_bias else 0)
-    return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight), grad_bias
+    needs_x, needs_weight, needs_bias = needs
+    return (
+        torch.empty_like(x, memory_format=torch.channels_last) if needs_x else _no_grad_for(x),
+        torch.empty_like(weight) if needs_weight else _no_grad_for(weight),
+        weight.new_empty(weight.shape[0]) if needs_bias else _no_grad_for(weight),
+    )
 
 
 def _depthwise_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, weight, bias, ctx.stride, ctx.padding = inputs
+    x, weight, _bias, ctx.stride, ctx.padding = inputs
     ctx.save_for_backward(x, weight)
-    ctx.with_bias = bias is not None
 
 
 def _depthwise_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _depthwise_conv_backward(grad, x, weight, ctx.with_bias, ctx.stride, ctx.padding)
-    return grad_x, grad_weight, grad_bias if ctx.with_bias else None, None, None
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = _depthwise_conv_backward(grad, *ctx.saved_tensors, needs, ctx.stride, ctx.padding)
+    return (*(g if needed else None for g, needed in zip(grads, needs)), None, None)
 
 
 _depthwise_conv.register_autograd(_depthwise_conv_grads, setup_context=_depthwise_conv_setup)
@@ -642,3 +667,23 @@ def depthwise_conv(
     # bf16 kernels and the convolution's backward need (a strided slice would hand on a strided view,
     # and get back a gradient scattered into a zeroed contiguous, not channels-last, tensor).
     return F.avg_pool2d(out, 1, conv.stride) if subsample else out
+
+
+def _tag_compile_caches() -> None:
+    """Add this module's digest to ``torch.compile``'s cache key tag (process-wide, appended to a
+    tag the user set).
+
+    Inductor's caches key a graph by the ops it calls, not by what our custom ops' registered
+    backwards trace into: after an upgrade that changes those, a cached backward graph would call the
+    ops as the old version did (a crash on a changed signature, or the old arithmetic). The digest
+    changes with this file, so a changed module compiles afresh; other graphs only gain a constant.
+    """
+    config = getattr(torch.compiler, "config", None)  # torch >= 2.6
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    tag = "cvt-kernels-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
+
+
+_tag_compile_caches()
