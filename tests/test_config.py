@@ -336,6 +336,24 @@ def test_output_dir_needs_a_name():
         (["AUG.SCALE", "(0.5, 0.1)"], "AUG.SCALE"),
         (["DIST_TIMEOUT_S", "0"], "DIST_TIMEOUT_S=0"),
         (["SEED", "-1"], "SEED=-1"),
+        # timm's scheduler would divide by a 0 step length only after the first epoch.
+        (["TRAIN.LR_SCHEDULER.ARGS.sched", "step", "TRAIN.LR_SCHEDULER.ARGS.decay_epochs", "0"],
+         "TRAIN.LR_SCHEDULER.ARGS.decay_epochs=0 is invalid: it must be >= 1"),
+        (["TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", "-3"], "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs=-3 is invalid: it must be >= 0"),
+        (["TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs", "-1"], "TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs=-1"),
+        (["TRAIN.LR_SCHEDULER.ARGS.min_lr", "-1e-5"], "TRAIN.LR_SCHEDULER.ARGS.min_lr=-1e-05"),
+        (["TRAIN.LR_SCHEDULER.ARGS.decay_rate", "0"], "TRAIN.LR_SCHEDULER.ARGS.decay_rate=0.0 is invalid: it must be positive"),
+        (["TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit", "0"], "TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit=0"),
+        (["TRAIN.LR_SCHEDULER.ARGS.sched", "none"], "TRAIN.LR_SCHEDULER.ARGS.sched='none' is invalid: it must be one of 'cosine'"),
+        (["TRAIN.LR_SCHEDULER.ARGS.noise", "[0.8, 0.2]"], r"TRAIN.LR_SCHEDULER.ARGS.noise=\[0.8, 0.2\] is invalid"),
+        (["TRAIN.LR_SCHEDULER.ARGS.noise", "[1.5]"], "TRAIN.LR_SCHEDULER.ARGS.noise"),
+        (["TRAIN.LR_SCHEDULER.ARGS.noise", "['a']"], "TRAIN.LR_SCHEDULER.ARGS.noise"),
+        # timm would fail with an AssertionError or KeyError when the transform is built, or (RE_MODE with
+        # RE_PROB 0) take it silently.
+        (["AUG.TIMM_AUG.AUTO_AUGMENT", "foo"], "AUG.TIMM_AUG.AUTO_AUGMENT='foo' is invalid: it must be empty or a timm policy"),
+        (["AUG.TIMM_AUG.AUTO_AUGMENT", "randx-m9"], "AUG.TIMM_AUG.AUTO_AUGMENT='randx-m9'"),
+        (["AUG.TIMM_AUG.INTERPOLATION", "foo"], "AUG.TIMM_AUG.INTERPOLATION='foo' is invalid: it must be one of 'nearest'"),
+        (["AUG.TIMM_AUG.RE_MODE", "foo"], "AUG.TIMM_AUG.RE_MODE='foo' is invalid: it must be one of 'const', 'rand', 'pixel'"),
     ],
 )
 def test_invalid_values_stop_with_one_line(opts, message):
@@ -348,6 +366,9 @@ def test_valid_edge_values_pass():
     cfg = load_config(None, [
         "TRAIN.OPTIMIZER", "AdamW", "TRAIN.IMAGE_SIZE", "[3, 3]", "LOSS.LABEL_SMOOTHING", "0",
         "AUG.MIXUP_PROB", "1", "WORKERS", "0", "AMP.DTYPE", "float16", "AMP.MEMORY_FORMAT", "nhwc",
+        "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", "0", "TRAIN.LR_SCHEDULER.ARGS.decay_epochs", "1",
+        "TRAIN.LR_SCHEDULER.ARGS.noise", "[0, 1]", "AUG.TIMM_AUG.AUTO_AUGMENT", "augmix-m5-w4-d2",
+        "AUG.TIMM_AUG.INTERPOLATION", "random", "AUG.TIMM_AUG.RE_MODE", "const",
     ])
     assert cfg.TRAIN.OPTIMIZER == "AdamW" and cfg.TRAIN.IMAGE_SIZE == [3, 3]
 
