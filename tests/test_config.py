@@ -288,6 +288,20 @@ def test_name_comes_from_the_file_not_its_base(tmp_path):
     assert load_config(tmp_path / "two.yaml", ["NAME", "cli"]).NAME == "cli"
 
 
+def test_a_leading_tilde_in_path_keys_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    source = write(tmp_path / "exp.yaml", "OUTPUT_DIR: ~/runs\nDATASET:\n  ROOT: '~/data'\n")
+    cfg = load_config(source, ["TEST.MODEL_FILE", "~/model.pth", "MODEL.PRETRAINED", "~/init.pth",
+                               "TRAIN.CHECKPOINT", "~/ckpt.pth", "DATASET.CLASS_MAP", "~/map.txt",
+                               "TEST.VALID_LABELS", "~/labels.txt"])
+    assert output_dir(cfg) == tmp_path / "runs" / "imagenet" / "exp"  # not a folder named '~' here
+    assert [cfg.DATASET.ROOT, cfg.TEST.MODEL_FILE, cfg.MODEL.PRETRAINED, cfg.TRAIN.CHECKPOINT, cfg.DATASET.CLASS_MAP,
+            cfg.TEST.VALID_LABELS] == [str(tmp_path / name) for name in
+                                       ("data", "model.pth", "init.pth", "ckpt.pth", "map.txt", "labels.txt")]
+    assert load_config(None, ["TEST.MODEL_FILE", "hf-hub:org/repo"]).TEST.MODEL_FILE == "hf-hub:org/repo"
+    assert config_from_settings({"OUTPUT_DIR": "~/stored"}).OUTPUT_DIR == str(tmp_path / "stored")
+
+
 def test_output_dir_needs_a_name():
     assert output_dir(load_config(None, ["NAME", "x", "OUTPUT_DIR", "out"])) == Path("out/imagenet/x")
     with pytest.raises(UserError, match="NAME is empty"):

@@ -722,11 +722,23 @@ def load_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = (), *,
     # Everything named by BASE is merged in now; the result stands alone, so a saved copy reloads
     # without the base files.
     cfg.BASE = [""]
+    _expand_home(cfg)
     validate_config(cfg)
     if warn:
         _warn_keys_without_effect(cfg)
     cfg.freeze()
     return cfg
+
+
+def _expand_home(cfg: CfgNode) -> None:
+    """A leading '~' in PATH_KEYS means the home folder, as a shell would read it; no shell sees a value
+    given in a file or quoted on the command line."""
+    for dotted in PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = os.path.expanduser(node[leaf])
 
 
 def config_value(node: CfgNode, dotted: str) -> Any:
