@@ -78,7 +78,8 @@ def test_defaults_load_and_every_key_documented():
     for key in ("SEED", "DETERMINISTIC", "DIST_TIMEOUT_S", "TENSORBOARD", "MODEL.ACTIVATION", "AMP.DTYPE",
                 "TRAIN.ACCUM_STEPS", "TRAIN.EMA.ENABLED", "TRAIN.EMA.DECAY", "TRAIN.NONFINITE_LOSS",
                 "TRAIN.GRAD_CHECKPOINTING", "TRAIN.COMPILE", "TRAIN.EVAL_EVERY", "DATASET.BAD_FILES",
-                "DATASET.MAX_IMAGE_PIXELS", "TEST.AMP", "DATASET.CLASS_MAP", *KEYS_WITHOUT_EFFECT):
+                "DATASET.MAX_IMAGE_PIXELS", "TEST.AMP", "DATASET.CLASS_MAP", "TRAIN.LR_SCHEDULER.ARGS.noise",
+                *KEYS_WITHOUT_EFFECT):
         assert f"`{key}`" in documented
 
 
@@ -354,7 +355,7 @@ def test_output_dir_needs_a_name():
         (["TRAIN.LR_SCHEDULER.ARGS.sched", "step", "TRAIN.LR_SCHEDULER.ARGS.decay_epochs", "0"],
          "TRAIN.LR_SCHEDULER.ARGS.decay_epochs=0 is invalid: it must be >= 1"),
         (["TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", "-3"], "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs=-3 is invalid: it must be >= 0"),
-        (["TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs", "-1"], "TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs=-1"),
+        (["TRAIN.LR_SCHEDULER.ARGS.patience_epochs", "-1"], "TRAIN.LR_SCHEDULER.ARGS.patience_epochs=-1"),
         (["TRAIN.LR_SCHEDULER.ARGS.min_lr", "-1e-5"], "TRAIN.LR_SCHEDULER.ARGS.min_lr=-1e-05"),
         (["TRAIN.LR_SCHEDULER.ARGS.decay_rate", "0"], "TRAIN.LR_SCHEDULER.ARGS.decay_rate=0.0 is invalid: it must be positive"),
         (["TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit", "0"], "TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit=0"),

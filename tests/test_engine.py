@@ -181,8 +181,7 @@ def test_cosine_schedule_with_warmup():
 
 def _cosine_lrs(*opts: object) -> list[float]:
     """The learning rate of epochs 0-19 of a 10-epoch cosine schedule from 1e-3 without warmup."""
-    cfg = _cfg("TRAIN.END_EPOCH", 10, "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", 0, "TRAIN.LR_SCHEDULER.ARGS.min_lr", 0.0,
-               "TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs", 0, *opts)
+    cfg = _cfg("TRAIN.END_EPOCH", 10, "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", 0, "TRAIN.LR_SCHEDULER.ARGS.min_lr", 0.0, *opts)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
     scheduler = build_scheduler(cfg, optimizer)
     lrs = []

@@ -118,6 +118,8 @@ KEYS_WITHOUT_EFFECT: dict[str, str] = {
     "AUG.DROPBLOCK_BLOCK_SIZE": _NOT_READ_BY_THE_RELEASE,
     "AUG.MIXCUT_AND_MIXUP": _NOT_READ_BY_THE_RELEASE,
     "AUG.TIMM_AUG.RE_SPLIT": "the release passes it to timm without augmentation splits, where it changes nothing",
+    "TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs": "the run ends at TRAIN.END_EPOCH: timm only adds it to the epoch "
+                                               "count it suggests, which the release ignores too",
     "TRAIN.GAMMA1": _NOT_READ_BY_THE_RELEASE,
     "TRAIN.GAMMA2": _NOT_READ_BY_THE_RELEASE,
     "DEBUG.DEBUG": _NOT_READ_BY_THE_RELEASE,
@@ -884,7 +886,7 @@ def _validate_train_schedule(args: CfgNode) -> None:
     _require_choice(key + "sched", args.sched, TRAIN_LR_SCHEDULES)
     _require(args.decay_epochs >= 1, key + "decay_epochs", args.decay_epochs, ">= 1 (epochs between the 'step' decays)")
     _require(args.lr_cycle_limit >= 1, key + "lr_cycle_limit", args.lr_cycle_limit, ">= 1")
-    for name in ("warmup_epochs", "cooldown_epochs", "patience_epochs", "warmup_lr", "min_lr", "noise_pct", "noise_std"):
+    for name in ("warmup_epochs", "patience_epochs", "warmup_lr", "min_lr", "noise_pct", "noise_std"):
         _require(args[name] >= 0, key + name, args[name], ">= 0")
     for name in ("decay_rate", "lr_cycle_mul"):
         _require(args[name] > 0, key + name, args[name], "positive")
