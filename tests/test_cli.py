@@ -73,6 +73,22 @@ def test_user_errors_are_one_line_with_exit_code_2(capsys, argv, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["TRAIN.LR_SCHEDULER.ARGS.sched", "step", "TRAIN.LR_SCHEDULER.ARGS.decay_epochs", "0"],
+         "TRAIN.LR_SCHEDULER.ARGS.decay_epochs=0"),
+        (["AUG.TIMM_AUG.USE_TRANSFORM", "True", "AUG.TIMM_AUG.AUTO_AUGMENT", "foo"], "AUG.TIMM_AUG.AUTO_AUGMENT='foo'"),
+        (["AUG.TIMM_AUG.USE_TRANSFORM", "True", "AUG.TIMM_AUG.INTERPOLATION", "foo"], "AUG.TIMM_AUG.INTERPOLATION='foo'"),
+    ],
+)
+def test_a_bad_training_setting_stops_before_the_run_starts(tmp_path, capsys, opts, message):
+    assert main(["train", "--cfg", "cvt-digits", "OUTPUT_DIR", str(tmp_path / "runs"), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()  # no run folder, no data read
+
+
 def test_errors_carry_no_traceback_from_the_installed_command():
     proc = subprocess.run([sys.executable, "-m", "cvt.cli", "info", "--cfg", "cvt-13-224x224", "TRAIN.LR", "-1"],
                           capture_output=True, text=True)
@@ -154,6 +170,10 @@ def test_cli_basics(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--weights", "w.pth", "--topk", "0", "x.png"])
     assert exit_info.value.code == 2 and "not a positive integer" in capsys.readouterr().err
+    for size in ("0", "-5", "x"):  # 0 was taken as "not given" (the default size)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["info", "cvt-13", "--img-size", size])
+        assert exit_info.value.code == 2 and "--img-size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--foo"])
     err = capsys.readouterr().err

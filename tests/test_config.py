@@ -78,7 +78,8 @@ def test_defaults_load_and_every_key_documented():
     for key in ("SEED", "DETERMINISTIC", "DIST_TIMEOUT_S", "TENSORBOARD", "MODEL.ACTIVATION", "AMP.DTYPE",
                 "TRAIN.ACCUM_STEPS", "TRAIN.EMA.ENABLED", "TRAIN.EMA.DECAY", "TRAIN.NONFINITE_LOSS",
                 "TRAIN.GRAD_CHECKPOINTING", "TRAIN.COMPILE", "TRAIN.EVAL_EVERY", "DATASET.BAD_FILES",
-                "DATASET.MAX_IMAGE_PIXELS", "TEST.AMP", "DATASET.CLASS_MAP", *KEYS_WITHOUT_EFFECT):
+                "DATASET.MAX_IMAGE_PIXELS", "TEST.AMP", "DATASET.CLASS_MAP", "TRAIN.LR_SCHEDULER.ARGS.noise",
+                *KEYS_WITHOUT_EFFECT):
         assert f"`{key}`" in documented
 
 
@@ -288,6 +289,20 @@ def test_name_comes_from_the_file_not_its_base(tmp_path):
     assert load_config(tmp_path / "two.yaml", ["NAME", "cli"]).NAME == "cli"
 
 
+def test_a_leading_tilde_in_path_keys_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    source = write(tmp_path / "exp.yaml", "OUTPUT_DIR: ~/runs\nDATASET:\n  ROOT: '~/data'\n")
+    cfg = load_config(source, ["TEST.MODEL_FILE", "~/model.pth", "MODEL.PRETRAINED", "~/init.pth",
+                               "TRAIN.CHECKPOINT", "~/ckpt.pth", "DATASET.CLASS_MAP", "~/map.txt",
+                               "TEST.VALID_LABELS", "~/labels.txt"])
+    assert output_dir(cfg) == tmp_path / "runs" / "imagenet" / "exp"  # not a folder named '~' here
+    assert [cfg.DATASET.ROOT, cfg.TEST.MODEL_FILE, cfg.MODEL.PRETRAINED, cfg.TRAIN.CHECKPOINT, cfg.DATASET.CLASS_MAP,
+            cfg.TEST.VALID_LABELS] == [str(tmp_path / name) for name in
+                                       ("data", "model.pth", "init.pth", "ckpt.pth", "map.txt", "labels.txt")]
+    assert load_config(None, ["TEST.MODEL_FILE", "hf-hub:org/repo"]).TEST.MODEL_FILE == "hf-hub:org/repo"
+    assert config_from_settings({"OUTPUT_DIR": "~/stored"}).OUTPUT_DIR == str(tmp_path / "stored")
+
+
 def test_output_dir_needs_a_name():
     assert output_dir(load_config(None, ["NAME", "x", "OUTPUT_DIR", "out"])) == Path("out/imagenet/x")
     with pytest.raises(UserError, match="NAME is empty"):
@@ -336,6 +351,24 @@ def test_output_dir_needs_a_name():
         (["AUG.SCALE", "(0.5, 0.1)"], "AUG.SCALE"),
         (["DIST_TIMEOUT_S", "0"], "DIST_TIMEOUT_S=0"),
         (["SEED", "-1"], "SEED=-1"),
+        # timm's scheduler would divide by a 0 step length only after the first epoch.
+        (["TRAIN.LR_SCHEDULER.ARGS.sched", "step", "TRAIN.LR_SCHEDULER.ARGS.decay_epochs", "0"],
+         "TRAIN.LR_SCHEDULER.ARGS.decay_epochs=0 is invalid: it must be >= 1"),
+        (["TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", "-3"], "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs=-3 is invalid: it must be >= 0"),
+        (["TRAIN.LR_SCHEDULER.ARGS.patience_epochs", "-1"], "TRAIN.LR_SCHEDULER.ARGS.patience_epochs=-1"),
+        (["TRAIN.LR_SCHEDULER.ARGS.min_lr", "-1e-5"], "TRAIN.LR_SCHEDULER.ARGS.min_lr=-1e-05"),
+        (["TRAIN.LR_SCHEDULER.ARGS.decay_rate", "0"], "TRAIN.LR_SCHEDULER.ARGS.decay_rate=0.0 is invalid: it must be positive"),
+        (["TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit", "0"], "TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit=0"),
+        (["TRAIN.LR_SCHEDULER.ARGS.sched", "none"], "TRAIN.LR_SCHEDULER.ARGS.sched='none' is invalid: it must be one of 'cosine'"),
+        (["TRAIN.LR_SCHEDULER.ARGS.noise", "[0.8, 0.2]"], r"TRAIN.LR_SCHEDULER.ARGS.noise=\[0.8, 0.2\] is invalid"),
+        (["TRAIN.LR_SCHEDULER.ARGS.noise", "[1.5]"], "TRAIN.LR_SCHEDULER.ARGS.noise"),
+        (["TRAIN.LR_SCHEDULER.ARGS.noise", "['a']"], "TRAIN.LR_SCHEDULER.ARGS.noise"),
+        # timm would fail with an AssertionError or KeyError when the transform is built, or (RE_MODE with
+        # RE_PROB 0) take it silently.
+        (["AUG.TIMM_AUG.AUTO_AUGMENT", "foo"], "AUG.TIMM_AUG.AUTO_AUGMENT='foo' is invalid: it must be empty or a timm policy"),
+        (["AUG.TIMM_AUG.AUTO_AUGMENT", "randx-m9"], "AUG.TIMM_AUG.AUTO_AUGMENT='randx-m9'"),
+        (["AUG.TIMM_AUG.INTERPOLATION", "foo"], "AUG.TIMM_AUG.INTERPOLATION='foo' is invalid: it must be one of 'nearest'"),
+        (["AUG.TIMM_AUG.RE_MODE", "foo"], "AUG.TIMM_AUG.RE_MODE='foo' is invalid: it must be one of 'const', 'rand', 'pixel'"),
     ],
 )
 def test_invalid_values_stop_with_one_line(opts, message):
@@ -348,6 +381,9 @@ def test_valid_edge_values_pass():
     cfg = load_config(None, [
         "TRAIN.OPTIMIZER", "AdamW", "TRAIN.IMAGE_SIZE", "[3, 3]", "LOSS.LABEL_SMOOTHING", "0",
         "AUG.MIXUP_PROB", "1", "WORKERS", "0", "AMP.DTYPE", "float16", "AMP.MEMORY_FORMAT", "nhwc",
+        "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", "0", "TRAIN.LR_SCHEDULER.ARGS.decay_epochs", "1",
+        "TRAIN.LR_SCHEDULER.ARGS.noise", "[0, 1]", "AUG.TIMM_AUG.AUTO_AUGMENT", "augmix-m5-w4-d2",
+        "AUG.TIMM_AUG.INTERPOLATION", "random", "AUG.TIMM_AUG.RE_MODE", "const",
     ])
     assert cfg.TRAIN.OPTIMIZER == "AdamW" and cfg.TRAIN.IMAGE_SIZE == [3, 3]
 

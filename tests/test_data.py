@@ -435,6 +435,16 @@ def test_train_transform_timm_path() -> None:
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("policy", ["rand-x9", "augmix-q3", "original-foo1"])
+def test_timm_refusing_an_auto_augment_option_is_one_line_naming_the_key(policy: str) -> None:
+    cfg = get_defaults()
+    cfg.AUG.TIMM_AUG.USE_TRANSFORM = True
+    cfg.AUG.TIMM_AUG.AUTO_AUGMENT = policy  # a known policy (the config checks that) with an unknown option
+    with pytest.raises(UserError, match=f"AUTO_AUGMENT='{policy}'.*timm cannot build the training transform") as info:
+        build_transform(cfg, is_train=True)
+    assert "\n" not in str(info.value)
+
+
 def test_timm_posterize_at_full_magnitude_gives_black_not_an_error() -> None:
     # 'inc1' posterize at magnitude 10 keeps 0 bits, which Pillow 13 refuses; the recipe's
     # m9 mstd0.5 reaches magnitude 10 in about 2% of draws.

@@ -179,6 +179,34 @@ def test_cosine_schedule_with_warmup():
         build_scheduler(_cfg("TRAIN.LR_SCHEDULER.METHOD", "MultiStep"), optimizer)
 
 
+def _cosine_lrs(*opts: object) -> list[float]:
+    """The learning rate of epochs 0-19 of a 10-epoch cosine schedule from 1e-3 without warmup."""
+    cfg = _cfg("TRAIN.END_EPOCH", 10, "TRAIN.LR_SCHEDULER.ARGS.warmup_epochs", 0, "TRAIN.LR_SCHEDULER.ARGS.min_lr", 0.0, *opts)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = build_scheduler(cfg, optimizer)
+    lrs = []
+    for epoch in range(20):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_schedule_noise_and_cycle_keys_reach_timm():
+    plain = _cosine_lrs()
+    noisy = _cosine_lrs("TRAIN.LR_SCHEDULER.ARGS.noise", [0.5], "TRAIN.LR_SCHEDULER.ARGS.noise_pct", 0.5)
+    assert noisy[:5] == plain[:5]  # noise starts at half the run
+    assert all(n != p for n, p in zip(noisy[5:10], plain[5:10]))
+    assert all(abs(n / p - 1) <= 0.5 for n, p in zip(noisy[5:10], plain[5:10]))  # noise_pct bounds it
+    assert _cosine_lrs("TRAIN.LR_SCHEDULER.ARGS.noise", [0.5], "TRAIN.LR_SCHEDULER.ARGS.noise_pct", 0.5) == noisy
+    assert _cosine_lrs("TRAIN.LR_SCHEDULER.ARGS.noise", [0.5], "SEED", 1) != noisy  # seeded with SEED
+    assert plain[10] == 0.0  # one cycle, then min_lr
+    two_cycles = _cosine_lrs("TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit", 2)
+    assert two_cycles[10] == pytest.approx(1e-4)  # a restart, at timm's cycle_decay 0.1
+    assert two_cycles[19] < 0.1e-4  # the second cycle as long as the first: nearly 0 at its end
+    longer = _cosine_lrs("TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit", 2, "TRAIN.LR_SCHEDULER.ARGS.lr_cycle_mul", 2.0)
+    assert longer[19] > 0.5e-4  # twice as long: not half way down yet
+
+
 # --------------------------------------------------------------------------------------------------
 # Loop
 # --------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameters and multiply-adds of a model")
     p.add_argument("--cfg", help="experiment file or name (instead of a model name)")
     p.add_argument("--model", help="a model name or published tag (at its test size)")
-    p.add_argument("--img-size", type=int, help="square input size (default: the config's TEST.IMAGE_SIZE, or 224)")
+    p.add_argument("--img-size", type=_positive_int, help="square input size (default: the config's TEST.IMAGE_SIZE, or 224)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("args", nargs="*", metavar="NAME | KEY VALUE", help="a model name, or overrides after --cfg")
 
@@ -120,13 +120,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             raise UserError("cvt info takes --cfg FILE [KEY VALUE ...] or --model NAME, not both")
         cfg = load_config(args.cfg, args.args)
         name, spec, num_classes = cfg.NAME, dict(cfg.MODEL.SPEC), cfg.MODEL.NUM_CLASSES
-        size = (args.img_size, args.img_size) if args.img_size else test_output_size(cfg)
+        size = (args.img_size, args.img_size) if args.img_size is not None else test_output_size(cfg)
     else:
         names = [args.model] if args.model else args.args
         if len(names) != 1 or (args.model and args.args):
             raise UserError("cvt info takes one model name or tag (cvt-13, cvt-13-384-22k, ...) or --cfg FILE [KEY VALUE ...]")
         name, spec, num_classes = names[0], _model_name(names[0]), 1000
-        size = (args.img_size or _test_size(name),) * 2
+        size = (args.img_size if args.img_size is not None else _test_size(name),) * 2
     summary = model_summary(spec, num_classes, size)
     if args.json:
         print(json.dumps({"model": name, **{k: summary[k] for k in ("image_size", "params", "gmacs")}}))

@@ -64,6 +64,9 @@ BAD_FILE_POLICIES = ("skip", "stop")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
 LOSSES = ("softmax",)  # the release's only loss
 LR_SCHEDULER_METHODS = ("timm",)
+# TRAIN.LR_SCHEDULER.ARGS.sched: timm's schedules that the ARGS keys fully drive ('multistep' would decay
+# at milestones no key sets; 'none' leaves nothing to step).
+TRAIN_LR_SCHEDULES = ("cosine", "tanh", "step", "plateau", "poly")
 # FINETUNE.LR_SCHEDULER.DECAY_TYPE: BiT's staircase ('step'), ViT's 'cosine' and 'linear'.
 FINETUNE_DECAY_TYPES = ("step", "cosine", "linear")
 # FINETUNE.LR_SCHEDULER.DECAY_STEPS left empty: boundaries at these fractions of FINETUNE.STEPS, BiT's
@@ -79,6 +82,16 @@ MAX_YAML_DEPTH = 100
 MAX_YAML_NODES = 100_000  # after expanding aliases
 # PIL's integer resampling codes, as the release's config stores interpolation, and their names.
 PIL_INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# AUG.TIMM_AUG.INTERPOLATION: timm's names ('random': bilinear or bicubic, drawn per image).
+TIMM_INTERPOLATIONS = (*PIL_INTERPOLATIONS.values(), "random")
+# AUG.TIMM_AUG.AUTO_AUGMENT: the policies timm's create_transform knows, the first '-' section of the value
+# ('rand-m9-mstd0.5-inc1' is RandAugment); empty: none.
+AUTO_AUGMENT_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")
+# AUG.TIMM_AUG.RE_MODE: what random erasing fills with (timm): zeros, a random colour, per-pixel noise.
+RANDOM_ERASING_MODES = ("const", "rand", "pixel")
+# Keys holding a file or folder path: a leading '~' is expanded when the config is loaded.
+PATH_KEYS = ("OUTPUT_DIR", "DATASET.ROOT", "DATASET.CLASS_MAP", "MODEL.PRETRAINED", "TEST.MODEL_FILE",
+             "TEST.VALID_LABELS", "TRAIN.CHECKPOINT")
 # PIL's own default limit: about 89 megapixels, far above any training image.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -105,6 +118,8 @@ KEYS_WITHOUT_EFFECT: dict[str, str] = {
     "AUG.DROPBLOCK_BLOCK_SIZE": _NOT_READ_BY_THE_RELEASE,
     "AUG.MIXCUT_AND_MIXUP": _NOT_READ_BY_THE_RELEASE,
     "AUG.TIMM_AUG.RE_SPLIT": "the release passes it to timm without augmentation splits, where it changes nothing",
+    "TRAIN.LR_SCHEDULER.ARGS.cooldown_epochs": "the run ends at TRAIN.END_EPOCH: timm only adds it to the epoch "
+                                               "count it suggests, which the release ignores too",
     "TRAIN.GAMMA1": _NOT_READ_BY_THE_RELEASE,
     "TRAIN.GAMMA2": _NOT_READ_BY_THE_RELEASE,
     "DEBUG.DEBUG": _NOT_READ_BY_THE_RELEASE,
@@ -284,6 +299,9 @@ def get_defaults() -> CfgNode:
     cfg.TRAIN.LR_SCHEDULER.ARGS.decay_rate = 0.1
     cfg.TRAIN.LR_SCHEDULER.ARGS.decay_epochs = 30
     cfg.TRAIN.LR_SCHEDULER.ARGS.patience_epochs = 10
+    # Ours: timm's learning-rate noise (shaped by noise_pct and noise_std) from [start] or [start, end],
+    # fractions of the run; [] none. Seeded with SEED.
+    cfg.TRAIN.LR_SCHEDULER.ARGS.noise = []
     cfg.TRAIN.LR_SCHEDULER.ARGS.noise_pct = 0.67
     cfg.TRAIN.LR_SCHEDULER.ARGS.noise_std = 1.0
     cfg.TRAIN.LR_SCHEDULER.ARGS.lr_cycle_mul = 1.0
@@ -706,11 +724,23 @@ def load_config(cfg_file: str | os.PathLike | None, opts: Sequence[str] = (), *,
     # Everything named by BASE is merged in now; the result stands alone, so a saved copy reloads
     # without the base files.
     cfg.BASE = [""]
+    _expand_home(cfg)
     validate_config(cfg)
     if warn:
         _warn_keys_without_effect(cfg)
     cfg.freeze()
     return cfg
+
+
+def _expand_home(cfg: CfgNode) -> None:
+    """A leading '~' in PATH_KEYS means the home folder, as a shell would read it; no shell sees a value
+    given in a file or quoted on the command line."""
+    for dotted in PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = os.path.expanduser(node[leaf])
 
 
 def config_value(node: CfgNode, dotted: str) -> Any:
@@ -807,6 +837,7 @@ def _validate_numbers(cfg: CfgNode) -> None:
         _require(value >= 0, key, value, ">= 0")
     _require(0 < train.EMA.DECAY < 1, "TRAIN.EMA.DECAY", train.EMA.DECAY, "in (0, 1)")
     _validate_finetune(cfg.FINETUNE)
+    _validate_train_schedule(cfg.TRAIN.LR_SCHEDULER.ARGS)
     _require(0 <= cfg.LOSS.LABEL_SMOOTHING < 1, "LOSS.LABEL_SMOOTHING", cfg.LOSS.LABEL_SMOOTHING, "in [0, 1)")
     for key, value in (
         ("AUG.MIXUP_PROB", aug.MIXUP_PROB),
@@ -848,6 +879,25 @@ def _validate_finetune(ft: CfgNode) -> None:
              list(ft.FROZEN_LAYERS), "a list of module name prefixes such as ['stage0', 'stage1']")
 
 
+def _validate_train_schedule(args: CfgNode) -> None:
+    """timm's schedulers take these unchecked and fail, or silently misbehave, only once training runs
+    (a 0 step length divides by zero after the first epoch)."""
+    key = "TRAIN.LR_SCHEDULER.ARGS."
+    _require_choice(key + "sched", args.sched, TRAIN_LR_SCHEDULES)
+    _require(args.decay_epochs >= 1, key + "decay_epochs", args.decay_epochs, ">= 1 (epochs between the 'step' decays)")
+    _require(args.lr_cycle_limit >= 1, key + "lr_cycle_limit", args.lr_cycle_limit, ">= 1")
+    for name in ("warmup_epochs", "patience_epochs", "warmup_lr", "min_lr", "noise_pct", "noise_std"):
+        _require(args[name] >= 0, key + name, args[name], ">= 0")
+    for name in ("decay_rate", "lr_cycle_mul"):
+        _require(args[name] > 0, key + name, args[name], "positive")
+    noise = list(args.noise)
+    _require(
+        len(noise) <= 2 and all(isinstance(n, (int, float)) and not isinstance(n, bool) and 0 <= n <= 1 for n in noise)
+        and noise == sorted(set(noise)), key + "noise", noise,
+        "[] (no noise), [start] or [start, end] with 0 <= start < end <= 1, fractions of the run",
+    )
+
+
 def _fractions_of(total: int) -> list[int]:
     return sorted({int(total * f) for f in FINETUNE_DECAY_FRACTIONS} - {0})
 
@@ -884,6 +934,15 @@ def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("FINETUNE.OPTIMIZER", cfg.FINETUNE.OPTIMIZER, OPTIMIZERS, ignore_case=True)
     _require_choice("FINETUNE.LR_SCHEDULER.DECAY_TYPE", cfg.FINETUNE.LR_SCHEDULER.DECAY_TYPE, FINETUNE_DECAY_TYPES)
     _require_choice("TRAIN.LR_SCHEDULER.METHOD", cfg.TRAIN.LR_SCHEDULER.METHOD, LR_SCHEDULER_METHODS)
+    timm_aug = cfg.AUG.TIMM_AUG
+    _require_choice("AUG.TIMM_AUG.INTERPOLATION", timm_aug.INTERPOLATION, TIMM_INTERPOLATIONS)
+    _require_choice("AUG.TIMM_AUG.RE_MODE", timm_aug.RE_MODE, RANDOM_ERASING_MODES)
+    policy = timm_aug.AUTO_AUGMENT.split("-")[0]
+    _require(
+        not timm_aug.AUTO_AUGMENT or policy in AUTO_AUGMENT_POLICIES, "AUG.TIMM_AUG.AUTO_AUGMENT", timm_aug.AUTO_AUGMENT,
+        "empty or a timm policy (" + ", ".join(repr(p) for p in AUTO_AUGMENT_POLICIES) + ") with its '-' options, "
+        "e.g. 'rand-m9-mstd0.5-inc1'",
+    )
     for key, value in (("AUG.INTERPOLATION", cfg.AUG.INTERPOLATION), ("TEST.INTERPOLATION", cfg.TEST.INTERPOLATION)):
         _require(value in PIL_INTERPOLATIONS, key, value, "a PIL resampling code 0-5 (2 bilinear, 3 bicubic)")
     _require(len(cfg.AUG.COLOR_JITTER) == 5, "AUG.COLOR_JITTER", list(cfg.AUG.COLOR_JITTER),

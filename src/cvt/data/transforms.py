@@ -111,12 +111,10 @@ def build_transform(cfg: CfgNode, is_train: bool) -> Transform:
         return _plain_train_transform(cfg, normalize)
 
     interpolation = interpolation_mode(cfg.TEST.INTERPOLATION, "TEST.INTERPOLATION")
-    height, width = test_output_size(cfg)
+    steps: list[Callable] = [T.Resize(test_resize_size(cfg), interpolation=interpolation)]
     if cfg.TEST.CENTER_CROP:
-        resize = [T.Resize(test_resize_size(cfg), interpolation=interpolation), T.CenterCrop(width)]
-    else:
-        resize = [T.Resize(test_resize_size(cfg), interpolation=interpolation)]
-    return T.Compose([*resize, T.ToTensor(), normalize])
+        steps.append(T.CenterCrop(test_output_size(cfg)))
+    return T.Compose([*steps, T.ToTensor(), normalize])
 
 
 def posterize_any_bits(image: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
@@ -144,8 +142,23 @@ def _patch_posterize(transform: T.Compose) -> None:
 
 
 def _timm_train_transform(cfg: CfgNode) -> Transform:
+    try:
+        transform = _create_timm_transform(cfg)
+    except (AssertionError, KeyError, ValueError) as e:
+        # The config validates the names timm takes (cvt.config); what it cannot check is an AUTO_AUGMENT
+        # policy's options, which timm refuses with an assertion.
+        setting = ", ".join(f"{key}={cfg.AUG.TIMM_AUG[key]!r}" for key in ("AUTO_AUGMENT", "INTERPOLATION", "RE_MODE"))
+        raise UserError(
+            f"AUG.TIMM_AUG ({setting}): timm cannot build the training transform ({e or type(e).__name__}); "
+            "fix AUTO_AUGMENT's options (e.g. 'rand-m9-mstd0.5-inc1'; timm's RandAugment, AugMix, AutoAugment)"
+        ) from None
+    _patch_posterize(transform)
+    return transform
+
+
+def _create_timm_transform(cfg: CfgNode) -> T.Compose:
     aug, timm_aug = cfg.AUG, cfg.AUG.TIMM_AUG
-    transform = create_transform(
+    return create_transform(
         input_size=cfg.TRAIN.IMAGE_SIZE[0],
         is_training=True,
         scale=tuple(aug.SCALE),
@@ -163,8 +176,6 @@ def _timm_train_transform(cfg: CfgNode) -> Transform:
         mean=tuple(cfg.INPUT.MEAN),
         std=tuple(cfg.INPUT.STD),
     )
-    _patch_posterize(transform)
-    return transform
 
 
 def _finetune_train_transform(cfg: CfgNode, normalize: T.Normalize) -> Transform:

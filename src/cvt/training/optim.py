@@ -174,19 +174,9 @@ def build_optimizer(cfg: CfgNode, model: nn.Module, lr: float, device: torch.dev
     raise UserError(f"{opt.key}={opt.name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
-# The release feeds TRAIN.LR_SCHEDULER.ARGS to timm's argparse-based factory, whose names differ
-# from create_scheduler_v2's keywords in places; these are the renamed ones.
-_TIMM_ARG_NAMES = {
-    "lr_noise": "noise",
-    "lr_noise_pct": "noise_pct",
-    "lr_noise_std": "noise_std",
-    "noise_seed": "noise_seed",
-    "seed": "noise_seed",
-    "lr_cycle_mul": "cycle_mul",
-    "lr_cycle_decay": "cycle_decay",
-    "lr_cycle_limit": "cycle_limit",
-    "lr_k_decay": "k_decay",
-}
+# TRAIN.LR_SCHEDULER.ARGS keys named as the release's timm (its argparse names), where
+# create_scheduler_v2's keywords differ.
+_TIMM_ARG_NAMES = {"lr_cycle_mul": "cycle_mul", "lr_cycle_limit": "cycle_limit"}
 
 
 def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Scheduler:
@@ -198,9 +188,11 @@ def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Scheduler
     """
     # TRAIN.LR_SCHEDULER.METHOD is 'timm', as validated: the shape is TRAIN.LR_SCHEDULER.ARGS.sched.
     kwargs = {_TIMM_ARG_NAMES.get(k, k): v for k, v in dict(cfg.TRAIN.LR_SCHEDULER.ARGS).items()}
-    kwargs.pop("epochs", None)  # the run length is TRAIN.END_EPOCH, as in the release
+    kwargs["noise"] = list(kwargs["noise"]) or None  # timm: None is no noise
     try:
-        scheduler, _ = create_scheduler_v2(optimizer, num_epochs=int(cfg.TRAIN.END_EPOCH), step_on_epochs=True, **kwargs)
+        # The run length is TRAIN.END_EPOCH, as in the release.
+        scheduler, _ = create_scheduler_v2(optimizer, num_epochs=int(cfg.TRAIN.END_EPOCH), step_on_epochs=True,
+                                           noise_seed=int(cfg.SEED), **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"TRAIN.LR_SCHEDULER.ARGS: {e}; use timm's scheduler names and argument names") from None
     return scheduler
