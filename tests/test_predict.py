@@ -56,6 +56,17 @@ def test_an_unreadable_image_is_reported_not_raised(exported, tmp_path):
     assert results[1].error is None and len(results[1].classes) == 3
 
 
+def test_an_unreadable_image_keeps_its_place_in_the_output(exported, tmp_path):
+    path, data, _ = exported
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = [data / "val" / "circle" / "0.png", data / "val" / "cross" / "0.png", data / "val" / "circle" / "1.png"]
+    files = [good[0], broken, good[1], good[2]]
+    results = list(Predictor(path, device="cpu", batch_size=3).predict(files))
+    assert [r.image for r in results] == [str(f) for f in files]
+    assert [r.error is not None for r in results] == [False, True, False, False]
+
+
 def test_a_missing_image_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         image_files([tmp_path / "nope.jpg"])
