@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,13 @@ def _torch_load(path: Path) -> Any:
             f"{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
             "give a .pth/.pt/.bin checkpoint, a .safetensors file or a Hugging Face model folder"
         )
+    deployed = _deployment_kind(path) if magic == b"PK" else None
+    if deployed is not None:  # torch.load would warn, then fail as if the file were corrupt
+        kind, loader = deployed
+        raise UserError(
+            f"{str(path)!r} is a {kind} deployment file (`cvt export`), not a checkpoint; give the checkpoint "
+            f"it was exported from (`cvt predict` also runs its .onnx export), or run it with {loader}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # not plain tensors and containers: refused before anything runs
@@ -132,6 +140,22 @@ def _torch_load(path: Path) -> Any:
         raise UserError(
             f"checkpoint {str(path)!r} is truncated or corrupt ({reason[:160]}); use an intact copy"
         ) from e
+
+
+def _deployment_kind(path: Path) -> tuple[str, str] | None:
+    """(format, the function that loads it) of a TorchScript or torch.export archive, told by the
+    entries only it holds; else None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # Every entry sits under one folder named by the writer: compare what follows it.
+            entries = {name.partition("/")[2] for name in archive.namelist()}
+    except (zipfile.BadZipFile, OSError):  # damaged: torch.load's own message says how
+        return None
+    if "constants.pkl" in entries or any(e.startswith("code/") for e in entries):
+        return "TorchScript", "torch.jit.load"
+    if "archive_format" in entries or any(e.startswith("models/") for e in entries):
+        return "torch.export", "torch.export.load"
+    return None
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
