@@ -2,8 +2,8 @@
 
 The images are preprocessed as the model was tested: from an experiment file when one is given, else
 from what the checkpoint says (`cvt.weights.load.eval_config`), else, for an ImageNet-sized head
-only, with the ImageNet test transform. An exported ONNX file runs through ONNX Runtime, with the
-preprocessing its metadata carries.
+only, with the release's ImageNet test transform. An exported ONNX file runs through ONNX Runtime,
+with the preprocessing its metadata carries.
 """
 from __future__ import annotations
 

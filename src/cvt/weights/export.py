@@ -124,7 +124,7 @@ def export_checkpoint(
 
     The official layout is a bare state dict; the others keep how images are to be preprocessed, from
     `cfg_file` or from what the checkpoint says. The deployment formats (onnx, torchscript, exported)
-    need to know it (an ImageNet head falls back to the ImageNet test transform) and are verified
+    need to know it (an ImageNet head falls back to the release's ImageNet test transform) and are verified
     against the model after writing (`cvt.weights.deploy`). An hf export replaces files already in the
     `output` folder only with `force`. Returns the model that was written."""
     if fmt not in EXPORT_FORMATS:
