@@ -84,16 +84,21 @@ class Predictor:
             the checkpoint says.
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
         batch_size: images per forward pass.
+        use_ema: read from `weights` (a path) the EMA weights a training checkpoint (`checkpoint.pth`)
+            holds, not its model's (a `Checkpoint` is used as read: `read_checkpoint(..., use_ema=True)`).
     """
 
     def __init__(
-        self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto", batch_size: int = 32
+        self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto",
+        batch_size: int = 32, use_ema: bool = False,
     ) -> None:
         self.batch_size = batch_size
         if isinstance(weights, (str, Path)) and Path(weights).suffix.lower() == ".onnx":
+            if use_ema:
+                raise UserError(f"{weights}: an ONNX file holds one set of weights; drop --use-ema (export the EMA weights with it)")
             names = self._init_onnx(Path(weights), cfg_file, device)
         else:
-            ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+            ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights, use_ema=use_ema)
             self.cfg = eval_config(ckpt, cfg_file)
             self.model, ckpt = model_for_config(ckpt, self.cfg, cfg_file)
             self.device = resolve_device(device)

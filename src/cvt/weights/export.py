@@ -118,9 +118,10 @@ def save_hf(
 
 def export_checkpoint(
     weights: str | os.PathLike, fmt: str, output: str | os.PathLike, cfg_file: str | os.PathLike | None = None,
-    force: bool = False,
+    force: bool = False, *, use_ema: bool = False,
 ) -> ConvolutionalVisionTransformer:
-    """Convert any checkpoint the project reads to `fmt` (one of `EXPORT_FORMATS`) at `output`.
+    """Convert any checkpoint the project reads to `fmt` (one of `EXPORT_FORMATS`) at `output`; with
+    `use_ema` the EMA weights a training checkpoint holds (`read_checkpoint`).
 
     The official layout is a bare state dict; the others keep how images are to be preprocessed, from
     `cfg_file` or from what the checkpoint says. The deployment formats (onnx, torchscript, exported)
@@ -133,7 +134,7 @@ def export_checkpoint(
         require_dependencies(fmt)  # before reading and building anything
     if fmt == "hf":
         _check_hf_folder(Path(output), force)
-    ckpt = read_checkpoint(weights)
+    ckpt = read_checkpoint(weights, use_ema=use_ema)
     if fmt in DEPLOY_FORMATS:
         cfg = eval_config(ckpt, cfg_file)
     else:

@@ -7,7 +7,8 @@ Formats read (all through ``torch.load(weights_only=True)`` or safetensors, so n
 * DataParallel / DDP / torch.compile prefixes (``module.``, ``_orig_mod.``);
 * Hugging Face ``CvtForImageClassification`` / ``CvtModel`` weights: ``model.safetensors`` or
   ``pytorch_model.bin``, or a folder holding one with its ``config.json``;
-* the project's own ``checkpoint.pth`` and ``.safetensors`` exports (which carry spec and class names);
+* the project's own ``checkpoint.pth`` (its model's weights, or with ``use_ema`` the EMA's it holds)
+  and ``.safetensors`` exports (which carry spec and class names);
 * by name: a published tag (``cvt-13``) or ``hf-hub:org/repo[@revision]``, fetched into the Hugging Face
   cache (`cvt.weights.hub`). An existing path of the same name wins.
 
@@ -172,8 +173,39 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
-    """Read weights from a file, folder or in-memory dict, in any supported format."""
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], *, use_ema: bool = False) -> Checkpoint:
+    """Read weights from a file, folder or in-memory dict, in any supported format.
+
+    `use_ema`: the exponential moving average of the weights (TRAIN.EMA.ENABLED) that a training
+    checkpoint (`checkpoint.pth`) holds beside the model's, instead of the model's (timm's --use-ema).
+    """
+    if use_ema:
+        return _checked(_ema_weights(_read(source)))
+    return _read(source)
+
+
+def _ema_weights(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with the EMA weights it holds as its state dict, or a `UserError` saying where they are."""
+    name = ckpt.source
+    if ckpt.format != "cvt":
+        raise UserError(
+            f"checkpoint {name!r} holds no EMA weights: only a run's checkpoint.pth does (trained with "
+            "TRAIN.EMA.ENABLED True); give that file, or drop --use-ema / TEST.USE_EMA"
+        )
+    ema = ckpt.extra.get("ema")
+    if ema is None:
+        raise UserError(
+            f"checkpoint {name!r} holds no EMA weights: its run was trained without TRAIN.EMA.ENABLED; "
+            "drop --use-ema / TEST.USE_EMA to use its model's weights"
+        )
+    if not _is_state_dict(ema):
+        raise _bad_field(name, "ema", "is not a state dict of tensors")
+    ckpt.state_dict = checkpoint_filter_fn(ema)
+    ckpt.source = f"{ckpt.source} (EMA weights)"
+    return ckpt
+
+
+def _read(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     if isinstance(source, Mapping):
         return _checked(_from_object(dict(source), "<state dict>"))
     path = Path(source)
