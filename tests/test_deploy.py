@@ -224,3 +224,19 @@ def test_cvt13_layout_round_trip(tmp_path, fmt):
     with torch.inference_mode():
         assert (run(x) - model(x)).abs().max().item() <= MAX_ABS_DIFF
     assert json.loads(metadata["input_size"]) == [3, 224, 224]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torchscript", "exported"])
+def test_a_deployment_file_given_as_weights_is_named_not_called_corrupt(exported, tmp_path, capsys, fmt):
+    kind = {"torchscript": "TorchScript", "exported": "torch.export"}[fmt]
+    image = tmp_path / "0.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.load's warning about TorchScript archives must not leak
+        for argv in (["predict", "--weights", str(exported[fmt]), str(image)],
+                     ["export", "--weights", str(exported[fmt]), "--format", "official", str(tmp_path / "o.pth")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"is a {kind} deployment file" in err and "corrupt" not in err
+            assert "the checkpoint it was exported from" in err and ".onnx" in err

@@ -351,6 +351,23 @@ def test_crafted_checkpoint_fields_are_one_line(tmp_path, changes, message):
     one_line(error.value, str(path), message)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({}, "holds no EMA weights: its run was trained without TRAIN.EMA.ENABLED"),
+        ({"ema": {"head.weight": "not a tensor"}}, "its 'ema' is not a state dict of tensors"),
+    ],
+    ids=["no-ema", "ema-not-tensors"],
+)
+def test_ema_weights_asked_of_a_checkpoint_without_them_are_one_line(tmp_path, changes, message):
+    path = tmp_path / "c.pth"
+    torch.save(training_checkpoint(**changes), path)
+    read_checkpoint(path)  # the model's weights read as ever
+    with pytest.raises(UserError) as error:
+        read_checkpoint(path, use_ema=True)
+    one_line(error.value, str(path), message)
+
+
 def test_a_stored_config_that_is_broken_yaml_is_one_line(tmp_path, capsys):
     path = tmp_path / "c.pth"
     torch.save(training_checkpoint(config="TRAIN: [unclosed"), path)

@@ -7,13 +7,14 @@ import pytest
 import torch
 import yaml
 
+from cvt.config import load_config
 from cvt.data import build_transform, load_rgb
 from cvt.data.transforms import eval_transform_settings
 from cvt.errors import UserError
 from cvt.models.cvt import create_model
 from cvt.predict import Predictor, image_files
-from cvt.weights.export import save_safetensors
-from cvt.weights.load import checkpoint_config
+from cvt.weights.export import save_official, save_safetensors
+from cvt.weights.load import checkpoint_config, eval_config
 from cvt.weights.read import read_checkpoint
 
 from helpers import CLASSES, TINY_SPEC, config, make_image_folder
@@ -54,6 +55,25 @@ def test_an_unreadable_image_is_reported_not_raised(exported, tmp_path):
     results = list(Predictor(path, device="cpu").predict([broken, data / "val" / "circle" / "0.png"]))
     assert results[0].error and "broken.png" in results[0].error and not results[0].classes
     assert results[1].error is None and len(results[1].classes) == 3
+
+
+def test_an_unreadable_image_keeps_its_place_in_the_output(exported, tmp_path):
+    path, data, _ = exported
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = [data / "val" / "circle" / "0.png", data / "val" / "cross" / "0.png", data / "val" / "circle" / "1.png"]
+    files = [good[0], broken, good[1], good[2]]
+    results = list(Predictor(path, device="cpu", batch_size=3).predict(files))
+    assert [r.image for r in results] == [str(f) for f in files]
+    assert [r.error is not None for r in results] == [False, True, False, False]
+
+
+def test_an_imagenet_head_that_says_nothing_is_preprocessed_as_the_release_tested(tmp_path):
+    # An official zoo file is a bare state dict: its test transform is the release's (bicubic).
+    path = save_official(create_model(TINY_SPEC, num_classes=1000), tmp_path / "zoo.pth")
+    cfg = eval_config(read_checkpoint(path))
+    assert eval_transform_settings(cfg) == eval_transform_settings(load_config("cvt-13-224x224"))
+    assert "bicubic" in str(build_transform(cfg, is_train=False)).lower()
 
 
 def test_a_missing_image_is_one_user_error(tmp_path):

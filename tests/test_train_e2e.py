@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvt.cli import main
 from cvt.config import load_config
+from cvt.data import build_transform, load_rgb
 from cvt.training.run import TrainingInterrupted, train
 from cvt.training.run import test as run_test  # not named test_*: pytest would collect it
 from cvt.errors import UserError
@@ -93,6 +95,38 @@ def test_test_reports_the_same_numbers_as_training(run, data):
                key=lambda r: r["val_top1"])  # the first epoch reaching the best top-1 wrote model_best.pth
     assert written["top1"] == best["val_top1"] and written["loss"] == best["val_loss"]
     assert f"testing {folder / 'model_best.pth'}" in (folder / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_ema_weights_are_what_test_and_predict_use_with_use_ema(run, data, tmp_path, capsys):
+    folder = Path(run["output_dir"])
+    checkpoint = folder / "checkpoint.pth"
+    # Extracted by `cvt export --use-ema`, they test as training evaluated them.
+    ema_file = tmp_path / "ema.safetensors"
+    assert main(["export", "--use-ema", "--weights", str(checkpoint), "--format", "safetensors", str(ema_file)]) == 0
+    result = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", ema_file))
+    for key in ("top1", "top5", "loss"):
+        assert result[key] == run["metrics"][f"val_{key}_ema"]
+    # `cvt predict --use-ema` gives the EMA model's softmax, not the model's.
+    saved = torch.load(checkpoint, weights_only=True)
+    ema_model = create_model(dict(saved["spec"]), num_classes=len(CLASSES), act=saved["act"]).eval()
+    ema_model.load_state_dict(saved["ema"])
+    files = sorted((data / "val").rglob("*.png"))
+    transform = build_transform(load_config(folder / "config.yaml"), is_train=False)
+    with torch.inference_mode():
+        expected = ema_model(torch.stack([transform(load_rgb(f)) for f in files])).softmax(-1)
+    capsys.readouterr()
+    for use_ema in (["--use-ema"], []):
+        assert main(["predict", *use_ema, "--weights", str(checkpoint), "--json", "--topk", "3", str(data / "val")]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert [r["image"] for r in got] == [str(f) for f in files]
+        probs = torch.tensor([[p["prob"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in got])
+        assert torch.allclose(probs, expected, atol=2e-6) == bool(use_ema)
+    # Files without EMA weights say so in one line.
+    for weights in (folder / "model_best.pth", ema_file):
+        assert main(["predict", "--use-ema", "--weights", str(weights), str(data / "val")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds no EMA weights" in err and "checkpoint.pth" in err
 
 
 @pytest.mark.slow

@@ -45,6 +45,10 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--weights", help="checkpoint: any supported format (file or folder)")
     group.add_argument("--model", dest="weights", help=_MODEL_HELP)
+    parser.add_argument(
+        "--use-ema", action="store_true",
+        help="the EMA weights a run's checkpoint.pth holds (trained with TRAIN.EMA.ENABLED), not its model's",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +171,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, image_files
 
     files = image_files(args.images)  # a mistyped image path before any model is loaded or downloaded
-    predictor = Predictor(args.weights, args.cfg, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor(args.weights, args.cfg, device=args.device, batch_size=args.batch_size, use_ema=args.use_ema)
     results, skipped = [], 0
     for prediction in predictor.predict(files, args.topk):
         if prediction.error:
@@ -188,7 +192,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .weights.export import export_checkpoint
 
-    model = export_checkpoint(args.weights, args.format, args.output, cfg_file=args.cfg, force=args.force)
+    model = export_checkpoint(
+        args.weights, args.format, args.output, cfg_file=args.cfg, force=args.force, use_ema=args.use_ema
+    )
     print(f"wrote {args.output} ({args.format} layout, {model.num_classes} classes)")
     return 0
 

@@ -2,8 +2,8 @@
 
 The images are preprocessed as the model was tested: from an experiment file when one is given, else
 from what the checkpoint says (`cvt.weights.load.eval_config`), else, for an ImageNet-sized head
-only, with the ImageNet test transform. An exported ONNX file runs through ONNX Runtime, with the
-preprocessing its metadata carries.
+only, with the release's ImageNet test transform. An exported ONNX file runs through ONNX Runtime,
+with the preprocessing its metadata carries.
 """
 from __future__ import annotations
 
@@ -84,16 +84,21 @@ class Predictor:
             the checkpoint says.
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
         batch_size: images per forward pass.
+        use_ema: read from `weights` (a path) the EMA weights a training checkpoint (`checkpoint.pth`)
+            holds, not its model's (a `Checkpoint` is used as read: `read_checkpoint(..., use_ema=True)`).
     """
 
     def __init__(
-        self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto", batch_size: int = 32
+        self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto",
+        batch_size: int = 32, use_ema: bool = False,
     ) -> None:
         self.batch_size = batch_size
         if isinstance(weights, (str, Path)) and Path(weights).suffix.lower() == ".onnx":
+            if use_ema:
+                raise UserError(f"{weights}: an ONNX file holds one set of weights; drop --use-ema (export the EMA weights with it)")
             names = self._init_onnx(Path(weights), cfg_file, device)
         else:
-            ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+            ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights, use_ema=use_ema)
             self.cfg = eval_config(ckpt, cfg_file)
             self.model, ckpt = model_for_config(ckpt, self.cfg, cfg_file)
             self.device = resolve_device(device)
@@ -118,9 +123,12 @@ class Predictor:
         return self.model.class_names
 
     def predict(self, files: Iterable[str | Path], topk: int = 5) -> Iterator[Prediction]:
-        """One `Prediction` per file, in order; unreadable files give one with `error` set."""
+        """One `Prediction` per file, in the order given; unreadable files give one with `error` set."""
         topk = min(topk, self.model.num_classes)
-        batch: list[tuple[Path, torch.Tensor]] = []
+        # In input order: an unreadable file waits in the batch as its error, so it is not reported
+        # before the readable files named ahead of it.
+        batch: list[tuple[Path, torch.Tensor | str]] = []
+        images = 0
         # An ONNX file runs on ONNX Runtime's own threads; a torch model on as many as its size merits.
         threads = contextlib.nullcontext() if isinstance(self.model, OnnxClassifier) else cpu_threads(
             self.threads, self.model, test_output_size(self.cfg), self.batch_size, self.device, announce=False)
@@ -128,20 +136,28 @@ class Predictor:
             for path in map(Path, files):
                 try:
                     batch.append((path, self.transform(load_rgb(path, self.cfg.DATASET.MAX_IMAGE_PIXELS))))
+                    images += 1
                 except BadImageError as e:
-                    yield Prediction(str(path), [], error=str(e))
-                if len(batch) == self.batch_size:
+                    batch.append((path, str(e)))
+                if images == self.batch_size:
                     yield from self._classify(batch, topk)
-                    batch = []
+                    batch, images = [], 0
             if batch:
                 yield from self._classify(batch, topk)
 
-    def _classify(self, batch: list[tuple[Path, torch.Tensor]], topk: int) -> Iterator[Prediction]:
-        with torch.inference_mode():
-            images = torch.stack([image for _, image in batch]).to(self.device)
-            probs = self.model(images).float().softmax(dim=-1).cpu()
-        for (path, _), image_probs in zip(batch, probs):
-            values, indices = image_probs.topk(topk)
+    def _classify(self, batch: list[tuple[Path, torch.Tensor | str]], topk: int) -> Iterator[Prediction]:
+        """The batch's predictions in its order: its images classified in one forward pass, its
+        unreadable files (their error) as they are."""
+        images = [image for _, image in batch if isinstance(image, torch.Tensor)]
+        probs: Iterator[torch.Tensor] = iter(())
+        if images:
+            with torch.inference_mode():
+                probs = iter(self.model(torch.stack(images).to(self.device)).float().softmax(dim=-1).cpu())
+        for path, image in batch:
+            if isinstance(image, str):
+                yield Prediction(str(path), [], error=image)
+                continue
+            values, indices = next(probs).topk(topk)
             classes = [{"index": int(i), "class": self.class_names[int(i)], "prob": round(float(p), 6)}
                        for p, i in zip(values, indices)]
             yield Prediction(str(path), classes)

@@ -118,13 +118,14 @@ def save_hf(
 
 def export_checkpoint(
     weights: str | os.PathLike, fmt: str, output: str | os.PathLike, cfg_file: str | os.PathLike | None = None,
-    force: bool = False,
+    force: bool = False, *, use_ema: bool = False,
 ) -> ConvolutionalVisionTransformer:
-    """Convert any checkpoint the project reads to `fmt` (one of `EXPORT_FORMATS`) at `output`.
+    """Convert any checkpoint the project reads to `fmt` (one of `EXPORT_FORMATS`) at `output`; with
+    `use_ema` the EMA weights a training checkpoint holds (`read_checkpoint`).
 
     The official layout is a bare state dict; the others keep how images are to be preprocessed, from
     `cfg_file` or from what the checkpoint says. The deployment formats (onnx, torchscript, exported)
-    need to know it (an ImageNet head falls back to the ImageNet test transform) and are verified
+    need to know it (an ImageNet head falls back to the release's ImageNet test transform) and are verified
     against the model after writing (`cvt.weights.deploy`). An hf export replaces files already in the
     `output` folder only with `force`. Returns the model that was written."""
     if fmt not in EXPORT_FORMATS:
@@ -133,7 +134,7 @@ def export_checkpoint(
         require_dependencies(fmt)  # before reading and building anything
     if fmt == "hf":
         _check_hf_folder(Path(output), force)
-    ckpt = read_checkpoint(weights)
+    ckpt = read_checkpoint(weights, use_ema=use_ema)
     if fmt in DEPLOY_FORMATS:
         cfg = eval_config(ckpt, cfg_file)
     else:

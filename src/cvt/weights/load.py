@@ -22,6 +22,7 @@ from ..config import asked_activation, config_from_settings, config_from_yaml_te
 from ..errors import UserError, short_list
 from ..models.cvt import ConvolutionalVisionTransformer, create_model as create_network
 from ..models.spec import CvtSpec, check_activation, list_models, model_spec
+from ..models.zoo import PUBLISHED
 from .read import Checkpoint, read_checkpoint
 
 __all__ = [
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 HEAD_KEYS = ("head.weight", "head.bias")
 IMAGENET_CLASSES = 1000
+# Whose test transform an ImageNet head that says nothing about its own gets: the release's at 224
+# (the zoo files do not say their resolution, and their weights fit any).
+IMAGENET_EVAL = PUBLISHED["cvt-13"]
 
 
 def _selected(key: str, layers: Sequence[str] | None) -> bool:
@@ -243,8 +247,8 @@ def checkpoint_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = Non
 
 
 def eval_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = None) -> CfgNode:
-    """`checkpoint_config`, else for an ImageNet-sized head the ImageNet test transform (logged); a
-    `UserError` for any other head, whose preprocessing nothing says."""
+    """`checkpoint_config`, else for an ImageNet-sized head the release's test transform at 224
+    (`IMAGENET_EVAL`'s, logged); a `UserError` for any other head, whose preprocessing nothing says."""
     cfg = checkpoint_config(ckpt, cfg_file)
     if cfg is not None:
         return cfg
@@ -254,10 +258,10 @@ def eval_config(ckpt: Checkpoint, cfg_file: str | os.PathLike | None = None) -> 
             "give its experiment file with --cfg"
         )
     log.info(
-        "%s does not say how its images were preprocessed: using the ImageNet test transform "
-        "(resize to 256, centre crop 224); give --cfg to change it", ckpt.source,
+        "%s does not say how its images were preprocessed: using the release's ImageNet test transform "
+        "(bicubic resize to 256, centre crop 224); give --cfg to change it", ckpt.source,
     )
-    return load_config(None)
+    return config_from_settings(IMAGENET_EVAL.eval_settings())
 
 
 def model_for_config(

@@ -7,7 +7,8 @@ Formats read (all through ``torch.load(weights_only=True)`` or safetensors, so n
 * DataParallel / DDP / torch.compile prefixes (``module.``, ``_orig_mod.``);
 * Hugging Face ``CvtForImageClassification`` / ``CvtModel`` weights: ``model.safetensors`` or
   ``pytorch_model.bin``, or a folder holding one with its ``config.json``;
-* the project's own ``checkpoint.pth`` and ``.safetensors`` exports (which carry spec and class names);
+* the project's own ``checkpoint.pth`` (its model's weights, or with ``use_ema`` the EMA's it holds)
+  and ``.safetensors`` exports (which carry spec and class names);
 * by name: a published tag (``cvt-13``) or ``hf-hub:org/repo[@revision]``, fetched into the Hugging Face
   cache (`cvt.weights.hub`). An existing path of the same name wins.
 
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,13 @@ def _torch_load(path: Path) -> Any:
             f"{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
             "give a .pth/.pt/.bin checkpoint, a .safetensors file or a Hugging Face model folder"
         )
+    deployed = _deployment_kind(path) if magic == b"PK" else None
+    if deployed is not None:  # torch.load would warn, then fail as if the file were corrupt
+        kind, loader = deployed
+        raise UserError(
+            f"{str(path)!r} is a {kind} deployment file (`cvt export`), not a checkpoint; give the checkpoint "
+            f"it was exported from (`cvt predict` also runs its .onnx export), or run it with {loader}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # not plain tensors and containers: refused before anything runs
@@ -132,6 +141,22 @@ def _torch_load(path: Path) -> Any:
         raise UserError(
             f"checkpoint {str(path)!r} is truncated or corrupt ({reason[:160]}); use an intact copy"
         ) from e
+
+
+def _deployment_kind(path: Path) -> tuple[str, str] | None:
+    """(format, the function that loads it) of a TorchScript or torch.export archive, told by the
+    entries only it holds; else None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # Every entry sits under one folder named by the writer: compare what follows it.
+            entries = {name.partition("/")[2] for name in archive.namelist()}
+    except (zipfile.BadZipFile, OSError):  # damaged: torch.load's own message says how
+        return None
+    if "constants.pkl" in entries or any(e.startswith("code/") for e in entries):
+        return "TorchScript", "torch.jit.load"
+    if "archive_format" in entries or any(e.startswith("models/") for e in entries):
+        return "torch.export", "torch.export.load"
+    return None
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -148,8 +173,39 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
-    """Read weights from a file, folder or in-memory dict, in any supported format."""
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], *, use_ema: bool = False) -> Checkpoint:
+    """Read weights from a file, folder or in-memory dict, in any supported format.
+
+    `use_ema`: the exponential moving average of the weights (TRAIN.EMA.ENABLED) that a training
+    checkpoint (`checkpoint.pth`) holds beside the model's, instead of the model's (timm's --use-ema).
+    """
+    if use_ema:
+        return _checked(_ema_weights(_read(source)))
+    return _read(source)
+
+
+def _ema_weights(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with the EMA weights it holds as its state dict, or a `UserError` saying where they are."""
+    name = ckpt.source
+    if ckpt.format != "cvt":
+        raise UserError(
+            f"checkpoint {name!r} holds no EMA weights: only a run's checkpoint.pth does (trained with "
+            "TRAIN.EMA.ENABLED True); give that file, or drop --use-ema / TEST.USE_EMA"
+        )
+    ema = ckpt.extra.get("ema")
+    if ema is None:
+        raise UserError(
+            f"checkpoint {name!r} holds no EMA weights: its run was trained without TRAIN.EMA.ENABLED; "
+            "drop --use-ema / TEST.USE_EMA to use its model's weights"
+        )
+    if not _is_state_dict(ema):
+        raise _bad_field(name, "ema", "is not a state dict of tensors")
+    ckpt.state_dict = checkpoint_filter_fn(ema)
+    ckpt.source = f"{ckpt.source} (EMA weights)"
+    return ckpt
+
+
+def _read(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     if isinstance(source, Mapping):
         return _checked(_from_object(dict(source), "<state dict>"))
     path = Path(source)
