@@ -167,6 +167,24 @@ def test_deterministic_resume_equals_an_uninterrupted_run(data, tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_resumed_plateau_schedule_decays_at_the_epochs_of_an_uninterrupted_run(data, tmp_path):
+    # A rate too small to learn much with: top-1 stalls, so the plateau schedule halves the rate after
+    # two epochs without improvement. The resumes (after epochs 1 and 3) need its counters and the
+    # rate it had decayed to.
+    extra = ("TRAIN.LR", 1e-6, "TRAIN.LR_SCHEDULER.ARGS.sched", "plateau", "TRAIN.LR_SCHEDULER.ARGS.patience_epochs", 1,
+             "TRAIN.LR_SCHEDULER.ARGS.decay_rate", 0.5, "TRAIN.LR_SCHEDULER.ARGS.min_lr", 0.0, "TENSORBOARD", False)
+    straight = train(config(data, tmp_path / "a", *extra, "TRAIN.END_EPOCH", 6))
+    for end in (2, 4, 6):
+        resumed = train(config(data, tmp_path / "b", *extra, "TRAIN.END_EPOCH", end))
+
+    def lrs(result: dict) -> list[float]:
+        return [json.loads(line)["lr"] for line in (Path(result["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+    assert lrs(resumed) == lrs(straight)
+    assert lrs(straight)[4] == pytest.approx(1e-6 / 2)  # decayed before the second resume (epoch 0: warmup)
+
+
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_progress_and_resume_redoes_the_epoch(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:

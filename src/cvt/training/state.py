@@ -250,7 +250,7 @@ def save_training(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": scheduler_state(scheduler),
             "scaler": scaler.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "epoch": epoch,
@@ -264,6 +264,45 @@ def save_training(
         },
         path,
     )
+
+
+# What the plateau schedule remembers beyond timm's state_dict (which keeps only the best metric):
+# torch's ReduceLROnPlateau counters. The rates it decayed to are the optimizer groups' `lr`.
+_PLATEAU_COUNTERS = ("best", "last_epoch", "num_bad_epochs", "cooldown_counter")
+
+
+def scheduler_state(scheduler: Scheduler) -> dict[str, Any]:
+    """The schedule's state for checkpoint.pth; for the plateau schedule with everything its resume needs
+    (`restore_plateau`)."""
+    state = scheduler.state_dict()
+    if isinstance(scheduler, PlateauLRScheduler):
+        plateau = scheduler.lr_scheduler
+        state["plateau"] = {
+            **{key: getattr(plateau, key) for key in _PLATEAU_COUNTERS},
+            "restore_lr": scheduler.restore_lr,  # the rates before this epoch's LR noise, if any
+        }
+    return state
+
+
+def restore_plateau(scheduler: PlateauLRScheduler, saved: dict[str, Any], saved_groups: Sequence[dict[str, Any]]) -> None:
+    """Put the plateau schedule's memory back: its counters and the rates it decayed to (from the saved
+    optimizer groups, which `load_optimizer_state` set to this run's configured rate). A changed base rate
+    (TRAIN.LR) keeps the decay reached: the rates scale by new / old base. A checkpoint from before the
+    counters were saved gives the best metric only."""
+    memory = saved.get("plateau")
+    if not isinstance(memory, dict):
+        scheduler.load_state_dict(saved)
+        return
+    plateau = scheduler.lr_scheduler
+    for key in _PLATEAU_COUNTERS:
+        setattr(plateau, key, memory[key])
+    groups = scheduler.optimizer.param_groups
+    # Exactly 1.0 when the base rate is unchanged, so the rates come back bit for bit.
+    scales = [group["initial_lr"] / old.get("initial_lr", group["initial_lr"]) for group, old in zip(groups, saved_groups)]
+    for group, old, scale in zip(groups, saved_groups, scales):
+        group["lr"] = old["lr"] * scale
+    if memory.get("restore_lr") is not None:
+        scheduler.restore_lr = [lr * scale for lr, scale in zip(memory["restore_lr"], scales)]
 
 
 @dataclass
@@ -328,7 +367,8 @@ def restore_training(
 
     The learning-rate schedule is rebuilt from the config rather than loaded: timm's epoch-stepped
     schedules are functions of the epoch, so a resumed run may change TRAIN.END_EPOCH or the number
-    of processes. Only the plateau schedule carries memory of its own, and that is restored.
+    of processes. Only the plateau schedule carries memory of its own, and that is restored
+    (`restore_plateau`): a resumed run decays its rate at the same epochs as an uninterrupted one.
     """
     extra = ckpt.extra
     where = f"{ckpt.source!r}"
@@ -356,7 +396,7 @@ def restore_training(
     if changes:
         log.warning("resuming with changed settings, applied from now on: %s", "; ".join(changes))
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
-        scheduler.load_state_dict(extra["scheduler"])
+        restore_plateau(scheduler, extra["scheduler"], extra["optimizer"]["param_groups"])
     if extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     if ema is not None:
