@@ -261,6 +261,18 @@ def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
 
 
 @pytest.mark.slow
+def test_config_yaml_records_the_activation_auto_resolved_to_so_test_runs_the_trained_one(data, tmp_path):
+    g1 = train(config(data, tmp_path, "NAME", "g1", "MODEL.ACTIVATION", "gelu", "TRAIN.END_EPOCH", 1, "TENSORBOARD", False))
+    # Fine-tuned from a file that records GELU, under MODEL.ACTIVATION auto: model_best.pth does not say.
+    g2 = train(config(data, tmp_path, "NAME", "g2", "MODEL.PRETRAINED", g1["checkpoint"], "TRAIN.END_EPOCH", 1,
+                      "TENSORBOARD", False))
+    saved = load_config(Path(g2["output_dir"]) / "config.yaml")
+    tested = run_test(saved)
+    assert tested["model_file"] == g2["model_best"] and tested["loss"] == g2["metrics"]["val_loss"]
+    assert saved.MODEL.ACTIVATION == "gelu"
+
+
+@pytest.mark.slow
 def test_init_weights_false_leaves_pretrained_unloaded_as_the_release(run, data, tmp_path):
     pretrained = torch.load(run["final_state"], weights_only=True)
     for init_weights in (True, False):

@@ -3,7 +3,8 @@ process or many (torchrun).
 
 Run folder (`cvt.config.output_dir(cfg)`), written by rank 0:
 
-* ``config.yaml``: the full config of the run; ``log.txt``: the log; ``tensorboard/``: event files;
+* ``config.yaml``: the full config of the run, MODEL.ACTIVATION resolved ('auto': the one the model runs
+  once weights are loaded); ``log.txt``: the log; ``tensorboard/``: event files;
 * ``metrics.jsonl``: one JSON object per epoch, each epoch exactly once even across crash and resume;
 * ``checkpoint.pth``: everything needed to resume, after every epoch (docs/ARCHITECTURE.md);
 * ``model_best.pth`` (best val top-1) and ``final_state.pth``: plain official-layout state dicts;
@@ -127,12 +128,24 @@ def train(cfg: CfgNode) -> dict[str, Any]:
                 if resume_from is not None:
                     _resume(run, resume_from)
                 if env.is_main:  # after the resume, which may refuse this config: config.yaml is what applies
-                    save_config(cfg, folder / "config.yaml")
+                    save_config(_with_activation(cfg, run.model.act), folder / "config.yaml")
                 if cfg.FINETUNE.FINETUNE:
                     run_steps(run, stop, *_wrap(run.model, cfg, env))
                 else:
                     _run_epochs(run, stop)
                 return _finish(run)
+
+
+def _with_activation(cfg: CfgNode, act: str) -> CfgNode:
+    """`cfg` with MODEL.ACTIVATION `act`, the activation the model runs once its weights are loaded:
+    'auto' resolves to the loaded file's own, which model_best.pth and final_state.pth (plain state
+    dicts) do not record, so the run folder's config.yaml must, for `cvt test` and `cvt predict` to run
+    the function the model was trained with."""
+    resolved = cfg.clone()
+    resolved.defrost()
+    resolved.MODEL.ACTIVATION = act
+    resolved.freeze()
+    return resolved
 
 
 def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, is_main: bool) -> str | None:
