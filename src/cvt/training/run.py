@@ -431,6 +431,9 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
     model_file = cfg.TEST.MODEL_FILE or folder / MODEL_BEST
     if not cfg.TEST.MODEL_FILE and not Path(model_file).exists():
         raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
+    # The dataset's folder before the weights: a published tag may download a gigabyte (or fail offline)
+    # only for the test to stop at a mistyped DATASET.ROOT.
+    resolve_dataset_root(cfg)
     log.info("testing %s", model_file)
     ckpt = read_checkpoint(model_file)
     if ckpt.num_classes is not None and ckpt.num_classes != cfg.MODEL.NUM_CLASSES:
