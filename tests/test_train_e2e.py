@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvt.cli import main as cli_main
 from cvt.config import load_config
 from cvt.training.run import TrainingInterrupted, train
 from cvt.training.run import test as run_test  # not named test_*: pytest would collect it
@@ -72,7 +73,23 @@ def test_train_writes_every_output(run):
         assert list(state) == list(model.state_dict())  # the official layout, nothing else
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in torch.load(folder / "final_state.pth").items())
     log = (folder / "log.txt").read_text()
-    assert "epoch 1:" in log and "cvt predict --cfg" in log
+    assert "epoch 1:" in log and "try it: cvt predict --weights" in log
+
+
+@pytest.mark.slow
+def test_the_printed_predict_command_runs_the_best_weights_and_prints_class_names(run, capsys):
+    folder = Path(run["output_dir"])
+    command = next(line for line in (folder / "log.txt").read_text().splitlines() if "try it: " in line)
+    argv = command.split("try it: cvt ")[1].split()
+    assert argv[:3] == ["predict", "--weights", str(folder / "model_best.safetensors")]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    # The release-layout file holds the same weights, but no class names: indices in the same order.
+    assert cli_main(["predict", "--cfg", str(folder / "config.yaml"), "--weights", str(folder / "model_best.pth"), argv[-1]]) == 0
+    by_index = capsys.readouterr().out
+    for index, name in enumerate(CLASSES):
+        by_index = by_index.replace(f" {index} ", f" {name} ")
+    assert printed == by_index and printed.split(": ")[1].split()[0] in CLASSES
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ Run folder (`cvt.config.output_dir(cfg)`), written by rank 0:
 * ``metrics.jsonl``: one JSON object per epoch, each epoch exactly once even across crash and resume;
 * ``checkpoint.pth``: everything needed to resume, after every epoch (docs/ARCHITECTURE.md);
 * ``model_best.pth`` (best val top-1) and ``final_state.pth``: plain official-layout state dicts;
+* ``model_best.safetensors``: model_best.pth's weights with class names, activation, spec and test
+  transform, for ``cvt predict``;
 * ``test_metrics.json``: written by `test`.
 
 With FINETUNE.FINETUNE the run trains for FINETUNE.STEPS optimizer steps instead of epochs, evaluating
@@ -72,6 +74,7 @@ from .state import (
     CHECKPOINT,
     METRICS,
     MODEL_BEST,
+    MODEL_BEST_PREDICT,
     TrainingRun,
     read_training,
     results_record,
@@ -370,11 +373,13 @@ def _finish(run: TrainingRun) -> dict[str, Any]:
     if any(skipped):
         log.warning("unreadable files skipped: %d in training, %d in evaluation", *skipped)
     best_path = folder / MODEL_BEST
-    weights = best_path if best_path.exists() else final_path
     log.info("done: best val top-1 %s", f"{run.best_top1:.2f}%" if run.best_top1 is not None else "n/a")
     log.info("checkpoint: %s", run.checkpoint_path)
     if Path(run.first_val_image).is_file():  # not for datasets held in batch files (CIFAR)
-        log.info("try it: cvt predict --cfg %s --weights %s %s", folder / "config.yaml", weights, run.first_val_image)
+        # Files that carry the class names, activation and transform, so the command needs no --cfg and
+        # prints names: the best weights, else (nothing evaluated) the final ones, which checkpoint.pth holds.
+        weights = folder / MODEL_BEST_PREDICT if (folder / MODEL_BEST_PREDICT).exists() else run.checkpoint_path
+        log.info("try it: cvt predict --weights %s %s", weights, run.first_val_image)
     return {
         "output_dir": str(folder),
         "checkpoint": str(run.checkpoint_path),

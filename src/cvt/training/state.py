@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from ..config import settings_from_yaml_text, spec_from_config
+from ..data.transforms import eval_transform_settings
 from ..errors import UserError, short_list
 from ..files import append_jsonl, atomic_torch_save, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer
-from ..weights.export import save_official
+from ..weights.export import save_official, save_safetensors
 from ..weights.load import load_checkpoint
 from ..weights.read import Checkpoint, read_checkpoint
 from .distributed import DistEnv, all_gather, all_reduce_sum
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS",
     "MODEL_BEST",
+    "MODEL_BEST_PREDICT",
     "ResumeState",
     "capture_rng",
     "read_training",
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pth"
 METRICS = "metrics.jsonl"
 MODEL_BEST = "model_best.pth"
+# The same weights with what `cvt predict` needs and the release's layout cannot hold: class names,
+# activation, spec and test transform.
+MODEL_BEST_PREDICT = "model_best.safetensors"
 START_AFRESH = (
     "to start afresh instead, set TRAIN.AUTO_RESUME False TRAIN.EARLIER_RESULTS move (keeps the earlier "
     "results in a subfolder), or give the run another NAME / OUTPUT_DIR"
@@ -547,8 +552,9 @@ class TrainingRun:
         """Rank 0 writes an evaluation's results: the metrics.jsonl `record` and its TensorBoard scalars
         (at its 'epoch' or 'step'), model_best.pth when `is_best`, and `snapshot` under
         TRAIN.SAVE_ALL_MODELS. Call before saving the checkpoint: a crash in between redoes this stretch
-        and its resume drops the record, so each is in the file exactly once; and model_best.pth is
-        never older than the best_top1 the checkpoint records."""
+        and its resume drops the record, so each is in the file exactly once; and model_best.pth (with
+        model_best.safetensors, the same weights for `cvt predict`) is never older than the best_top1 the
+        checkpoint records."""
         if not self.env.is_main:
             return
         append_jsonl(self.folder / METRICS, record)
@@ -560,6 +566,7 @@ class TrainingRun:
             writer.flush()
         if is_best:
             save_official(self.model, self.folder / MODEL_BEST)
+            save_safetensors(self.model, self.folder / MODEL_BEST_PREDICT, self.classes, eval_transform_settings(self.cfg))
         if self.cfg.TRAIN.SAVE_ALL_MODELS:
             save_official(self.model, self.folder / snapshot)
 
