@@ -200,6 +200,11 @@ def test_resumed_plateau_schedule_decays_at_the_epochs_of_an_uninterrupted_run(d
     assert lrs(resumed) == lrs(straight)
     assert lrs(straight)[4] == pytest.approx(1e-6 / 2)  # decayed before the second resume (epoch 0: warmup)
 
+    # A resume with another TRAIN.LR keeps the decay reached: the rate scales with the base.
+    reached = torch.load(resumed["checkpoint"], weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    rescaled = train(config(data, tmp_path / "b", *extra, "TRAIN.END_EPOCH", 7, "TRAIN.LR", 2e-6))
+    assert lrs(rescaled)[6] == pytest.approx(2 * reached) and reached < 1e-6
+
 
 @pytest.mark.slow
 def test_sigint_saves_mid_epoch_progress_and_resume_redoes_the_epoch(data, tmp_path, monkeypatch):
