@@ -341,7 +341,7 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     step = extra.get("step", 0)  # only step runs save one
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"'step' is {step!r}, not a count of optimizer steps"
-    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
+    if best is not None and not _is_number(best):
         return f"'best_top1' is {type(best).__name__}, not a number"
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
             or not isinstance(optimizer.get("state"), dict) \
@@ -350,11 +350,23 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     for field_name in ("scheduler", "scaler"):
         if extra.get(field_name) is not None and not isinstance(extra[field_name], dict):
             return f"{field_name!r} is a {type(extra[field_name]).__name__}, not a state dict"
+    plateau = extra["scheduler"].get("plateau") if isinstance(extra.get("scheduler"), dict) else None
+    if plateau is not None and not (isinstance(plateau, dict) and all(_is_number(plateau.get(k)) for k in _PLATEAU_COUNTERS)
+                                    and (plateau.get("restore_lr") is None or _is_numbers(plateau["restore_lr"]))):
+        return "'scheduler' holds a 'plateau' state that is not its counters and rates"
     if extra.get("ema") is not None and not (isinstance(extra["ema"], dict) and all(isinstance(v, torch.Tensor) for v in extra["ema"].values())):
         return "'ema' is not a state dict of tensors"
     if extra.get("rng") is not None and not isinstance(extra["rng"], list):
         return f"'rng' is a {type(extra['rng']).__name__}, not a list of generator states"
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(map(_is_number, value))
 
 
 def restore_training(
