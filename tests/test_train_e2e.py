@@ -207,6 +207,15 @@ def test_resumed_plateau_schedule_decays_at_the_epochs_of_an_uninterrupted_run(d
 
 
 @pytest.mark.slow
+def test_a_resume_that_switches_to_the_plateau_schedule_starts_it_afresh(data, tmp_path):
+    train(config(data, tmp_path, "TRAIN.END_EPOCH", 2, "TENSORBOARD", False))  # cosine, the default
+    resumed = train(config(data, tmp_path, "TRAIN.END_EPOCH", 3, "TRAIN.LR_SCHEDULER.ARGS.sched", "plateau",
+                           "TENSORBOARD", False))  # it used to fail: the cosine state has no best metric
+    assert epochs_in(Path(resumed["output_dir"])) == [0, 1, 2]
+    assert resumed["metrics"]["lr"] == pytest.approx(2e-3)  # the configured rate, not cosine's decayed one
+
+
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_progress_and_resume_redoes_the_epoch(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:

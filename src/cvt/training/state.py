@@ -293,15 +293,22 @@ def restore_plateau(scheduler: PlateauLRScheduler, saved: dict[str, Any], saved_
     """Put the plateau schedule's memory back: its counters and the rates it decayed to (from the saved
     optimizer groups, which `load_optimizer_state` set to this run's configured rate). A changed base rate
     (TRAIN.LR) keeps the decay reached: the rates scale by new / old base. A checkpoint from before the
-    counters were saved gives the best metric only."""
+    counters were saved gives the best metric and the rates; another schedule's (TRAIN.LR_SCHEDULER
+    changed on resume) nothing: the plateau schedule starts afresh at the configured rate."""
     memory = saved.get("plateau")
-    if not isinstance(memory, dict):
-        scheduler.load_state_dict(saved)
+    groups = scheduler.optimizer.param_groups
+    if not isinstance(memory, dict) and "best" not in saved:
+        # The configured rate, where an uninterrupted plateau run is after its warmup (a warmup not over
+        # sets its own when the loop steps the schedule), not the warmup's first rate the groups hold.
+        for group in groups:
+            group["lr"] = group["initial_lr"] * group.get("lr_scale", 1.0)
         return
+    if not isinstance(memory, dict):
+        memory = {"best": saved["best"]}
     plateau = scheduler.lr_scheduler
     for key in _PLATEAU_COUNTERS:
-        setattr(plateau, key, memory[key])
-    groups = scheduler.optimizer.param_groups
+        if key in memory:
+            setattr(plateau, key, memory[key])
     # Exactly 1.0 when the base rate is unchanged, so the rates come back bit for bit.
     scales = [group["initial_lr"] / old.get("initial_lr", group["initial_lr"]) for group, old in zip(groups, saved_groups)]
     for group, old, scale in zip(groups, saved_groups, scales):
