@@ -379,8 +379,9 @@ def test_a_stored_config_that_is_broken_yaml_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "changes, message",
     [({"optimizer": ...}, "its 'optimizer' is missing"), ({"epoch": "1"}, "its 'epoch' is '1', not a count"),
-     ({"step": "4"}, "its 'step' is '4', not a count of optimizer steps")],
-    ids=["no-optimizer", "string-epoch", "string-step"],
+     ({"step": "4"}, "its 'step' is '4', not a count of optimizer steps"),
+     ({"scheduler": {"best": 1.0, "plateau": {"best": 1.0}}}, "'plateau' state that is not its counters and rates")],
+    ids=["no-optimizer", "string-epoch", "string-step", "plateau-without-counters"],
 )
 def test_a_resumable_checkpoint_missing_what_a_resume_reads_is_one_line(tmp_path, changes, message):
     path = tmp_path / "checkpoint.pth"

@@ -224,6 +224,8 @@ def image_here(tmp_path, monkeypatch) -> None:
         (["predict", "--model", "hf-hub:someone/vit", "x.png"], "someone/vit is not a CvT (its config.json says model_type 'vit')"),
         (["predict", "--model", "hf-hub:nobody", "x.png"], "a hub repo is named hf-hub:org/name"),
         (["test", "--model", "hf-hub:someone/cvt-tiny"], "give --cfg"),
+        # The missing dataset, not the weights that are not cached (nor, online, fetched first).
+        (["test", "--model", "cvt-21", "DATASET.ROOT", "/no/imagenet"], "DATASET.ROOT: folder /no/imagenet not found"),
     ],
 )
 def test_failures_are_one_line_naming_the_repo_and_the_fix(offline, capsys, argv, message, image_here):

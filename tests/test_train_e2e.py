@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvt.cli import main
+from cvt.cli import main as cli_main
 from cvt.config import load_config
 from cvt.data import build_transform, load_rgb
 from cvt.training.run import TrainingInterrupted, train
@@ -74,7 +74,23 @@ def test_train_writes_every_output(run):
         assert list(state) == list(model.state_dict())  # the official layout, nothing else
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in torch.load(folder / "final_state.pth").items())
     log = (folder / "log.txt").read_text()
-    assert "epoch 1:" in log and "cvt predict --cfg" in log
+    assert "epoch 1:" in log and "try it: cvt predict --weights" in log
+
+
+@pytest.mark.slow
+def test_the_printed_predict_command_runs_the_best_weights_and_prints_class_names(run, capsys):
+    folder = Path(run["output_dir"])
+    command = next(line for line in (folder / "log.txt").read_text().splitlines() if "try it: " in line)
+    argv = command.split("try it: cvt ")[1].split()
+    assert argv[:3] == ["predict", "--weights", str(folder / "model_best.safetensors")]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    # The release-layout file holds the same weights, but no class names: indices in the same order.
+    assert cli_main(["predict", "--cfg", str(folder / "config.yaml"), "--weights", str(folder / "model_best.pth"), argv[-1]]) == 0
+    by_index = capsys.readouterr().out
+    for index, name in enumerate(CLASSES):
+        by_index = by_index.replace(f" {index} ", f" {name} ")
+    assert printed == by_index and printed.split(": ")[1].split()[0] in CLASSES
 
 
 @pytest.mark.slow
@@ -103,7 +119,7 @@ def test_the_ema_weights_are_what_test_and_predict_use_with_use_ema(run, data, t
     checkpoint = folder / "checkpoint.pth"
     # Extracted by `cvt export --use-ema`, they test as training evaluated them.
     ema_file = tmp_path / "ema.safetensors"
-    assert main(["export", "--use-ema", "--weights", str(checkpoint), "--format", "safetensors", str(ema_file)]) == 0
+    assert cli_main(["export", "--use-ema", "--weights", str(checkpoint), "--format", "safetensors", str(ema_file)]) == 0
     result = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", ema_file))
     for key in ("top1", "top5", "loss"):
         assert result[key] == run["metrics"][f"val_{key}_ema"]
@@ -117,14 +133,14 @@ def test_the_ema_weights_are_what_test_and_predict_use_with_use_ema(run, data, t
         expected = ema_model(torch.stack([transform(load_rgb(f)) for f in files])).softmax(-1)
     capsys.readouterr()
     for use_ema in (["--use-ema"], []):
-        assert main(["predict", *use_ema, "--weights", str(checkpoint), "--json", "--topk", "3", str(data / "val")]) == 0
+        assert cli_main(["predict", *use_ema, "--weights", str(checkpoint), "--json", "--topk", "3", str(data / "val")]) == 0
         got = json.loads(capsys.readouterr().out)
         assert [r["image"] for r in got] == [str(f) for f in files]
         probs = torch.tensor([[p["prob"] for p in sorted(r["predictions"], key=lambda p: p["index"])] for r in got])
         assert torch.allclose(probs, expected, atol=2e-6) == bool(use_ema)
     # Files without EMA weights say so in one line.
     for weights in (folder / "model_best.pth", ema_file):
-        assert main(["predict", "--use-ema", "--weights", str(weights), str(data / "val")]) == 2
+        assert cli_main(["predict", "--use-ema", "--weights", str(weights), str(data / "val")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "holds no EMA weights" in err and "checkpoint.pth" in err
 
@@ -201,6 +217,38 @@ def test_deterministic_resume_equals_an_uninterrupted_run(data, tmp_path, monkey
 
 
 @pytest.mark.slow
+def test_resumed_plateau_schedule_decays_at_the_epochs_of_an_uninterrupted_run(data, tmp_path):
+    # A rate too small to learn much with: top-1 stalls, so the plateau schedule halves the rate after
+    # two epochs without improvement. The resumes (after epochs 1 and 3) need its counters and the
+    # rate it had decayed to.
+    extra = ("TRAIN.LR", 1e-6, "TRAIN.LR_SCHEDULER.ARGS.sched", "plateau", "TRAIN.LR_SCHEDULER.ARGS.patience_epochs", 1,
+             "TRAIN.LR_SCHEDULER.ARGS.decay_rate", 0.5, "TRAIN.LR_SCHEDULER.ARGS.min_lr", 0.0, "TENSORBOARD", False)
+    straight = train(config(data, tmp_path / "a", *extra, "TRAIN.END_EPOCH", 6))
+    for end in (2, 4, 6):
+        resumed = train(config(data, tmp_path / "b", *extra, "TRAIN.END_EPOCH", end))
+
+    def lrs(result: dict) -> list[float]:
+        return [json.loads(line)["lr"] for line in (Path(result["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+
+    assert lrs(resumed) == lrs(straight)
+    assert lrs(straight)[4] == pytest.approx(1e-6 / 2)  # decayed before the second resume (epoch 0: warmup)
+
+    # A resume with another TRAIN.LR keeps the decay reached: the rate scales with the base.
+    reached = torch.load(resumed["checkpoint"], weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    rescaled = train(config(data, tmp_path / "b", *extra, "TRAIN.END_EPOCH", 7, "TRAIN.LR", 2e-6))
+    assert lrs(rescaled)[6] == pytest.approx(2 * reached) and reached < 1e-6
+
+
+@pytest.mark.slow
+def test_a_resume_that_switches_to_the_plateau_schedule_starts_it_afresh(data, tmp_path):
+    train(config(data, tmp_path, "TRAIN.END_EPOCH", 2, "TENSORBOARD", False))  # cosine, the default
+    resumed = train(config(data, tmp_path, "TRAIN.END_EPOCH", 3, "TRAIN.LR_SCHEDULER.ARGS.sched", "plateau",
+                           "TENSORBOARD", False))  # it used to fail: the cosine state has no best metric
+    assert epochs_in(Path(resumed["output_dir"])) == [0, 1, 2]
+    assert resumed["metrics"]["lr"] == pytest.approx(2e-3)  # the configured rate, not cosine's decayed one
+
+
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_progress_and_resume_redoes_the_epoch(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
@@ -274,6 +322,18 @@ def test_fine_tuning_drops_a_head_of_another_size(run, data, tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], pretrained[k]) for k in state if k.startswith("stage0."))
     assert not torch.equal(state["head.weight"], pretrained["head.weight"])
+
+
+@pytest.mark.slow
+def test_config_yaml_records_the_activation_auto_resolved_to_so_test_runs_the_trained_one(data, tmp_path):
+    g1 = train(config(data, tmp_path, "NAME", "g1", "MODEL.ACTIVATION", "gelu", "TRAIN.END_EPOCH", 1, "TENSORBOARD", False))
+    # Fine-tuned from a file that records GELU, under MODEL.ACTIVATION auto: model_best.pth does not say.
+    g2 = train(config(data, tmp_path, "NAME", "g2", "MODEL.PRETRAINED", g1["checkpoint"], "TRAIN.END_EPOCH", 1,
+                      "TENSORBOARD", False))
+    saved = load_config(Path(g2["output_dir"]) / "config.yaml")
+    tested = run_test(saved)
+    assert tested["model_file"] == g2["model_best"] and tested["loss"] == g2["metrics"]["val_loss"]
+    assert saved.MODEL.ACTIVATION == "gelu"
 
 
 @pytest.mark.slow

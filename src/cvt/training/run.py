@@ -3,10 +3,13 @@ process or many (torchrun).
 
 Run folder (`cvt.config.output_dir(cfg)`), written by rank 0:
 
-* ``config.yaml``: the full config of the run; ``log.txt``: the log; ``tensorboard/``: event files;
+* ``config.yaml``: the full config of the run, MODEL.ACTIVATION resolved ('auto': the one the model runs
+  once weights are loaded); ``log.txt``: the log; ``tensorboard/``: event files;
 * ``metrics.jsonl``: one JSON object per epoch, each epoch exactly once even across crash and resume;
 * ``checkpoint.pth``: everything needed to resume, after every epoch (docs/ARCHITECTURE.md);
 * ``model_best.pth`` (best val top-1) and ``final_state.pth``: plain official-layout state dicts;
+* ``model_best.safetensors``: model_best.pth's weights with class names, activation, spec and test
+  transform, for ``cvt predict``;
 * ``test_metrics.json``: written by `test`.
 
 With FINETUNE.FINETUNE the run trains for FINETUNE.STEPS optimizer steps instead of epochs, evaluating
@@ -71,6 +74,7 @@ from .state import (
     CHECKPOINT,
     METRICS,
     MODEL_BEST,
+    MODEL_BEST_PREDICT,
     TrainingRun,
     read_training,
     results_record,
@@ -127,12 +131,24 @@ def train(cfg: CfgNode) -> dict[str, Any]:
                 if resume_from is not None:
                     _resume(run, resume_from)
                 if env.is_main:  # after the resume, which may refuse this config: config.yaml is what applies
-                    save_config(cfg, folder / "config.yaml")
+                    save_config(_with_activation(cfg, run.model.act), folder / "config.yaml")
                 if cfg.FINETUNE.FINETUNE:
                     run_steps(run, stop, *_wrap(run.model, cfg, env))
                 else:
                     _run_epochs(run, stop)
                 return _finish(run)
+
+
+def _with_activation(cfg: CfgNode, act: str) -> CfgNode:
+    """`cfg` with MODEL.ACTIVATION `act`, the activation the model runs once its weights are loaded:
+    'auto' resolves to the loaded file's own, which model_best.pth and final_state.pth (plain state
+    dicts) do not record, so the run folder's config.yaml must, for `cvt test` and `cvt predict` to run
+    the function the model was trained with."""
+    resolved = cfg.clone()
+    resolved.defrost()
+    resolved.MODEL.ACTIVATION = act
+    resolved.freeze()
+    return resolved
 
 
 def _keep_earlier_results(cfg: CfgNode, folder: Path, resume_from: Path | None, is_main: bool) -> str | None:
@@ -357,11 +373,13 @@ def _finish(run: TrainingRun) -> dict[str, Any]:
     if any(skipped):
         log.warning("unreadable files skipped: %d in training, %d in evaluation", *skipped)
     best_path = folder / MODEL_BEST
-    weights = best_path if best_path.exists() else final_path
     log.info("done: best val top-1 %s", f"{run.best_top1:.2f}%" if run.best_top1 is not None else "n/a")
     log.info("checkpoint: %s", run.checkpoint_path)
     if Path(run.first_val_image).is_file():  # not for datasets held in batch files (CIFAR)
-        log.info("try it: cvt predict --cfg %s --weights %s %s", folder / "config.yaml", weights, run.first_val_image)
+        # Files that carry the class names, activation and transform, so the command needs no --cfg and
+        # prints names: the best weights, else (nothing evaluated) the final ones, which checkpoint.pth holds.
+        weights = folder / MODEL_BEST_PREDICT if (folder / MODEL_BEST_PREDICT).exists() else run.checkpoint_path
+        log.info("try it: cvt predict --weights %s %s", weights, run.first_val_image)
     return {
         "output_dir": str(folder),
         "checkpoint": str(run.checkpoint_path),
@@ -418,6 +436,9 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
     model_file = cfg.TEST.MODEL_FILE or folder / MODEL_BEST
     if not cfg.TEST.MODEL_FILE and not Path(model_file).exists():
         raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
+    # The dataset's folder before the weights: a published tag may download a gigabyte (or fail offline)
+    # only for the test to stop at a mistyped DATASET.ROOT.
+    resolve_dataset_root(cfg)
     log.info("testing %s", model_file)
     ckpt = read_checkpoint(model_file)
     if ckpt.num_classes is not None and ckpt.num_classes != cfg.MODEL.NUM_CLASSES:

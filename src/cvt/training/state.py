@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from ..config import settings_from_yaml_text, spec_from_config
+from ..data.transforms import eval_transform_settings
 from ..errors import UserError, short_list
 from ..files import append_jsonl, atomic_torch_save, atomic_write_text
 from ..models.cvt import ConvolutionalVisionTransformer
-from ..weights.export import save_official
+from ..weights.export import save_official, save_safetensors
 from ..weights.load import load_checkpoint
 from ..weights.read import Checkpoint, read_checkpoint
 from .distributed import DistEnv, all_gather, all_reduce_sum
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS",
     "MODEL_BEST",
+    "MODEL_BEST_PREDICT",
     "ResumeState",
     "capture_rng",
     "read_training",
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pth"
 METRICS = "metrics.jsonl"
 MODEL_BEST = "model_best.pth"
+# The same weights with what `cvt predict` needs and the release's layout cannot hold: class names,
+# activation, spec and test transform.
+MODEL_BEST_PREDICT = "model_best.safetensors"
 START_AFRESH = (
     "to start afresh instead, set TRAIN.AUTO_RESUME False TRAIN.EARLIER_RESULTS move (keeps the earlier "
     "results in a subfolder), or give the run another NAME / OUTPUT_DIR"
@@ -250,7 +255,7 @@ def save_training(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": scheduler_state(scheduler),
             "scaler": scaler.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
             "epoch": epoch,
@@ -264,6 +269,52 @@ def save_training(
         },
         path,
     )
+
+
+# What the plateau schedule remembers beyond timm's state_dict (which keeps only the best metric):
+# torch's ReduceLROnPlateau counters. The rates it decayed to are the optimizer groups' `lr`.
+_PLATEAU_COUNTERS = ("best", "last_epoch", "num_bad_epochs", "cooldown_counter")
+
+
+def scheduler_state(scheduler: Scheduler) -> dict[str, Any]:
+    """The schedule's state for checkpoint.pth; for the plateau schedule with everything its resume needs
+    (`restore_plateau`)."""
+    state = scheduler.state_dict()
+    if isinstance(scheduler, PlateauLRScheduler):
+        plateau = scheduler.lr_scheduler
+        state["plateau"] = {
+            **{key: getattr(plateau, key) for key in _PLATEAU_COUNTERS},
+            "restore_lr": scheduler.restore_lr,  # the rates before this epoch's LR noise, if any
+        }
+    return state
+
+
+def restore_plateau(scheduler: PlateauLRScheduler, saved: dict[str, Any], saved_groups: Sequence[dict[str, Any]]) -> None:
+    """Put the plateau schedule's memory back: its counters and the rates it decayed to (from the saved
+    optimizer groups, which `load_optimizer_state` set to this run's configured rate). A changed base rate
+    (TRAIN.LR) keeps the decay reached: the rates scale by new / old base. A checkpoint from before the
+    counters were saved gives the best metric and the rates; another schedule's (TRAIN.LR_SCHEDULER
+    changed on resume) nothing: the plateau schedule starts afresh at the configured rate."""
+    memory = saved.get("plateau")
+    groups = scheduler.optimizer.param_groups
+    if not isinstance(memory, dict) and "best" not in saved:
+        # The configured rate, where an uninterrupted plateau run is after its warmup (a warmup not over
+        # sets its own when the loop steps the schedule), not the warmup's first rate the groups hold.
+        for group in groups:
+            group["lr"] = group["initial_lr"] * group.get("lr_scale", 1.0)
+        return
+    if not isinstance(memory, dict):
+        memory = {"best": saved["best"]}
+    plateau = scheduler.lr_scheduler
+    for key in _PLATEAU_COUNTERS:
+        if key in memory:
+            setattr(plateau, key, memory[key])
+    # Exactly 1.0 when the base rate is unchanged, so the rates come back bit for bit.
+    scales = [group["initial_lr"] / old.get("initial_lr", group["initial_lr"]) for group, old in zip(groups, saved_groups)]
+    for group, old, scale in zip(groups, saved_groups, scales):
+        group["lr"] = old["lr"] * scale
+    if memory.get("restore_lr") is not None:
+        scheduler.restore_lr = [lr * scale for lr, scale in zip(memory["restore_lr"], scales)]
 
 
 @dataclass
@@ -297,7 +348,7 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     step = extra.get("step", 0)  # only step runs save one
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"'step' is {step!r}, not a count of optimizer steps"
-    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
+    if best is not None and not _is_number(best):
         return f"'best_top1' is {type(best).__name__}, not a number"
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
             or not isinstance(optimizer.get("state"), dict) \
@@ -306,11 +357,23 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     for field_name in ("scheduler", "scaler"):
         if extra.get(field_name) is not None and not isinstance(extra[field_name], dict):
             return f"{field_name!r} is a {type(extra[field_name]).__name__}, not a state dict"
+    plateau = extra["scheduler"].get("plateau") if isinstance(extra.get("scheduler"), dict) else None
+    if plateau is not None and not (isinstance(plateau, dict) and all(_is_number(plateau.get(k)) for k in _PLATEAU_COUNTERS)
+                                    and (plateau.get("restore_lr") is None or _is_numbers(plateau["restore_lr"]))):
+        return "'scheduler' holds a 'plateau' state that is not its counters and rates"
     if extra.get("ema") is not None and not (isinstance(extra["ema"], dict) and all(isinstance(v, torch.Tensor) for v in extra["ema"].values())):
         return "'ema' is not a state dict of tensors"
     if extra.get("rng") is not None and not isinstance(extra["rng"], list):
         return f"'rng' is a {type(extra['rng']).__name__}, not a list of generator states"
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(map(_is_number, value))
 
 
 def restore_training(
@@ -328,7 +391,8 @@ def restore_training(
 
     The learning-rate schedule is rebuilt from the config rather than loaded: timm's epoch-stepped
     schedules are functions of the epoch, so a resumed run may change TRAIN.END_EPOCH or the number
-    of processes. Only the plateau schedule carries memory of its own, and that is restored.
+    of processes. Only the plateau schedule carries memory of its own, and that is restored
+    (`restore_plateau`): a resumed run decays its rate at the same epochs as an uninterrupted one.
     """
     extra = ckpt.extra
     where = f"{ckpt.source!r}"
@@ -356,7 +420,7 @@ def restore_training(
     if changes:
         log.warning("resuming with changed settings, applied from now on: %s", "; ".join(changes))
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):
-        scheduler.load_state_dict(extra["scheduler"])
+        restore_plateau(scheduler, extra["scheduler"], extra["optimizer"]["param_groups"])
     if extra.get("scaler"):
         scaler.load_state_dict(extra["scaler"])
     if ema is not None:
@@ -507,8 +571,9 @@ class TrainingRun:
         """Rank 0 writes an evaluation's results: the metrics.jsonl `record` and its TensorBoard scalars
         (at its 'epoch' or 'step'), model_best.pth when `is_best`, and `snapshot` under
         TRAIN.SAVE_ALL_MODELS. Call before saving the checkpoint: a crash in between redoes this stretch
-        and its resume drops the record, so each is in the file exactly once; and model_best.pth is
-        never older than the best_top1 the checkpoint records."""
+        and its resume drops the record, so each is in the file exactly once; and model_best.pth (with
+        model_best.safetensors, the same weights for `cvt predict`) is never older than the best_top1 the
+        checkpoint records."""
         if not self.env.is_main:
             return
         append_jsonl(self.folder / METRICS, record)
@@ -520,6 +585,7 @@ class TrainingRun:
             writer.flush()
         if is_best:
             save_official(self.model, self.folder / MODEL_BEST)
+            save_safetensors(self.model, self.folder / MODEL_BEST_PREDICT, self.classes, eval_transform_settings(self.cfg))
         if self.cfg.TRAIN.SAVE_ALL_MODELS:
             save_official(self.model, self.folder / snapshot)
 
