@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 from pathlib import Path
 
@@ -177,6 +178,16 @@ def test_cosine_schedule_with_warmup():
     assert lr_at(100) == pytest.approx(1e-5)
     with pytest.raises(UserError, match="TRAIN.LR_SCHEDULER.METHOD"):
         build_scheduler(_cfg("TRAIN.LR_SCHEDULER.METHOD", "MultiStep"), optimizer)
+
+
+def test_the_plateau_schedule_builds_without_timm_s_resume_warning():
+    """timm warns that a resumed plateau schedule restarts its logic; checkpoint.pth here keeps it
+    (cvt.training.state), so the warning would mislead: it is not shown."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_scheduler(_cfg("TRAIN.LR_SCHEDULER.ARGS.sched", "plateau"), optimizer)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
 
 
 def _cosine_lrs(*opts: object) -> list[float]:

@@ -121,8 +121,10 @@ def test_the_ema_weights_are_what_test_and_predict_use_with_use_ema(run, data, t
     ema_file = tmp_path / "ema.safetensors"
     assert cli_main(["export", "--use-ema", "--weights", str(checkpoint), "--format", "safetensors", str(ema_file)]) == 0
     result = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", ema_file))
+    # So does TEST.USE_EMA on the checkpoint itself.
+    from_checkpoint = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", checkpoint, "TEST.USE_EMA", True))
     for key in ("top1", "top5", "loss"):
-        assert result[key] == run["metrics"][f"val_{key}_ema"]
+        assert result[key] == from_checkpoint[key] == run["metrics"][f"val_{key}_ema"]
     # `cvt predict --use-ema` gives the EMA model's softmax, not the model's.
     saved = torch.load(checkpoint, weights_only=True)
     ema_model = create_model(dict(saved["spec"]), num_classes=len(CLASSES), act=saved["act"]).eval()

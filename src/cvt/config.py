@@ -354,6 +354,8 @@ def get_defaults() -> CfgNode:
     # Ours: evaluate (`cvt test` and during training) under autocast in AMP.DTYPE. Off: float32, as
     # the release tests, whatever AMP.ENABLED says.
     cfg.TEST.AMP = False
+    # Ours: test the EMA weights a run's checkpoint.pth holds (TEST.MODEL_FILE; TRAIN.EMA.ENABLED), not its model's.
+    cfg.TEST.USE_EMA = False
 
     cfg.DEBUG = CfgNode()
     cfg.DEBUG.DEBUG = False

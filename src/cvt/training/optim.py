@@ -3,6 +3,7 @@ scaling, and timm's schedules: per epoch for TRAIN, per optimizer step for FINET
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -190,9 +191,13 @@ def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Scheduler
     kwargs = {_TIMM_ARG_NAMES.get(k, k): v for k, v in dict(cfg.TRAIN.LR_SCHEDULER.ARGS).items()}
     kwargs["noise"] = list(kwargs["noise"]) or None  # timm: None is no noise
     try:
-        # The run length is TRAIN.END_EPOCH, as in the release.
-        scheduler, _ = create_scheduler_v2(optimizer, num_epochs=int(cfg.TRAIN.END_EPOCH), step_on_epochs=True,
-                                           noise_seed=int(cfg.SEED), **kwargs)
+        with warnings.catch_warnings():
+            # timm's plateau deprecation says a resume restarts the plateau logic: checkpoint.pth here
+            # keeps its counters and decayed rates (`cvt.training.state`).
+            warnings.filterwarnings("ignore", "PlateauLRScheduler is deprecated", FutureWarning)
+            # The run length is TRAIN.END_EPOCH, as in the release.
+            scheduler, _ = create_scheduler_v2(optimizer, num_epochs=int(cfg.TRAIN.END_EPOCH), step_on_epochs=True,
+                                               noise_seed=int(cfg.SEED), **kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"TRAIN.LR_SCHEDULER.ARGS: {e}; use timm's scheduler names and argument names") from None
     return scheduler

@@ -440,7 +440,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
     # only for the test to stop at a mistyped DATASET.ROOT.
     resolve_dataset_root(cfg)
     log.info("testing %s", model_file)
-    ckpt = read_checkpoint(model_file)
+    ckpt = read_checkpoint(model_file, use_ema=cfg.TEST.USE_EMA)
     if ckpt.num_classes is not None and ckpt.num_classes != cfg.MODEL.NUM_CLASSES:
         raise UserError(
             f"{model_file} has a {ckpt.num_classes}-class head but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}; "
