@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
-    "tokens_to_map", "uses_cpu_kernels",
+    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "shared_map", "to_autocast_dtype",
+    "token_linear", "tokens_to_map", "uses_cpu_kernels",
 ]
 
 # Set by `portable_kernels`: process-wide, read once per op, so eager inference pays one global lookup.
@@ -260,6 +260,21 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     if x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
+
+
+def shared_map(x_map: torch.Tensor) -> torch.Tensor:
+    """``x_map``, a dense copy that several ops read, stored once.
+
+    In compiled inference through the opaque ops (no freezing) inductor would otherwise write one copy
+    of the map for each op that reads it (three: the q, k and v projections), fused into the kernel
+    before them; its stride prim makes the copy one buffer (benchmarks/RESULTS.md). In training the
+    map is one buffer already (kept for the backward), and eager copies once.
+    """
+    if torch.is_grad_enabled() or not _opaque_under_compile(x_map):
+        return x_map
+    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; only while compiling)
+
+    return torch.ops.prims.inductor_force_stride_order(x_map, x_map.stride())
 
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
