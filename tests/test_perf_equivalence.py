@@ -579,7 +579,7 @@ def test_inductor_inference_without_freezing_equals_the_reference_through_the_op
     """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model), in
     fp32 and under bf16 autocast, gives the reference's logits, and its code calls the opaque ops, the
     MLP's activation fused into the first linear, instead of letting inductor lay out the token maps;
-    the q, k and v projections of a block read one map (`kernels.shared_map`), not a copy each."""
+    the q, k and v projections of a block read one map (`kernels.stored_once`), not a copy each."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 

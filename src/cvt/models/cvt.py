@@ -41,7 +41,7 @@ from timm.models._features import feature_take_indices
 
 from .convert import checkpoint_filter_fn
 from .kernels import (
-    attention, dense_grad, depthwise_conv, map_to_tokens, shared_map, to_autocast_dtype, token_linear, tokens_to_map,
+    attention, dense_grad, depthwise_conv, map_to_tokens, stored_once, to_autocast_dtype, token_linear, tokens_to_map,
 )
 from .spec import CvtSpec, check_activation, model_spec
 from .zoo import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, PublishedWeights
@@ -185,7 +185,7 @@ class Attention(nn.Module):
         else:
             # The convolutions want a dense channels-last map: a view of the tokens without a cls
             # token; with one, a single copy here rather than one inside each of the three convolutions.
-            x_map = shared_map(tokens_to_map(tokens, height, width).contiguous(memory_format=torch.channels_last))
+            x_map = stored_once(tokens_to_map(tokens, height, width).contiguous(memory_format=torch.channels_last))
             q_in = self._project(self.conv_proj_q, cls, x_map, tokens)
             k_in = self._project(self.conv_proj_k, cls, x_map, tokens)
             v_in = self._project(self.conv_proj_v, cls, x_map, tokens)
@@ -220,8 +220,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = stored_once(x + self.drop_path(self.attn(self.norm1(x), height, width)))
+        return stored_once(x + self.drop_path(self.mlp(self.norm2(x))))
 
 
 class ConvEmbed(nn.Module):

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "shared_map", "to_autocast_dtype",
-    "token_linear", "tokens_to_map", "uses_cpu_kernels",
+    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "stored_once",
+    "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels",
 ]
 
 # Set by `portable_kernels`: process-wide, read once per op, so eager inference pays one global lookup.
@@ -262,19 +262,20 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def shared_map(x_map: torch.Tensor) -> torch.Tensor:
-    """``x_map``, a dense copy that several ops read, stored once.
+def stored_once(x: torch.Tensor) -> torch.Tensor:
+    """``x``, which several ops read, as one stored tensor in compiled inference.
 
-    In compiled inference through the opaque ops (no freezing) inductor would otherwise write one copy
-    of the map for each op that reads it (three: the q, k and v projections), fused into the kernel
-    before them; its stride prim makes the copy one buffer (benchmarks/RESULTS.md). In training the
-    map is one buffer already (kept for the backward), and eager copies once.
+    Through the opaque ops without freezing, inductor would otherwise leave such a tensor uncomputed
+    and recompute it in every reader: the residual stream from all of its addends, in both passes of
+    each LayerNorm, and the q, k and v projections' channels-last map as one copy per projection. Its
+    stride prim makes it one buffer, written once (benchmarks/RESULTS.md). Elsewhere ``x`` as it is:
+    eager computes every tensor once, and in training the compiled graph keeps these for the backward.
     """
-    if torch.is_grad_enabled() or not _opaque_under_compile(x_map):
-        return x_map
+    if torch.is_grad_enabled() or not _opaque_under_compile(x):
+        return x
     from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; only while compiling)
 
-    return torch.ops.prims.inductor_force_stride_order(x_map, x_map.stride())
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
