@@ -17,7 +17,8 @@ speed comes from how it is computed, never from what:
 * in CPU training, BatchNorm sees dense channels-last maps and gradients (`kernels.dense_grad`,
   `kernels.depthwise_conv`);
 * under ``torch.compile``, fp32 CPU training and CPU inference without inductor's freezing keep these
-  layouts through ops opaque to the compiler;
+  layouts through ops opaque to the compiler, and that inference stores the residual stream and the
+  projections' map once (`kernels.stored_once`);
 * tokens (B, N, C) and maps (B, C, H, W) are views of one another in channels-last memory layout,
   so moving between them copies nothing;
 * LayerNorm runs in float32 as published, without a round trip when the input already is float32.
