@@ -10,6 +10,7 @@ LayerNorm cast to float32 and back.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -654,7 +655,8 @@ def test_inductor_bf16_training_step_runs_the_eager_bf16_ops(monkeypatch):
 def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops():
     """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model), in
     fp32 and under bf16 autocast, gives the reference's logits, and its code calls the opaque ops, the
-    MLP's activation fused into the first linear, instead of letting inductor lay out the token maps."""
+    MLP's activation fused into the first linear, instead of letting inductor lay out the token maps;
+    the q, k and v projections of a block read one map (`kernels.stored_once`), not a copy each."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
@@ -673,6 +675,9 @@ def test_inductor_inference_without_freezing_equals_the_reference_through_the_op
     for generated, attention_ops in [("\n".join(code), ["flash_attention"]), ("\n".join(code_bf16), bf16_attention)]:
         for op in ["token_conv", "token_conv_pointwise", *attention_ops, "depthwise_conv"]:
             assert f"torch.ops.cvt.{op}.default(" in generated, op
+        maps = re.findall(r"torch\.ops\.cvt\.depthwise_conv\.default\((?:reinterpret_tensor\()?(\w+)", generated)
+        assert len(maps) == 3 * sum(SMALL["depth"])  # q, k, v per block, in call order
+        assert all(len(set(maps[i : i + 3])) == 1 for i in range(0, len(maps), 3)), maps
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ speed comes from how it is computed, never from what:
 * in CPU training, BatchNorm sees dense channels-last maps and gradients (`kernels.dense_grad`,
   `kernels.depthwise_conv`);
 * under ``torch.compile``, fp32 CPU training and CPU inference without inductor's freezing keep these
-  layouts through ops opaque to the compiler;
+  layouts through ops opaque to the compiler, and that inference stores the residual stream and the
+  projections' map once (`kernels.stored_once`);
 * tokens (B, N, C) and maps (B, C, H, W) are views of one another in channels-last memory layout,
   so moving between them copies nothing;
 * LayerNorm runs in float32 as published, without a round trip when the input already is float32.
@@ -40,7 +41,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .convert import checkpoint_filter_fn
-from .kernels import attention, dense_grad, depthwise_conv, map_to_tokens, to_autocast_dtype, token_linear, tokens_to_map
+from .kernels import (
+    attention, dense_grad, depthwise_conv, map_to_tokens, stored_once, to_autocast_dtype, token_linear, tokens_to_map,
+)
 from .spec import CvtSpec, check_activation, model_spec
 from .zoo import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, PublishedWeights
 
@@ -183,7 +186,7 @@ class Attention(nn.Module):
         else:
             # The convolutions want a dense channels-last map: a view of the tokens without a cls
             # token; with one, a single copy here rather than one inside each of the three convolutions.
-            x_map = tokens_to_map(tokens, height, width).contiguous(memory_format=torch.channels_last)
+            x_map = stored_once(tokens_to_map(tokens, height, width).contiguous(memory_format=torch.channels_last))
             q_in = self._project(self.conv_proj_q, cls, x_map, tokens)
             k_in = self._project(self.conv_proj_k, cls, x_map, tokens)
             v_in = self._project(self.conv_proj_v, cls, x_map, tokens)
@@ -218,8 +221,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = stored_once(x + self.drop_path(self.attn(self.norm1(x), height, width)))
+        return stored_once(x + self.drop_path(self.mlp(self.norm2(x))))
 
 
 class ConvEmbed(nn.Module):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "to_autocast_dtype", "token_linear",
-    "tokens_to_map", "uses_cpu_kernels",
+    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "stored_once",
+    "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels",
 ]
 
 # Set by `portable_kernels`: process-wide, read once per op, so eager inference pays one global lookup.
@@ -278,6 +278,26 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
     if x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type):
         return x.to(torch.get_autocast_dtype(x.device.type))
     return x
+
+
+def stored_once(x: torch.Tensor) -> torch.Tensor:
+    """``x``, which several ops read, as one stored tensor in compiled inference.
+
+    Through the opaque ops without freezing, inductor would otherwise leave such a tensor uncomputed
+    and recompute it in every reader: the residual stream from all of its addends, in both passes of
+    each LayerNorm, and the q, k and v projections' channels-last map as one copy per projection. Its
+    stride prim makes it one buffer, written once (benchmarks/RESULTS.md). Elsewhere ``x`` as it is:
+    eager computes every tensor once, and in training the compiled graph keeps these for the backward.
+    """
+    if torch.is_grad_enabled() or not _opaque_under_compile(x):
+        return x
+    try:
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; only while compiling)
+
+        force_stride_order = torch.ops.prims.inductor_force_stride_order
+    except (ImportError, AttributeError):  # a torch without this private prim: inductor's own choice
+        return x
+    return force_stride_order(x, x.stride())
 
 
 def tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
