@@ -291,11 +291,9 @@ def stored_once(x: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled() or not _opaque_under_compile(x):
         return x
-    try:
-        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; only while compiling)
-
-        force_stride_order = torch.ops.prims.inductor_force_stride_order
-    except (ImportError, AttributeError):  # a torch without this private prim: inductor's own choice
+    try:  # imported only while compiling
+        from torch._inductor.inductor_prims import force_stride_order
+    except ImportError:  # a torch without this private prim: inductor's own choice
         return x
     return force_stride_order(x, x.stride())
 
