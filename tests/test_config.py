@@ -359,6 +359,10 @@ def test_output_dir_needs_a_name():
         (["TRAIN.LR_SCHEDULER.ARGS.min_lr", "-1e-5"], "TRAIN.LR_SCHEDULER.ARGS.min_lr=-1e-05"),
         (["TRAIN.LR_SCHEDULER.ARGS.decay_rate", "0"], "TRAIN.LR_SCHEDULER.ARGS.decay_rate=0.0 is invalid: it must be positive"),
         (["TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit", "0"], "TRAIN.LR_SCHEDULER.ARGS.lr_cycle_limit=0"),
+        # torch's ReduceLROnPlateau refuses a factor >= 1 only once the run has started.
+        (["TRAIN.LR_SCHEDULER.ARGS.sched", "plateau", "TRAIN.LR_SCHEDULER.ARGS.decay_rate", "1.0"],
+         "TRAIN.LR_SCHEDULER.ARGS.decay_rate=1.0 is invalid: it must be < 1 with sched 'plateau'"),
+        (["AUG.TIMM_AUG.COLOR_JITTER", "-0.5"], "AUG.TIMM_AUG.COLOR_JITTER=-0.5 is invalid: it must be >= 0"),
         (["TRAIN.LR_SCHEDULER.ARGS.sched", "none"], "TRAIN.LR_SCHEDULER.ARGS.sched='none' is invalid: it must be one of 'cosine'"),
         (["TRAIN.LR_SCHEDULER.ARGS.noise", "[0.8, 0.2]"], r"TRAIN.LR_SCHEDULER.ARGS.noise=\[0.8, 0.2\] is invalid"),
         (["TRAIN.LR_SCHEDULER.ARGS.noise", "[1.5]"], "TRAIN.LR_SCHEDULER.ARGS.noise"),

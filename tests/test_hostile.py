@@ -34,6 +34,7 @@ from cvt.training.state import read_training
 from cvt.weights.export import save_hf, save_official, save_safetensors
 from cvt.weights.load import load_checkpoint
 from cvt.weights.read import read_checkpoint
+import cvt.weights.read as read_module
 
 from helpers import CLASSES, TINY_SPEC, config, epochs_in, make_image_folder
 
@@ -366,6 +367,14 @@ def test_ema_weights_asked_of_a_checkpoint_without_them_are_one_line(tmp_path, c
     with pytest.raises(UserError) as error:
         read_checkpoint(path, use_ema=True)
     one_line(error.value, str(path), message)
+
+
+@pytest.mark.parametrize("name", ["cvt-13", "hf-hub:someone/cvt-13"])
+def test_ema_weights_asked_of_a_published_name_are_refused_before_any_download(monkeypatch, name):
+    monkeypatch.setattr(read_module, "download", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(UserError) as error:
+        read_checkpoint(name, use_ema=True)
+    one_line(error.value, name, "holds no EMA weights: only a run's checkpoint.pth does")
 
 
 def test_a_stored_config_that_is_broken_yaml_is_one_line(tmp_path, capsys):

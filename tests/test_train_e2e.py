@@ -121,10 +121,12 @@ def test_the_ema_weights_are_what_test_and_predict_use_with_use_ema(run, data, t
     ema_file = tmp_path / "ema.safetensors"
     assert cli_main(["export", "--use-ema", "--weights", str(checkpoint), "--format", "safetensors", str(ema_file)]) == 0
     result = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", ema_file))
-    # So does TEST.USE_EMA on the checkpoint itself.
-    from_checkpoint = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", checkpoint, "TEST.USE_EMA", True))
+    # So does TEST.USE_EMA on the checkpoint, named or (MODEL_FILE unset) the run folder's.
+    named = run_test(config(data, folder.parent.parent, "TEST.MODEL_FILE", checkpoint, "TEST.USE_EMA", True))
+    unset = run_test(config(data, folder.parent.parent, "TEST.USE_EMA", True))
+    assert unset["model_file"] == str(checkpoint) and named["use_ema"] and unset["use_ema"] and not result["use_ema"]
     for key in ("top1", "top5", "loss"):
-        assert result[key] == from_checkpoint[key] == run["metrics"][f"val_{key}_ema"]
+        assert result[key] == named[key] == unset[key] == run["metrics"][f"val_{key}_ema"]
     # `cvt predict --use-ema` gives the EMA model's softmax, not the model's.
     saved = torch.load(checkpoint, weights_only=True)
     ema_model = create_model(dict(saved["spec"]), num_classes=len(CLASSES), act=saved["act"]).eval()

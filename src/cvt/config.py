@@ -835,7 +835,8 @@ def _validate_numbers(cfg: CfgNode) -> None:
         f"greater than TRAIN.BEGIN_EPOCH ({train.BEGIN_EPOCH})",
     )
     for key, value in (("TRAIN.WD", train.WD), ("TRAIN.CLIP_GRAD_NORM", train.CLIP_GRAD_NORM),
-                       ("AUG.MIXUP", aug.MIXUP), ("AUG.MIXCUT", aug.MIXCUT)):
+                       ("AUG.MIXUP", aug.MIXUP), ("AUG.MIXCUT", aug.MIXCUT),
+                       ("AUG.TIMM_AUG.COLOR_JITTER", aug.TIMM_AUG.COLOR_JITTER)):
         _require(value >= 0, key, value, ">= 0")
     _require(0 < train.EMA.DECAY < 1, "TRAIN.EMA.DECAY", train.EMA.DECAY, "in (0, 1)")
     _validate_finetune(cfg.FINETUNE)
@@ -892,6 +893,8 @@ def _validate_train_schedule(args: CfgNode) -> None:
         _require(args[name] >= 0, key + name, args[name], ">= 0")
     for name in ("decay_rate", "lr_cycle_mul"):
         _require(args[name] > 0, key + name, args[name], "positive")
+    if args.sched == "plateau":  # torch's ReduceLROnPlateau refuses a factor that would not reduce
+        _require(args.decay_rate < 1, key + "decay_rate", args.decay_rate, "< 1 with sched 'plateau' (the factor a plateau multiplies the rate by)")
     noise = list(args.noise)
     _require(
         len(noise) <= 2 and all(isinstance(n, (int, float)) and not isinstance(n, bool) and 0 <= n <= 1 for n in noise)

@@ -145,13 +145,12 @@ def _timm_train_transform(cfg: CfgNode) -> Transform:
     try:
         transform = _create_timm_transform(cfg)
     except (AssertionError, KeyError, ValueError) as e:
-        # The config validates the names timm takes (cvt.config); what it cannot check is an AUTO_AUGMENT
-        # policy's options, which timm refuses with an assertion.
-        setting = ", ".join(f"{key}={cfg.AUG.TIMM_AUG[key]!r}" for key in ("AUTO_AUGMENT", "INTERPOLATION", "RE_MODE"))
-        raise UserError(
-            f"AUG.TIMM_AUG ({setting}): timm cannot build the training transform ({e or type(e).__name__}); "
-            "fix AUTO_AUGMENT's options (e.g. 'rand-m9-mstd0.5-inc1'; timm's RandAugment, AugMix, AutoAugment)"
-        ) from None
+        # The config validates the names and numbers timm takes (cvt.config); what it cannot check is
+        # an AUTO_AUGMENT policy's options, which timm refuses with an assertion.
+        policy = cfg.AUG.TIMM_AUG.AUTO_AUGMENT
+        fix = (f"fix AUG.TIMM_AUG.AUTO_AUGMENT {policy!r}'s options (e.g. 'rand-m9-mstd0.5-inc1'; timm's RandAugment, "
+               "AugMix, AutoAugment)" if policy else "check the AUG.TIMM_AUG settings against timm's create_transform")
+        raise UserError(f"AUG.TIMM_AUG: timm cannot build the training transform ({e or type(e).__name__}); {fix}") from None
     _patch_posterize(transform)
     return transform
 

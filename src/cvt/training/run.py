@@ -433,7 +433,8 @@ def _test_data(
 
 
 def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
-    model_file = cfg.TEST.MODEL_FILE or folder / MODEL_BEST
+    # Unset: the run's best weights, or with TEST.USE_EMA its checkpoint's (the last epoch's) EMA weights.
+    model_file = cfg.TEST.MODEL_FILE or folder / (CHECKPOINT if cfg.TEST.USE_EMA else MODEL_BEST)
     if not cfg.TEST.MODEL_FILE and not Path(model_file).exists():
         raise UserError(f"TEST.MODEL_FILE is not set and {model_file} does not exist; set TEST.MODEL_FILE to the weights to test")
     # The dataset's folder before the weights: a published tag may download a gigabyte (or fail offline)
@@ -463,6 +464,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
     result: dict[str, Any] = {
         "model_file": str(model_file),
+        "use_ema": bool(cfg.TEST.USE_EMA),
         "split": str(dataset.split_dir),
         "top1": metrics["top1"],
         "top5": metrics["top5"],
@@ -477,7 +479,7 @@ def _test(cfg: CfgNode, env: DistEnv, folder: Path) -> dict[str, Any]:
         atomic_write_text(folder / TEST_METRICS, json.dumps(result, indent=2) + "\n")
         log.info(
             "test %s on %s: top-1 %.3f%%, top-5 %.3f%%, loss %.4f (%d images)",
-            model_file, dataset.split_dir, result["top1"], result["top5"], result["loss"], result["images"],
+            ckpt.source, dataset.split_dir, result["top1"], result["top5"], result["loss"], result["images"],
         )
         if real_labels is not None:
             log.info("ImageNet-ReaL: top-1 %.3f%%, top-5 %.3f%% (%d images with ReaL labels)",

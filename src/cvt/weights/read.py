@@ -180,18 +180,24 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], *, use_ema: b
     checkpoint (`checkpoint.pth`) holds beside the model's, instead of the model's (timm's --use-ema).
     """
     if use_ema:
+        if not isinstance(source, Mapping) and not Path(source).exists() and is_hub_name(str(source)):
+            raise _no_ema(str(source))  # before a download: published and hub weights are a model's
         return _checked(_ema_weights(_read(source)))
     return _read(source)
+
+
+def _no_ema(name: str) -> UserError:
+    return UserError(
+        f"checkpoint {name!r} holds no EMA weights: only a run's checkpoint.pth does (trained with "
+        "TRAIN.EMA.ENABLED True); give that file, or drop --use-ema / TEST.USE_EMA"
+    )
 
 
 def _ema_weights(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` with the EMA weights it holds as its state dict, or a `UserError` saying where they are."""
     name = ckpt.source
     if ckpt.format != "cvt":
-        raise UserError(
-            f"checkpoint {name!r} holds no EMA weights: only a run's checkpoint.pth does (trained with "
-            "TRAIN.EMA.ENABLED True); give that file, or drop --use-ema / TEST.USE_EMA"
-        )
+        raise _no_ema(name)
     ema = ckpt.extra.get("ema")
     if ema is None:
         raise UserError(
