@@ -738,10 +738,8 @@ def _expand_home(cfg: CfgNode) -> None:
     """A leading '~' in PATH_KEYS means the home folder, as a shell would read it; no shell sees a value
     given in a file or quoted on the command line."""
     for dotted in PATH_KEYS:
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for part in parents:
-            node = node[part]
+        parent, _, leaf = dotted.rpartition(".")
+        node = config_value(cfg, parent) if parent else cfg
         node[leaf] = os.path.expanduser(node[leaf])
 
 

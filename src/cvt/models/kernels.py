@@ -193,6 +193,28 @@ def _no_grad_for(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
+def _fake_grads(
+    x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool], x_format: torch.memory_format
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shapes a backward op of (x, weight, bias) returns for ``needs`` (its fake's result)."""
+    needs_x, needs_weight, needs_bias = needs
+    return (
+        torch.empty_like(x, memory_format=x_format) if needs_x else _no_grad_for(x),
+        torch.empty_like(weight) if needs_weight else _no_grad_for(weight),
+        weight.new_empty(weight.shape[0]) if needs_bias else _no_grad_for(weight),
+    )
+
+
+def _grads_needed(ctx: Any) -> list[bool]:
+    """Which of an op's first three inputs (x, weight, bias) autograd wants a gradient for."""
+    return [bool(n) for n in ctx.needs_input_grad[:3]]
+
+
+def _grads_for_autograd(grads: Sequence[torch.Tensor], needs: Sequence[bool]) -> tuple[torch.Tensor | None, ...]:
+    # The empty placeholders of a backward op's result back to None, as autograd takes them.
+    return tuple(g if needed else None for g, needed in zip(grads, needs))
+
+
 @torch.library.custom_op("cvt::token_conv_backward", mutates_args=())
 def _token_conv_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool]
@@ -222,12 +244,7 @@ def _token_conv_backward(
 def _(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    needs_x, needs_weight, needs_bias = needs
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else _no_grad_for(x),
-        torch.empty_like(weight) if needs_weight else _no_grad_for(weight),
-        weight.new_empty(weight.shape[0]) if needs_bias else _no_grad_for(weight),
-    )
+    return _fake_grads(x, weight, needs, torch.contiguous_format)
 
 
 def _token_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -236,9 +253,8 @@ def _token_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -
 
 
 def _token_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
-    grads = _token_conv_backward(grad, *ctx.saved_tensors, needs)
-    return tuple(g if needed else None for g, needed in zip(grads, needs))
+    needs = _grads_needed(ctx)
+    return _grads_for_autograd(_token_conv_backward(grad, *ctx.saved_tensors, needs), needs)
 
 
 _token_conv.register_autograd(_token_conv_grads, setup_context=_token_conv_setup)
@@ -319,9 +335,9 @@ _LARGE_SCORE_BYTES_PER_IMAGE = 2 * 2**20
 _KEY_MAJOR_MAX_KEYS = 64
 
 
-def _images_per_chunk(q: torch.Tensor, k: torch.Tensor) -> int:
-    """How many (image, head) rows of ``q`` the chunked bf16 path takes at once: _SCORE_CHUNK_BYTES of scores."""
-    return max(1, _SCORE_CHUNK_BYTES // (q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()))
+def _score_bytes_per_image(q: torch.Tensor, k: torch.Tensor) -> int:
+    """The size of one image's attention scores, all heads, for (B, heads, N, head_dim) ``q`` and ``k``."""
+    return q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
@@ -351,8 +367,9 @@ def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     inference `_recomputed_attention`'s chunks again. That is also the published model's arithmetic
     under autocast (bf16 scores, bf16 probabilities).
     """
-    chunk = _images_per_chunk(q, k)
-    if q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() <= _LARGE_SCORE_BYTES_PER_IMAGE:
+    per_image = _score_bytes_per_image(q, k)
+    chunk = max(1, _SCORE_CHUNK_BYTES // per_image)  # images whose scores are held at once
+    if per_image <= _LARGE_SCORE_BYTES_PER_IMAGE:
         if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
             return _over_heads(_key_major_attention, q, k, v, scale)
         if torch.is_grad_enabled():
@@ -640,12 +657,7 @@ def _(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: Sequence[bool], stride: Sequence[int],
     padding: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    needs_x, needs_weight, needs_bias = needs
-    return (
-        torch.empty_like(x, memory_format=torch.channels_last) if needs_x else _no_grad_for(x),
-        torch.empty_like(weight) if needs_weight else _no_grad_for(weight),
-        weight.new_empty(weight.shape[0]) if needs_bias else _no_grad_for(weight),
-    )
+    return _fake_grads(x, weight, needs, torch.channels_last)
 
 
 def _depthwise_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -654,9 +666,9 @@ def _depthwise_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tenso
 
 
 def _depthwise_conv_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    needs = _grads_needed(ctx)
     grads = _depthwise_conv_backward(grad, *ctx.saved_tensors, needs, ctx.stride, ctx.padding)
-    return (*(g if needed else None for g, needed in zip(grads, needs)), None, None)
+    return (*_grads_for_autograd(grads, needs), None, None)
 
 
 _depthwise_conv.register_autograd(_depthwise_conv_grads, setup_context=_depthwise_conv_setup)

@@ -180,10 +180,16 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], *, use_ema: b
     checkpoint (`checkpoint.pth`) holds beside the model's, instead of the model's (timm's --use-ema).
     """
     if use_ema:
-        if not isinstance(source, Mapping) and not Path(source).exists() and is_hub_name(str(source)):
+        if _names_hub_weights(source):
             raise _no_ema(str(source))  # before a download: published and hub weights are a model's
         return _checked(_ema_weights(_read(source)))
     return _read(source)
+
+
+def _names_hub_weights(source: str | os.PathLike | Mapping[str, Any]) -> bool:
+    """Whether ``source`` names published or hub weights (a tag, ``hf-hub:...``), not a path or a dict;
+    an existing path of the same name wins."""
+    return not isinstance(source, Mapping) and not Path(source).exists() and is_hub_name(str(source))
 
 
 def _no_ema(name: str) -> UserError:
@@ -214,9 +220,9 @@ def _ema_weights(ckpt: Checkpoint) -> Checkpoint:
 def _read(source: str | os.PathLike | Mapping[str, Any]) -> Checkpoint:
     if isinstance(source, Mapping):
         return _checked(_from_object(dict(source), "<state dict>"))
-    path = Path(source)
-    if not path.exists() and is_hub_name(str(source)):
+    if _names_hub_weights(source):
         return _read_hub(str(source))
+    path = Path(source)
     if path.is_dir():
         return _read_folder(path)
     if not path.is_file():
