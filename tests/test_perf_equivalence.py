@@ -9,6 +9,7 @@ LayerNorm cast to float32 and back.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from pathlib import Path
@@ -700,3 +701,27 @@ def test_inductor_bf16_inference_with_freezing_keeps_the_bf16_attention_ops():
     assert "torch.ops.cvt.recomputed_attention.default(" in generated
     assert "torch.ops.cvt.key_major_attention.default(" in generated
     assert "torch.ops.cvt.token_conv" not in generated
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_eval_projection_folds_batchnorm_only_on_the_cpu_kernels_path(portable):
+    """In eval mode the CPU kernels' path folds the projection's BatchNorm into the convolution (one
+    pass over the map). The portable path, CUDA's, runs the convolution and the BatchNorm: there the
+    fold's several small kernels per call cost more than the pass they save. The same function."""
+    from cvt.models.cvt import ConvProjection
+
+    torch.manual_seed(0)
+    projection = ConvProjection(32, kernel_size=3, stride=2, padding=1).eval()
+    bn = projection.bn
+    with torch.no_grad():
+        for tensor, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2), (bn.weight, 0.5, 2), (bn.bias, -1, 1)):
+            tensor.uniform_(low, high)
+    x = torch.randn(2, 32, 14, 14).contiguous(memory_format=torch.channels_last)
+    with portable_kernels() if portable else contextlib.nullcontext(), torch.no_grad(), torch.profiler.profile() as profile:
+        out = projection(x)
+    ran = {event.name for event in profile.events()}
+    assert ("aten::batch_norm" in ran) == portable
+    assert ("aten::rsqrt" in ran) == (not portable)
+    conv = F.conv2d(x, projection.conv.weight, None, stride=2, padding=1, groups=32)
+    expected = F.batch_norm(conv, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

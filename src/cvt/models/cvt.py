@@ -43,6 +43,7 @@ from timm.models._features import feature_take_indices
 from .convert import checkpoint_filter_fn
 from .kernels import (
     attention, dense_grad, depthwise_conv, map_to_tokens, stored_once, to_autocast_dtype, token_linear, tokens_to_map,
+    uses_cpu_kernels,
 )
 from .spec import CvtSpec, check_activation, model_spec
 from .zoo import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, PublishedWeights
@@ -96,7 +97,9 @@ class Mlp(nn.Module):
 class ConvProjection(nn.Module):
     """Depthwise Conv2d + BatchNorm2d ('dw_bn'): the release's ``conv_proj_{q,k,v}``.
 
-    In eval mode the BatchNorm is folded into the convolution (one pass instead of two).
+    In eval mode on the CPU kernels' path the BatchNorm is folded into the convolution (one pass over
+    the map instead of two). Elsewhere (CUDA) it is not: folding costs several small kernels per call,
+    and there a step at common batch sizes is bound by kernel launches, not by passes over memory.
     """
 
     def __init__(self, dim: int, kernel_size: int, stride: int, padding: int) -> None:
@@ -111,7 +114,7 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.bn.track_running_stats:
+        if self.training or not self.bn.track_running_stats or not uses_cpu_kernels(x):
             return self.bn(depthwise_conv(x, self.conv))
         bn = self.bn
         inv_std = torch.rsqrt(bn.running_var + bn.eps)
