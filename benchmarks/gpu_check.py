@@ -1,12 +1,12 @@
 """Every CUDA claim of the project, checked in one short run: numbers, training, launch, speed.
 
-    python benchmarks/gpu_check.py --device cuda --json gpu_check.json      # on a GPU: ~4 min
+    python benchmarks/gpu_check.py --device cuda --json gpu_check.json      # on a GPU: ~5 min
     python benchmarks/gpu_check.py --device cpu --no-write                  # the same logic, tiny: ~1 min
 
 Sections, in order, with the time each takes on one H100/H200 (the budget skips a section that no
 longer fits, and stops a running one when it is spent, reporting what it skipped):
 
-  logits   ~25 s  CvT-13 with random weights and random BatchNorm statistics: CUDA logits against the
+  logits   ~15 s  CvT-13 with random weights and random BatchNorm statistics: CUDA logits against the
                   CPU's fp32 logits (TF32 off, within 1e-4 of max(1, |logit|)), under bf16 (5e-2) and
                   fp16 (1e-2) autocast, and the gradients of one fp32 training step (1e-3 per tensor)
   syncs    ~10 s  host syncs per optimizer step of train_one_epoch (fp16, GradScaler, fused AdamW,
@@ -16,10 +16,13 @@ longer fits, and stops a running one when it is spent, reporting what it skipped
                   SIGINT in epoch 1 and resumed ends with an uninterrupted run's weights, bit for bit
   torchrun ~40 s  `torchrun --nproc_per_node 1` on the demo for one epoch, and NCCL itself in a
                   one-rank group (collectives and a DDP step): one rank never builds a process group
-  perf     ~80 s  against transformers' CvtForImageClassification, one process, interleaved, bf16
+  perf     ~40 s  against transformers' CvtForImageClassification, one process, interleaved, bf16
                   autocast for both, batch 64 at 224: training step >= 2x the peer's throughput,
                   inference >= 2x; peak training memory at 384, batch 64 <= 0.6x; MFU of the training
                   step against the GPU's bf16 peak (known for H100, H200, A100)
+  compiled ~150 s the same two ratios with our model under torch.compile with CUDA graphs (mode
+                  reduce-overhead, TRAIN.COMPILE_MODE's), the peer eager; and the digits demo trained
+                  for 2 epochs with TRAIN.COMPILE and that mode (bf16)
 
 Then one verdict table is printed and appended, with GPU, driver, torch and transformers versions, to
 benchmarks/RESULTS.md (unless --no-write), and written as JSON to --json. Exit status: 0 when every
@@ -64,7 +67,8 @@ from common import append_to_section, git_revision, interleaved, markdown_table,
 from cvt.files import atomic_write_text  # noqa: E402
 
 HEADING = "GPU check"
-SECTIONS = ("logits", "syncs", "demo", "torchrun", "perf")
+SECTIONS = ("logits", "syncs", "demo", "torchrun", "perf", "compiled")
+COMPILE_MODE = "reduce-overhead"
 # The CPU run's model. Stage i needs more than i blocks: the peer indexes its per-block drop-path
 # rates by stage number.
 TINY_SPEC = {"NUM_STAGES": 3, "DIM_EMBED": [16, 32, 48], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 2, 3]}
@@ -92,9 +96,9 @@ class Sizes:
 
 
 CUDA_SIZES = Sizes("cvt-13", 224, 8, 6, 90.0, 64, 10, 3, 384, 64,
-                   {"logits": 25, "syncs": 10, "demo": 90, "torchrun": 40, "perf": 80})
+                   {"logits": 15, "syncs": 10, "demo": 90, "torchrun": 40, "perf": 40, "compiled": 150})
 CPU_SIZES = Sizes(TINY_SPEC, 32, 2, 2, 85.0, 2, 2, 1, 32, 2,
-                  {"logits": 3, "syncs": 1, "demo": 40, "torchrun": 30, "perf": 8})
+                  {"logits": 3, "syncs": 1, "demo": 40, "torchrun": 30, "perf": 8, "compiled": 60})
 
 
 @dataclass
@@ -465,46 +469,50 @@ def bf16_peak(device: torch.device) -> float | None:
 
 
 def check_perf(report: Report) -> None:
-    from bench_model import (
-        PeerLogits, build_models, check_same_function, inference_step, make_optimizer, step_memory, train_step,
-    )
-
-    from cvt.models.complexity import model_summary
+    from bench_model import PeerLogits, build_models, check_same_function, make_optimizer, step_memory, train_step
 
     device, sizes = report.device, report.sizes
-    targets = device.type == "cuda"  # the targets are CUDA's; on CPU the figures only show the logic runs
     ours, peer_model = build_models(device, sizes.spec)
     diff = check_same_function(ours, peer_model, device, sizes.size)
     report.add("perf", "same function as the peer (GELU, TF32 off)", diff, "<= 1e-3", diff <= 1e-3)
     peer = PeerLogits(peer_model)
-    sync = synchronizer(device)
     x = torch.randn(sizes.perf_batch, 3, sizes.size, sizes.size, device=device)
     y = torch.randint(0, 1000, (sizes.perf_batch,), device=device)
-    ours.train()
-    peer.train()
-    train = {name: train_step(m, make_optimizer(m, "fused"), x, y, device, "bf16")
-             for name, m in (("ours", ours), ("peer", peer))}
-    times = {k: median(v) for k, v in interleaved(train, sizes.rounds, sizes.warmup, sync).items()}
-    ratio = times["peer"] / times["ours"]
-    rate = f"ours {sizes.perf_batch / times['ours']:.0f} img/s, peer {sizes.perf_batch / times['peer']:.0f} img/s"
-    report.add("perf", f"training step bf16, batch {sizes.perf_batch}, {sizes.size}px: peer time / ours", ratio,
-               ">= 2" if targets else "", ratio >= 2 if targets else None, detail=rate, fmt=".2f")
-    gmacs = model_summary(ours.spec.to_dict(), 1000, (sizes.size, sizes.size))["gmacs"]
-    achieved = 3 * 2 * gmacs * 1e9 * sizes.perf_batch / times["ours"]  # forward + backward (2x forward)
-    peak = bf16_peak(device)
-    report.add("perf", "MFU of our training step (bf16)", "unknown GPU" if peak is None else f"{achieved / peak:.1%}",
-               detail=f"{achieved / 1e12:.1f} TFLOP/s from {gmacs:.2f} GMACs/image x 3"
-               + ("" if peak is None else f", peak {peak / 1e12:.0f} TFLOP/s"))
-    ours.eval()
-    peer.eval()
-    infer = {"ours": inference_step(ours, x, device, "bf16"), "peer": inference_step(peer, x, device, "bf16")}
-    times = {k: median(v) for k, v in interleaved(infer, sizes.rounds, sizes.warmup, sync).items()}
-    ratio = times["peer"] / times["ours"]
-    report.add("perf", f"inference bf16, batch {sizes.perf_batch}, {sizes.size}px: peer time / ours", ratio,
-               ">= 2" if targets else "", ratio >= 2 if targets else None, fmt=".2f",
-               detail=f"ours {sizes.perf_batch / times['ours']:.0f} img/s, peer {sizes.perf_batch / times['peer']:.0f} img/s")
-    del x, y, train, infer
+    compare_steps(report, "perf", "", ours, peer, x, y)
+    del x, y
     check_memory(report, {"ours": ours, "peer": peer}, step_memory, train_step, make_optimizer)
+
+
+def compare_steps(report: Report, section: str, label: str, ours: nn.Module, peer: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> None:
+    """Our training step and inference against the peer's, interleaved, bf16 autocast, fused AdamW:
+    throughput ratios (target 2x on CUDA) and the MFU of our training step."""
+    from bench_model import inference_step, make_optimizer, train_step
+
+    from cvt.models.complexity import model_summary
+
+    device, sizes, sync = report.device, report.sizes, synchronizer(report.device)
+    targets = device.type == "cuda"  # the targets are CUDA's; on CPU the figures only show the logic runs
+    shape = f"batch {x.shape[0]}, {x.shape[-1]}px"
+    for mode in ("training step", "inference"):
+        for model in (ours, peer):
+            model.train(mode == "training step")
+        steps = {name: train_step(m, make_optimizer(m, "fused"), x, y, device, "bf16") if mode == "training step"
+                 else inference_step(m, x, device, "bf16") for name, m in (("ours", ours), ("peer", peer))}
+        times = {k: median(v) for k, v in interleaved(steps, sizes.rounds, sizes.warmup, sync).items()}
+        ratio = times["peer"] / times["ours"]
+        report.add(section, f"{mode} bf16{label}, {shape}: peer time / ours", ratio, ">= 2" if targets else "",
+                   ratio >= 2 if targets else None, fmt=".2f",
+                   detail=f"ours {x.shape[0] / times['ours']:.0f} img/s, peer {x.shape[0] / times['peer']:.0f} img/s")
+        if mode == "training step":
+            spec = getattr(ours, "_orig_mod", ours).spec
+            gmacs = model_summary(spec.to_dict(), 1000, (x.shape[-2], x.shape[-1]))["gmacs"]
+            achieved = 3 * 2 * gmacs * 1e9 * x.shape[0] / times["ours"]  # forward + backward (2x forward)
+            peak = bf16_peak(device)
+            report.add(section, f"MFU of our training step (bf16{label})",
+                       "unknown GPU" if peak is None else f"{achieved / peak:.1%}",
+                       detail=f"{achieved / 1e12:.1f} TFLOP/s from {gmacs:.2f} GMACs/image x 3"
+                       + ("" if peak is None else f", peak {peak / 1e12:.0f} TFLOP/s"))
 
 
 def check_memory(report: Report, models: dict[str, nn.Module], step_memory: Callable, train_step: Callable,
@@ -529,6 +537,44 @@ def check_memory(report: Report, models: dict[str, nn.Module], step_memory: Call
 
 
 # --------------------------------------------------------------------------------------------------
+# compiled: torch.compile with CUDA graphs (TRAIN.COMPILE_MODE reduce-overhead), the model and the demo
+# --------------------------------------------------------------------------------------------------
+
+
+def check_compiled(report: Report, scratch: Path) -> None:
+    """On a GPU an eager step at batch 64 waits on kernel launches; CUDA graphs replay the step's
+    kernels without them. The peer stays eager: what a user of either gets without writing code."""
+    if report.device.type == "cuda":
+        attempt(report, "compiled", "demo: trains", lambda: check_compiled_demo(report, scratch / "compiled"))
+    else:
+        report.add("compiled", "demo with TRAIN.COMPILE", "skipped",
+                   detail="CUDA graphs need CUDA; tests/test_train_e2e.py trains compiled on CPU")
+    attempt(report, "compiled", "compiled steps", lambda: check_compiled_steps(report))
+
+
+def check_compiled_demo(report: Report, out: Path) -> None:
+    from cvt.training.run import train
+
+    epochs, floor = 2, report.sizes.demo_top1_floor
+    opts = ("TRAIN.COMPILE", True, "TRAIN.COMPILE_MODE", COMPILE_MODE, "AMP.ENABLED", True, "AMP.DTYPE", "bfloat16")
+    top1 = top1s(train(demo_config(out, epochs, *opts)))
+    report.add("compiled", f"TRAIN.COMPILE_MODE {COMPILE_MODE}, bf16: demo val top-1 by epoch",
+               " ".join(f"{t:.1f}" for t in top1), f"{epochs} epochs, ends >= {floor:g}",
+               len(top1) == epochs and top1[-1] >= floor)
+
+
+def check_compiled_steps(report: Report) -> None:
+    from bench_model import PeerLogits, build_models
+
+    device, sizes = report.device, report.sizes
+    ours, peer = build_models(device, sizes.spec)
+    x = torch.randn(sizes.perf_batch, 3, sizes.size, sizes.size, device=device)
+    y = torch.randint(0, 1000, (sizes.perf_batch,), device=device)
+    compiled = torch.compile(ours, mode=COMPILE_MODE, dynamic=False)
+    compare_steps(report, "compiled", f", ours compiled ({COMPILE_MODE})", compiled, PeerLogits(peer), x, y)
+
+
+# --------------------------------------------------------------------------------------------------
 # Running the sections within the budget, and the report
 # --------------------------------------------------------------------------------------------------
 
@@ -540,6 +586,7 @@ def run_sections(report: Report, names: list[str], scratch: Path) -> None:
         "demo": lambda: check_demo(report, scratch),
         "torchrun": lambda: check_torchrun(report, scratch),
         "perf": lambda: check_perf(report),
+        "compiled": lambda: check_compiled(report, scratch),
     }
     for name in names:
         needed = report.sizes.seconds[name]
@@ -599,7 +646,7 @@ def render(report: Report, info: dict[str, str], elapsed: float, budget: float) 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the same logic at tiny sizes")
-    p.add_argument("--budget-s", type=float, default=360.0, help="stop by then, reporting what was skipped (default 360)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop by then, reporting what was skipped (default 420)")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these")
     p.add_argument("--no-write", dest="write", action="store_false", help="do not append to benchmarks/RESULTS.md")

@@ -56,7 +56,7 @@ def test_defaults_hold_the_release_keys_and_ours():
     assert (cfg.MODEL.ACTIVATION, cfg.AMP.DTYPE) == ("auto", "auto")
     assert (cfg.TRAIN.ACCUM_STEPS, cfg.TRAIN.EMA.ENABLED, cfg.TRAIN.EMA.DECAY) == (1, False, 0.9998)
     assert (cfg.TRAIN.NONFINITE_LOSS, cfg.TRAIN.GRAD_CHECKPOINTING, cfg.TRAIN.COMPILE) == ("stop", False, False)
-    assert cfg.TRAIN.EVAL_EVERY == 1
+    assert (cfg.TRAIN.EVAL_EVERY, cfg.TRAIN.COMPILE_MODE) == (1, "default")
     assert (cfg.DATASET.BAD_FILES, cfg.DATASET.MAX_IMAGE_PIXELS) == ("skip", 89478485)
 
 
@@ -77,7 +77,7 @@ def test_defaults_load_and_every_key_documented():
     documented = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
     for key in ("SEED", "DETERMINISTIC", "DIST_TIMEOUT_S", "TENSORBOARD", "MODEL.ACTIVATION", "AMP.DTYPE",
                 "TRAIN.ACCUM_STEPS", "TRAIN.EMA.ENABLED", "TRAIN.EMA.DECAY", "TRAIN.NONFINITE_LOSS",
-                "TRAIN.GRAD_CHECKPOINTING", "TRAIN.COMPILE", "TRAIN.EVAL_EVERY", "DATASET.BAD_FILES",
+                "TRAIN.GRAD_CHECKPOINTING", "TRAIN.COMPILE", "TRAIN.COMPILE_MODE", "TRAIN.EVAL_EVERY", "DATASET.BAD_FILES",
                 "DATASET.MAX_IMAGE_PIXELS", "TEST.AMP", "DATASET.CLASS_MAP", "TRAIN.LR_SCHEDULER.ARGS.noise",
                 *KEYS_WITHOUT_EFFECT):
         assert f"`{key}`" in documented
@@ -335,6 +335,7 @@ def test_output_dir_needs_a_name():
         (["DATASET.SAMPLER", "weighted"], "DATASET.SAMPLER='weighted'"),
         (["MODEL.ACTIVATION", "relu"], "MODEL.ACTIVATION='relu'"),
         (["TRAIN.NONFINITE_LOSS", "ignore"], "TRAIN.NONFINITE_LOSS='ignore'"),
+        (["TRAIN.COMPILE_MODE", "cudagraphs"], "TRAIN.COMPILE_MODE='cudagraphs' is invalid: it must be one of 'default', "),
         (["DATASET.BAD_FILES", "warn"], "DATASET.BAD_FILES='warn'"),
         (["AUG.MIXUP_MODE", "row"], "AUG.MIXUP_MODE='row'"),
         (["TRAIN.ACCUM_STEPS", "0"], "TRAIN.ACCUM_STEPS=0"),

@@ -28,7 +28,7 @@ def test_cpu_run_passes_every_section_and_writes_the_report(tmp_path):
     report = json.loads(report_file.read_text())
     assert report["verdict"] == "pass"
     assert report["versions"]["device"] == "cpu" and report["versions"]["torch"] == torch.__version__
-    assert set(report["sections"]) == {"logits", "syncs", "demo", "torchrun", "perf"}
+    assert set(report["sections"]) == {"logits", "syncs", "demo", "torchrun", "perf", "compiled"}
     assert all(s["status"] == "done" for s in report["sections"].values())
     checks = {c["name"]: c for c in report["checks"]}
     assert all(c["status"] in STATUSES for c in checks.values())

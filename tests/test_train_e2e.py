@@ -401,3 +401,14 @@ def test_compiled_training_with_gradient_checkpointing_saves_plain_official_keys
     state = torch.load(result["final_state"], weights_only=True)
     trained_spec = dict(TINY_SPEC, DEPTH=[1, 1, 1])  # as run_opts sets it
     assert set(state) == set(create_model(trained_spec, num_classes=len(CLASSES)).state_dict())
+
+
+def test_compile_mode_reaches_torch_compile_for_both_models(monkeypatch, data, tmp_path):
+    """TRAIN.COMPILE_MODE (CUDA graphs with 'reduce-overhead') is torch.compile's mode for the model
+    trained and the model evaluated, with static shapes."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    cfg = config(data, tmp_path, "TRAIN.COMPILE", True, "TRAIN.COMPILE_MODE", "reduce-overhead")
+    model = torch.nn.Linear(2, 2)
+    assert engine_train._wrap(model, cfg, engine_train.DistEnv(0, 1, torch.device("cpu"))) == (model, model)
+    assert calls == [{"dynamic": False, "mode": "reduce-overhead"}] * 2

@@ -60,6 +60,8 @@ SAMPLERS = ("default", "repeated_aug")
 # MODEL.ACTIVATION: "auto" defers to the weights loaded (cvt.weights.load.choose_activation).
 ACTIVATION_CHOICES = ("auto", *ACTIVATIONS)
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
+# torch.compile's modes: 'reduce-overhead' and 'max-autotune' replay CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BAD_FILE_POLICIES = ("skip", "stop")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
 LOSSES = ("softmax",)  # the release's only loss
@@ -338,8 +340,9 @@ def get_defaults() -> CfgNode:
     cfg.TRAIN.NONFINITE_LOSS = "stop"
     # Recompute activations in the backward pass: less memory, about a third more compute.
     cfg.TRAIN.GRAD_CHECKPOINTING = False
-    # Run the model through torch.compile.
+    # Run the model through torch.compile, in this torch.compile mode.
     cfg.TRAIN.COMPILE = False
+    cfg.TRAIN.COMPILE_MODE = "default"
     # Epochs between evaluations on the test set; the last epoch is always evaluated.
     cfg.TRAIN.EVAL_EVERY = 1
 
@@ -931,6 +934,7 @@ def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("MODEL.ACTIVATION", cfg.MODEL.ACTIVATION, ACTIVATION_CHOICES)
     _require_choice("TRAIN.EARLIER_RESULTS", cfg.TRAIN.EARLIER_RESULTS, EARLIER_RESULTS_ACTIONS)
     _require_choice("TRAIN.NONFINITE_LOSS", cfg.TRAIN.NONFINITE_LOSS, NONFINITE_LOSS_ACTIONS)
+    _require_choice("TRAIN.COMPILE_MODE", cfg.TRAIN.COMPILE_MODE, COMPILE_MODES)
     _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_POLICIES)
     _require_choice("AUG.MIXUP_MODE", cfg.AUG.MIXUP_MODE, MIXUP_MODES)
     _require_choice("LOSS.LOSS", cfg.LOSS.LOSS, LOSSES)

@@ -303,7 +303,8 @@ def _wrap(model: torch.nn.Module, cfg: CfgNode, env: DistEnv) -> tuple[torch.nn.
         # Static shapes: a recompile per new shape (a last partial batch) instead of symbolic sizes,
         # with which inductor (torch 2.14) fails on a training graph whose image size became symbolic
         # (a second run at another size in the same process).
-        return torch.compile(train_model, dynamic=False), torch.compile(model, dynamic=False)
+        mode = cfg.TRAIN.COMPILE_MODE
+        return torch.compile(train_model, dynamic=False, mode=mode), torch.compile(model, dynamic=False, mode=mode)
     return train_model, model
 
 
