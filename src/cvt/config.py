@@ -439,6 +439,11 @@ _TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a numb
 _PLURAL_TYPE_NAMES = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _wrong_type(full_key: str, source: str, expected: str, value: Any) -> UserError:
     return UserError(f"config key {full_key!r} (from {source}) expects {expected}, got {value!r}; fix the value")
 
@@ -458,7 +463,7 @@ def _coerce_scalar(value: Any, kind: type) -> Any:
         if isinstance(value, str):
             return int(value.strip())
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return float(value)
         if isinstance(value, str):
             # PyYAML reads '1e-5' (no dot) as a string; accept it as the number it plainly is.
@@ -468,7 +473,7 @@ def _coerce_scalar(value: Any, kind: type) -> Any:
             return value
         if value is None:  # `KEY:` with nothing after it in YAML
             return ""
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             return str(value)
     raise ValueError(value)
 
@@ -898,7 +903,7 @@ def _validate_train_schedule(args: CfgNode) -> None:
         _require(args.decay_rate < 1, key + "decay_rate", args.decay_rate, "< 1 with sched 'plateau' (the factor a plateau multiplies the rate by)")
     noise = list(args.noise)
     _require(
-        len(noise) <= 2 and all(isinstance(n, (int, float)) and not isinstance(n, bool) and 0 <= n <= 1 for n in noise)
+        len(noise) <= 2 and all(is_number(n) and 0 <= n <= 1 for n in noise)
         and noise == sorted(set(noise)), key + "noise", noise,
         "[] (no noise), [start] or [start, end] with 0 <= start < end <= 1, fractions of the run",
     )

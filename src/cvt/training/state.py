@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from ..config import settings_from_yaml_text, spec_from_config
+from ..config import is_number, settings_from_yaml_text, spec_from_config
 from ..data.transforms import eval_transform_settings
 from ..errors import UserError, short_list
 from ..files import append_jsonl, atomic_torch_save, atomic_write_text
@@ -348,7 +348,7 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     step = extra.get("step", 0)  # only step runs save one
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"'step' is {step!r}, not a count of optimizer steps"
-    if best is not None and not _is_number(best):
+    if best is not None and not is_number(best):
         return f"'best_top1' is {type(best).__name__}, not a number"
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
             or not isinstance(optimizer.get("state"), dict) \
@@ -358,7 +358,7 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
         if extra.get(field_name) is not None and not isinstance(extra[field_name], dict):
             return f"{field_name!r} is a {type(extra[field_name]).__name__}, not a state dict"
     plateau = extra["scheduler"].get("plateau") if isinstance(extra.get("scheduler"), dict) else None
-    if plateau is not None and not (isinstance(plateau, dict) and all(_is_number(plateau.get(k)) for k in _PLATEAU_COUNTERS)
+    if plateau is not None and not (isinstance(plateau, dict) and all(is_number(plateau.get(k)) for k in _PLATEAU_COUNTERS)
                                     and (plateau.get("restore_lr") is None or _is_numbers(plateau["restore_lr"]))):
         return "'scheduler' holds a 'plateau' state that is not its counters and rates"
     if extra.get("ema") is not None and not (isinstance(extra["ema"], dict) and all(isinstance(v, torch.Tensor) for v in extra["ema"].values())):
@@ -368,12 +368,8 @@ def _resume_field_problem(extra: dict[str, Any]) -> str | None:
     return None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_numbers(value: Any) -> bool:
-    return isinstance(value, list) and all(map(_is_number, value))
+    return isinstance(value, list) and all(map(is_number, value))
 
 
 def restore_training(
