@@ -1,13 +1,14 @@
 """Where a CUDA training step and inference go: kernel tables and variants, ours and the peer's.
 
-    python benchmarks/gpu_profile.py --out gpu_profile.txt          # on a GPU: ~3 min
-    python benchmarks/gpu_profile.py --device cpu --batch 2 --size 64 --skip-compile   # its logic, tiny
+    python benchmarks/gpu_profile.py | tee gpu_profile.txt         # on a GPU: ~3 min
+    python benchmarks/gpu_profile.py --device cpu --batch 2 --large-batch 2 --size 32 --steps 1 --skip-compile   # its logic
 
 For gpu_check's perf section (CvT-13, bf16 autocast, fused AdamW, batch 64 at 224): each step's wall
 time against the time the GPU spent in kernels (a step much longer than its kernels waits on the host:
 launches, Python), the kernels that take the time, the step at a larger batch (a launch-bound step gets
 cheaper per image), and our model under variants that change one thing each (cuDNN autotuning, the
-depthwise convolutions in NCHW, torch.compile). Prints text; nothing is asserted or appended.
+depthwise convolutions in NCHW, torch.compile). TF32 stays off, as in gpu_check. Prints text; nothing
+is asserted or appended.
 """
 from __future__ import annotations
 
@@ -94,8 +95,6 @@ def main() -> None:
     device = torch.device(args.device)
     sync = synchronizer(device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         print(torch.cuda.get_device_name(device), torch.__version__, flush=True)
 
     ours, peer_model = build_models(device)
@@ -103,15 +102,14 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
 
-    def steps_of(model: torch.nn.Module) -> dict[str, Callable[[], object]]:
-        model.train()
-        return {"train": train_step(model, make_optimizer(model, "fused"), x, y, device, "bf16"),
-                "infer": inference_step(model, x, device, "bf16")}
+    def step_of(model: torch.nn.Module, mode: str) -> Callable[[], object]:
+        model.train(mode == "train")
+        if mode == "train":
+            return train_step(model, make_optimizer(model, "fused"), x, y, device, "bf16")
+        return inference_step(model, x, device, "bf16")
 
     def timed(label: str, model: torch.nn.Module, mode: str, profile_rows: int = 0) -> None:
-        step = steps_of(model)[mode]
-        if mode == "infer":
-            model.eval()
+        step = step_of(model, mode)
         start = time.perf_counter()
         step()  # a compiled model compiles here
         sync()
@@ -126,7 +124,6 @@ def main() -> None:
             print(table, flush=True)
         else:
             print(line, flush=True)
-        model.train()
 
     for mode in ("train", "infer"):
         timed("ours eager", ours, mode, args.rows)

@@ -336,6 +336,8 @@ def test_output_dir_needs_a_name():
         (["MODEL.ACTIVATION", "relu"], "MODEL.ACTIVATION='relu'"),
         (["TRAIN.NONFINITE_LOSS", "ignore"], "TRAIN.NONFINITE_LOSS='ignore'"),
         (["TRAIN.COMPILE_MODE", "cudagraphs"], "TRAIN.COMPILE_MODE='cudagraphs' is invalid: it must be one of 'default', "),
+        (["TRAIN.COMPILE", "True", "TRAIN.COMPILE_MODE", "reduce-overhead", "TRAIN.ACCUM_STEPS", "2"],
+         "TRAIN.COMPILE_MODE='reduce-overhead' is invalid: it must be 'default' or 'max-autotune-no-cudagraphs' with TRAIN.ACCUM_STEPS 2"),
         (["DATASET.BAD_FILES", "warn"], "DATASET.BAD_FILES='warn'"),
         (["AUG.MIXUP_MODE", "row"], "AUG.MIXUP_MODE='row'"),
         (["TRAIN.ACCUM_STEPS", "0"], "TRAIN.ACCUM_STEPS=0"),
@@ -412,3 +414,10 @@ def test_packaged_config_round_trips(tmp_path):
     cfg = load_config("cvt-w24-384x384")
     save_config(cfg, tmp_path / "w24.yaml")
     assert load_config(tmp_path / "w24.yaml") == cfg
+
+
+def test_compile_modes_without_cuda_graphs_accumulate_gradients():
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        cfg = load_config(None, ["TRAIN.COMPILE", "True", "TRAIN.COMPILE_MODE", mode, "TRAIN.ACCUM_STEPS", "2"])
+        assert (cfg.TRAIN.COMPILE_MODE, cfg.TRAIN.ACCUM_STEPS) == (mode, 2)
+    assert load_config(None, ["TRAIN.COMPILE_MODE", "reduce-overhead", "TRAIN.ACCUM_STEPS", "2"]).TRAIN.ACCUM_STEPS == 2

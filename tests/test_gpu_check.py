@@ -92,3 +92,21 @@ def test_a_failing_section_is_a_failed_check_and_the_run_goes_on(gpu_check, monk
 def test_bf16_peak_by_device_name(gpu_check, monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert gpu_check.bf16_peak(torch.device("cuda", 0)) == peak
+
+
+@pytest.mark.slow
+def test_gpu_profile_runs_its_variants_on_cpu():
+    """benchmarks/gpu_profile.py's logic at tiny sizes: each variant prints its step time, the profiled
+    ones their kernel tables."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_profile.py"), "--device", "cpu", "--batch", "2",
+                           "--large-batch", "2", "--size", "32", "--steps", "1", "--rows", "3", "--skip-compile"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.split("ms/step")[0].split() for line in proc.stdout.splitlines() if "ms/step" in line]
+    labels = {" ".join(words[:-1]) for words in lines}
+    assert labels == {"ours eager train", "peer eager train", "ours eager infer", "peer eager infer",
+                      "ours eager, cudnn.benchmark train", "peer eager, cudnn.benchmark train",
+                      "ours eager, cudnn.benchmark infer", "peer eager, cudnn.benchmark infer",
+                      "ours eager, NCHW depthwise train", "ours eager, NCHW depthwise infer",
+                      "ours eager, batch 2 train", "peer eager, batch 2 train"}
+    assert proc.stdout.count("Self CPU time total") == 5

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt.models.kernels as kernels_module
-from cvt.models.cvt import create_model
+from cvt.models.cvt import ConvProjection, create_model
 from cvt.models.kernels import portable_kernels
 from cvt.models.spec import CvtSpec
 
@@ -708,8 +708,6 @@ def test_eval_projection_folds_batchnorm_only_on_the_cpu_kernels_path(portable):
     """In eval mode the CPU kernels' path folds the projection's BatchNorm into the convolution (one
     pass over the map). The portable path, CUDA's, runs the convolution and the BatchNorm: there the
     fold's several small kernels per call cost more than the pass they save. The same function."""
-    from cvt.models.cvt import ConvProjection
-
     torch.manual_seed(0)
     projection = ConvProjection(32, kernel_size=3, stride=2, padding=1).eval()
     bn = projection.bn

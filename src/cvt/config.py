@@ -62,6 +62,7 @@ ACTIVATION_CHOICES = ("auto", *ACTIVATIONS)
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 # torch.compile's modes: 'reduce-overhead' and 'max-autotune' replay CUDA graphs on a GPU.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 BAD_FILE_POLICIES = ("skip", "stop")
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
 LOSSES = ("softmax",)  # the release's only loss
@@ -940,6 +941,11 @@ def _validate_choices(cfg: CfgNode) -> None:
     _require_choice("TRAIN.EARLIER_RESULTS", cfg.TRAIN.EARLIER_RESULTS, EARLIER_RESULTS_ACTIONS)
     _require_choice("TRAIN.NONFINITE_LOSS", cfg.TRAIN.NONFINITE_LOSS, NONFINITE_LOSS_ACTIONS)
     _require_choice("TRAIN.COMPILE_MODE", cfg.TRAIN.COMPILE_MODE, COMPILE_MODES)
+    # torch (pytorch#169545): a CUDA graph's next replay frees the gradient the last backward left in
+    # the parameters, so accumulating into it fails on the second micro-batch.
+    _require(not (cfg.TRAIN.COMPILE and cfg.TRAIN.COMPILE_MODE in CUDA_GRAPH_COMPILE_MODES and cfg.TRAIN.ACCUM_STEPS > 1),
+             "TRAIN.COMPILE_MODE", cfg.TRAIN.COMPILE_MODE, "'default' or 'max-autotune-no-cudagraphs' with TRAIN.ACCUM_STEPS "
+             f"{cfg.TRAIN.ACCUM_STEPS} (CUDA graphs lose the gradients being accumulated)")
     _require_choice("DATASET.BAD_FILES", cfg.DATASET.BAD_FILES, BAD_FILE_POLICIES)
     _require_choice("AUG.MIXUP_MODE", cfg.AUG.MIXUP_MODE, MIXUP_MODES)
     _require_choice("LOSS.LOSS", cfg.LOSS.LOSS, LOSSES)

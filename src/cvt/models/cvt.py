@@ -98,8 +98,9 @@ class ConvProjection(nn.Module):
     """Depthwise Conv2d + BatchNorm2d ('dw_bn'): the release's ``conv_proj_{q,k,v}``.
 
     In eval mode on the CPU kernels' path the BatchNorm is folded into the convolution (one pass over
-    the map instead of two). Elsewhere (CUDA) it is not: folding costs several small kernels per call,
-    and there a step at common batch sizes is bound by kernel launches, not by passes over memory.
+    the map instead of two). Not on CUDA, where folding costs several small kernels per call and a step
+    at common batch sizes is bound by kernel launches, not by passes over memory; nor inside
+    `portable_kernels`, so exported graphs hold the BatchNorm (ONNX's exporter folds it itself).
     """
 
     def __init__(self, dim: int, kernel_size: int, stride: int, padding: int) -> None:
