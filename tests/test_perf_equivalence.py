@@ -334,20 +334,25 @@ def _autograd_node_names(out: torch.Tensor) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "batch, heads, queries, keys, node",
+    "batch, heads, queries, keys, kept, node",
     [
-        (5, 1, 1500, 800, "cvt_stored_attention"),
-        (3, 2, 1600, 700, "cvt_stored_attention"),
-        (4, 3, 197, 50, "cvt_key_major_attention"),
-        (4, 3, 197, 90, "cvt_stored_attention"),
+        (5, 1, 1500, 800, 2**30, "cvt_stored_attention"),
+        (3, 2, 1600, 700, 2**30, "cvt_stored_attention"),
+        (4, 3, 197, 50, 2**30, "cvt_key_major_attention"),
+        (4, 3, 197, 90, 2**30, "cvt_stored_attention"),
+        (5, 1, 1500, 800, 5 * 1500 * 800 * 2, "cvt_recomputed_attention"),
+        (4, 3, 197, 90, 0, "BmmBackward0"),
     ],
 )
-def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
+def test_bf16_training_attention_paths(monkeypatch, batch, heads, queries, keys, kept, node):
     """In eager bf16 CPU training, attention over few keys (CvT's last stage) runs as
-    `cvt::key_major_attention`, scores transposed; else as `cvt::stored_attention`, chunks of images
-    whose probabilities the backward reuses. Each within bf16 rounding of the published arithmetic
-    under autocast (explicit bf16 matmuls and softmax) and of SDPA, in the output and in every
-    gradient. The first case ends on a shorter chunk."""
+    `cvt::key_major_attention`, scores transposed; else, where freed memory is reused for a tensor of
+    all the probabilities (``kept``: below that many bytes), as `cvt::stored_attention`, chunks of
+    images whose probabilities the backward reuses; else large scores per image (CvT's first stage)
+    as `cvt::recomputed_attention`, whose backward recomputes them, and small ones through autograd.
+    Each within bf16 rounding of the published arithmetic under autocast (explicit bf16 matmuls and
+    softmax) and of SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
+    monkeypatch.setattr(kernels_module, "_kept_allocation_bytes", kept)
     dim = 64 * heads
     q, k, v = (
         torch.randn(batch, n, dim).unflatten(-1, (heads, -1)).transpose(1, 2).to(torch.bfloat16) for n in (queries, keys, keys)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "stored_once",
-    "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels",
+    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "freed_memory_reused_below", "map_to_tokens",
+    "portable_kernels", "stored_once", "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels",
 ]
 
 # Set by `portable_kernels`: process-wide, read once per op, so eager inference pays one global lookup.
@@ -327,6 +327,27 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # The most attention scores held at once by the bf16 CPU path: a few MiB stay in cache and are reused,
 # where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
+# Tensors below this many bytes reuse memory the process freed (0: none is known to): set by
+# `freed_memory_reused_below`.
+_kept_allocation_bytes = 0
+
+
+def freed_memory_reused_below(below_bytes: int) -> None:
+    """Tell the kernels that the process's allocator keeps the memory it frees for tensors below
+    ``below_bytes`` (``cvt.training.session.keep_freed_memory`` does so after setting glibc up).
+
+    Eager bf16 training then keeps attention's probabilities for the backward where they fit: a fresh
+    tensor of them would fault its pages in anew on every step and cost more than recomputing them
+    (benchmarks/RESULTS.md).
+    """
+    global _kept_allocation_bytes
+    _kept_allocation_bytes = below_bytes
+
+
+def _keeps_allocation(nbytes: int) -> bool:
+    return nbytes < _kept_allocation_bytes
+
+
 # Above this much of one image's scores (CvT's first stage) compiled bf16 training runs
 # `_recomputed_attention`, which keeps no scores for its backward; below it inductor traces the explicit
 # matmuls ...
@@ -363,8 +384,9 @@ def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     inductor's freezing (benchmarks/RESULTS.md).
 
     Over few keys (CvT's last stage) `_key_major_attention`, the scores transposed. Else, in eager
-    training, `_stored_attention`: a chunk of images at a time, the probabilities kept for the
-    backward; in inference `_recomputed_attention`'s chunks, which keep nothing. Compiled training
+    training where the process keeps freed memory of the probabilities' size (`freed_memory_reused_below`),
+    `_stored_attention`: a chunk of images at a time, the probabilities kept for the backward; in
+    inference `_recomputed_attention`'s chunks, which keep nothing. Other training, and compiled training,
     takes `_recomputed_attention` where an image's scores are large (CvT's first stage; its backward
     recomputes them), else inductor traces the chunked matmuls. That is also the published model's
     arithmetic under autocast (bf16 scores, bf16 probabilities).
@@ -374,7 +396,7 @@ def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if per_image <= _LARGE_SCORE_BYTES_PER_IMAGE and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
         return _over_heads(_key_major_attention, q, k, v, scale)
     if torch.is_grad_enabled():
-        if not torch.compiler.is_compiling():
+        if _keeps_allocation(q.shape[0] * per_image) and not torch.compiler.is_compiling():
             return _over_heads(_stored_attention, q, k, v, scale, chunk * q.shape[1])
         if per_image <= _LARGE_SCORE_BYTES_PER_IMAGE:
             return _attention_in_chunks(q, k, v, scale, chunk)
