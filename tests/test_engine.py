@@ -540,6 +540,7 @@ def test_single_process_without_torchrun_environment(monkeypatch):
 
 _REPEATED_TENSOR_FAULTS = """
 import resource, torch
+from cvt.models import kernels
 from cvt.training.session import keep_freed_memory
 def faults_of(tensors):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -550,7 +551,7 @@ faults_of(2)
 by_default = faults_of(5)
 kept = keep_freed_memory()
 faults_of(30)  # the heap settles
-print(by_default, kept, faults_of(5))
+print(by_default, kept, faults_of(5), kernels._kept_allocation_bytes)
 """
 
 
@@ -563,10 +564,12 @@ def _huge_pages_always() -> bool:
                     reason="glibc's malloc, 4 KiB pages (huge pages fault far less often)")
 def test_keep_freed_memory_stops_big_tensors_faulting_their_pages_in_anew():
     """In a fresh process (the setting lasts for the process): by default glibc maps every big tensor
-    anew and each of its pages faults; once told to keep freed memory, tensors reuse freed memory."""
+    anew and each of its pages faults; once told to keep freed memory, tensors reuse freed memory, and
+    the model's kernels are told below which size."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
     out = subprocess.run([sys.executable, "-c", _REPEATED_TENSOR_FAULTS], env=env, capture_output=True, text=True, check=True)
-    by_default, threshold, after = map(int, out.stdout.split())
+    by_default, threshold, after, told_kernels = map(int, out.stdout.split())
+    assert told_kernels == threshold  # the kernels know which tensors reuse freed memory
     if threshold < 2**26:
         pytest.skip(f"this glibc took an mmap threshold of {threshold} bytes, below the test's 64 MiB tensors")
     assert by_default > 5 * 10_000 and after == 0, out.stdout

@@ -334,20 +334,25 @@ def _autograd_node_names(out: torch.Tensor) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "batch, heads, queries, keys, node",
+    "batch, heads, queries, keys, kept, node",
     [
-        (5, 1, 1500, 800, "cvt_recomputed_attention"),
-        (3, 2, 1600, 700, "cvt_recomputed_attention"),
-        (4, 3, 197, 50, "cvt_key_major_attention"),
-        (4, 3, 197, 90, "BmmBackward0"),
+        (5, 1, 1500, 800, 2**30, "cvt_stored_attention"),
+        (3, 2, 1600, 700, 2**30, "cvt_stored_attention"),
+        (4, 3, 197, 50, 2**30, "cvt_key_major_attention"),
+        (4, 3, 197, 90, 2**30, "cvt_stored_attention"),
+        (5, 1, 1500, 800, 5 * 1500 * 800 * 2, "cvt_recomputed_attention"),
+        (4, 3, 197, 90, 0, "BmmBackward0"),
     ],
 )
-def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
-    """In bf16 CPU training, attention whose scores per image are large (CvT's first stage) runs as
-    `cvt::recomputed_attention`, chunks of images whose backward recomputes the probabilities; over few
-    keys (CvT's last stage) as `cvt::key_major_attention`, scores transposed; else through autograd. Each within
-    bf16 rounding of the published arithmetic under autocast (explicit bf16 matmuls and softmax) and
-    of SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
+def test_bf16_training_attention_paths(monkeypatch, batch, heads, queries, keys, kept, node):
+    """In eager bf16 CPU training, attention over few keys (CvT's last stage) runs as
+    `cvt::key_major_attention`, scores transposed; else, where freed memory is reused for a tensor of
+    all the probabilities (``kept``: below that many bytes), as `cvt::stored_attention`, chunks of
+    images whose probabilities the backward reuses; else large scores per image (CvT's first stage)
+    as `cvt::recomputed_attention`, whose backward recomputes them, and small ones through autograd.
+    Each within bf16 rounding of the published arithmetic under autocast (explicit bf16 matmuls and
+    softmax) and of SDPA, in the output and in every gradient. The first case ends on a shorter chunk."""
+    monkeypatch.setattr(kernels_module, "_kept_allocation_bytes", kept)
     dim = 64 * heads
     q, k, v = (
         torch.randn(batch, n, dim).unflatten(-1, (heads, -1)).transpose(1, 2).to(torch.bfloat16) for n in (queries, keys, keys)
@@ -380,6 +385,22 @@ def test_bf16_training_attention_paths(batch, heads, queries, keys, node):
             err = (got.float() - expected.float()).abs().max().item()
             bound = BF16_RTOL_OF_MAX * expected.float().abs().max().item()
             assert err <= bound, f"{what} vs {expected_name}: {err:.3g}"
+
+
+def test_stored_attention_computes_what_recomputed_attention_does():
+    """Keeping the probabilities for the backward changes no arithmetic: the output and every gradient
+    equal the recomputing op's bit for bit (chunks of two images, a shorter last chunk)."""
+    q, k, v = (torch.randn(5, n, 16, dtype=torch.bfloat16) for n in (40, 30, 30))
+    grad = torch.randn(5, 40, 16, dtype=torch.bfloat16)
+    results = []
+    for op in (torch.ops.cvt.stored_attention, torch.ops.cvt.recomputed_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = op(*leaves, 0.25, 2)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out.backward(grad)
+        results.append([out] + [t.grad for t in leaves])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize(
@@ -562,6 +583,7 @@ def test_compiled_training_ops_keep_the_custom_op_contract():
     torch.library.opcheck(torch.ops.cvt.token_conv.default, bf16_args)
     q_bf16, k_bf16, v_bf16 = (torch.randn(3, n, 4, dtype=torch.bfloat16, requires_grad=True) for n in (5, 7, 7))
     torch.library.opcheck(torch.ops.cvt.recomputed_attention.default, (q_bf16, k_bf16, v_bf16, 0.5, 2))
+    torch.library.opcheck(torch.ops.cvt.stored_attention.default, (q_bf16, k_bf16, v_bf16, 0.5, 2))
     torch.library.opcheck(torch.ops.cvt.key_major_attention.default, (q_bf16, k_bf16, v_bf16, 0.5))
     with torch.no_grad():  # the inference-only ops, in both dtypes compiled inference takes them
         for dtype in [torch.float32, torch.bfloat16]:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "map_to_tokens", "portable_kernels", "stored_once",
-    "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels",
+    "attention", "cpu_has_amx", "dense_grad", "depthwise_conv", "freed_memory_reused_below", "map_to_tokens",
+    "portable_kernels", "stored_once", "to_autocast_dtype", "token_linear", "tokens_to_map", "uses_cpu_kernels",
 ]
 
 # Set by `portable_kernels`: process-wide, read once per op, so eager inference pays one global lookup.
@@ -327,11 +327,33 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 # The most attention scores held at once by the bf16 CPU path: a few MiB stay in cache and are reused,
 # where the whole batch's would not.
 _SCORE_CHUNK_BYTES = 8 * 2**20
-# Above this much of one image's scores (CvT's first stage) bf16 attention runs as
-# `_recomputed_attention`, which keeps no scores for a backward; in training below it autograd through
-# the explicit matmuls wins ...
+# Tensors below this many bytes reuse memory the process freed (0: none is known to): set by
+# `freed_memory_reused_below`.
+_kept_allocation_bytes = 0
+
+
+def freed_memory_reused_below(below_bytes: int) -> None:
+    """Tell the kernels that the process's allocator keeps the memory it frees for tensors below
+    ``below_bytes`` (``cvt.training.session.keep_freed_memory`` does so after setting glibc up).
+
+    Eager bf16 training then keeps attention's probabilities for the backward where they fit: a fresh
+    tensor of them would fault its pages in anew on every step and cost more than recomputing them
+    (benchmarks/RESULTS.md).
+    """
+    global _kept_allocation_bytes
+    _kept_allocation_bytes = below_bytes
+
+
+def _keeps_allocation(nbytes: int) -> bool:
+    return nbytes < _kept_allocation_bytes
+
+
+# Above this much of one image's scores (CvT's first stage) compiled bf16 training runs
+# `_recomputed_attention`, which keeps no scores for its backward; below it inductor traces the explicit
+# matmuls ...
 _LARGE_SCORE_BYTES_PER_IMAGE = 2 * 2**20
-# ... except over at most this many keys (CvT's last stage): `_key_major_attention`.
+# ... and below it over at most this many keys (CvT's last stage) bf16 attention runs
+# `_key_major_attention`, eager or compiled.
 _KEY_MAJOR_MAX_KEYS = 64
 
 
@@ -361,18 +383,22 @@ def _bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """bf16 attention on CPU as plain matmuls around a softmax, eager or compiled, with or without
     inductor's freezing (benchmarks/RESULTS.md).
 
-    Where an image's scores are large (CvT's first stage), `_recomputed_attention`: a chunk of images
-    at a time, whose backward recomputes them; over few keys (CvT's last stage) `_key_major_attention`,
-    the scores transposed; else in training autograd (or inductor) through the chunked matmuls, in
-    inference `_recomputed_attention`'s chunks again. That is also the published model's arithmetic
-    under autocast (bf16 scores, bf16 probabilities).
+    Over few keys (CvT's last stage) `_key_major_attention`, the scores transposed. Else, in eager
+    training where the process keeps freed memory of the probabilities' size (`freed_memory_reused_below`),
+    `_stored_attention`: a chunk of images at a time, the probabilities kept for the backward; in
+    inference `_recomputed_attention`'s chunks, which keep nothing. Other training, and compiled training,
+    takes `_recomputed_attention` where an image's scores are large (CvT's first stage; its backward
+    recomputes them), else inductor traces the chunked matmuls. That is also the published model's
+    arithmetic under autocast (bf16 scores, bf16 probabilities).
     """
     per_image = _score_bytes_per_image(q, k)
     chunk = max(1, _SCORE_CHUNK_BYTES // per_image)  # images whose scores are held at once
-    if per_image <= _LARGE_SCORE_BYTES_PER_IMAGE:
-        if k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
-            return _over_heads(_key_major_attention, q, k, v, scale)
-        if torch.is_grad_enabled():
+    if per_image <= _LARGE_SCORE_BYTES_PER_IMAGE and k.shape[2] <= _KEY_MAJOR_MAX_KEYS:
+        return _over_heads(_key_major_attention, q, k, v, scale)
+    if torch.is_grad_enabled():
+        if _keeps_allocation(q.shape[0] * per_image) and not torch.compiler.is_compiling():
+            return _over_heads(_stored_attention, q, k, v, scale, chunk * q.shape[1])
+        if per_image <= _LARGE_SCORE_BYTES_PER_IMAGE:
             return _attention_in_chunks(q, k, v, scale, chunk)
     return _over_heads(_recomputed_attention, q, k, v, scale, chunk * q.shape[1])
 
@@ -468,6 +494,68 @@ def _recomputed_attention_grads(ctx: Any, grad: torch.Tensor) -> tuple[torch.Ten
 
 
 _recomputed_attention.register_autograd(_recomputed_attention_grads, setup_context=_recomputed_attention_setup)
+
+
+@torch.library.custom_op("cvt::stored_attention", mutates_args=())
+def _stored_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q k^T * scale) v`` over (batch, N, head_dim) tensors, ``chunk`` batch entries at a
+    time, as `_recomputed_attention` computes it: (output, probabilities).
+
+    The probabilities are kept for the backward instead of recomputed there: recomputing costs a
+    matmul and a softmax per chunk, more than writing them out and reading them back once where the
+    process keeps its freed memory (no fresh pages per step: benchmarks/RESULTS.md).
+    """
+    out = q.new_empty(q.shape[:2] + v.shape[2:])
+    probs = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+    for rows in _chunks(q.shape[0], chunk):
+        torch.bmm(_probabilities(q[rows], k[rows], scale, probs[rows]), v[rows], out=out[rows])
+    return out, probs
+
+
+@_stored_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape[:2] + v.shape[2:]), q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+
+
+@torch.library.custom_op("cvt::stored_attention_backward", mutates_args=())
+def _stored_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor, scale: float,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_scores_buffer = probs.new_empty(min(chunk, q.shape[0]), *probs.shape[1:])  # reused: stays in cache
+    for rows in _chunks(q.shape[0], chunk):
+        chunk_probs = probs[rows]
+        torch.bmm(chunk_probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
+        grad_scores = grad_scores_buffer[: chunk_probs.shape[0]]
+        torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
+        torch._softmax_backward_data(grad_scores, chunk_probs, -1, probs.dtype, grad_input=grad_scores)
+        _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
+        _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
+    return grad_q, grad_k, grad_v
+
+
+@_stored_attention_backward.register_fake
+def _(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, probs: torch.Tensor, scale: float,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _stored_attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, ctx.scale, ctx.chunk = inputs
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the probabilities, which nothing uses
+    ctx.save_for_backward(q, k, v, output[1])
+
+
+def _stored_attention_grads(ctx: Any, grad: torch.Tensor, _grad_probs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return (*_stored_attention_backward(grad, *ctx.saved_tensors, ctx.scale, ctx.chunk), None, None)
+
+
+_stored_attention.register_autograd(_stored_attention_grads, setup_context=_stored_attention_setup)
 
 
 @torch.library.custom_op("cvt::key_major_attention", mutates_args=())

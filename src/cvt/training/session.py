@@ -27,6 +27,7 @@ from ..data import usable_cores
 from ..errors import UserError
 from ..files import ensure_folder
 from ..models.complexity import model_summary
+from ..models.kernels import freed_memory_reused_below
 
 try:
     import fcntl
@@ -235,7 +236,8 @@ def keep_freed_memory() -> int:
     it settles at about the peak the steps need. Lasts for the process and the data-loader workers it
     forks, so the `cvt` command sets it for the commands that run a model (its process is theirs), and
     a Python caller who wants it calls this; the MALLOC_*_ environment variables, or another allocator
-    preloaded, take precedence.
+    preloaded, take precedence. The model's kernels are told, as they keep more for a backward where
+    memory is reused (`freed_memory_reused_below`).
     """
     if not sys.platform.startswith("linux") or any(
         name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
@@ -247,6 +249,7 @@ def keep_freed_memory() -> int:
     for threshold in _MMAP_THRESHOLDS:
         if libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1:
             libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_TOP_BYTES)
+            freed_memory_reused_below(threshold)  # the kernels may now keep big tensors for a backward
             return threshold
     return 0
 
