@@ -528,10 +528,12 @@ def _stored_attention_backward(
     grad_scores_buffer = probs.new_empty(min(chunk, q.shape[0]), *probs.shape[1:])  # reused: stays in cache
     for rows in _chunks(q.shape[0], chunk):
         chunk_probs = probs[rows]
-        torch.bmm(chunk_probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
         grad_scores = grad_scores_buffer[: chunk_probs.shape[0]]
         torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
+        # The stored chunk comes from memory: softmax's backward streams it in row by row, and dV's
+        # matmul, which reads it transposed (far slower from memory), then finds it in cache.
         torch._softmax_backward_data(grad_scores, chunk_probs, -1, probs.dtype, grad_input=grad_scores)
+        torch.bmm(chunk_probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
         _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
         _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
     return grad_q, grad_k, grad_v
