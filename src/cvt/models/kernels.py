@@ -459,6 +459,23 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: in
     return q.new_empty(q.shape[:2] + v.shape[2:])
 
 
+def _attention_chunk_grads(
+    rows: slice, probs: torch.Tensor, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    scale: float, grad_scores_buffer: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Attention's gradients for q, k and v at ``rows``, written into ``grads``, from those rows'
+    probabilities; dS goes through (the first entries of) ``grad_scores_buffer``."""
+    grad_q, grad_k, grad_v = grads
+    grad_scores = grad_scores_buffer[: probs.shape[0]]
+    torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
+    # Stored probabilities come from memory: softmax's backward streams them in row by row, and dV's
+    # matmul, which reads them transposed (far slower from memory), then finds them in cache.
+    torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
+    torch.bmm(probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
+    _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
+    _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
+
+
 @torch.library.custom_op("cvt::recomputed_attention_backward", mutates_args=())
 def _recomputed_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int
@@ -468,12 +485,7 @@ def _recomputed_attention_backward(
     grad_scores_buffer = torch.empty_like(probs_buffer)
     for rows in _chunks(q.shape[0], chunk):
         probs = _probabilities(q[rows], k[rows], scale, probs_buffer)
-        torch.bmm(probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
-        grad_scores = grad_scores_buffer[: probs.shape[0]]
-        torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
-        torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
-        _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
-        _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
+        _attention_chunk_grads(rows, probs, grad_out, q, k, v, scale, grad_scores_buffer, (grad_q, grad_k, grad_v))
     return grad_q, grad_k, grad_v
 
 
@@ -527,15 +539,7 @@ def _stored_attention_backward(
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grad_scores_buffer = probs.new_empty(min(chunk, q.shape[0]), *probs.shape[1:])  # reused: stays in cache
     for rows in _chunks(q.shape[0], chunk):
-        chunk_probs = probs[rows]
-        grad_scores = grad_scores_buffer[: chunk_probs.shape[0]]
-        torch.bmm(grad_out[rows], v[rows].transpose(1, 2), out=grad_scores)
-        # The stored chunk comes from memory: softmax's backward streams it in row by row, and dV's
-        # matmul, which reads it transposed (far slower from memory), then finds it in cache.
-        torch._softmax_backward_data(grad_scores, chunk_probs, -1, probs.dtype, grad_input=grad_scores)
-        torch.bmm(chunk_probs.transpose(1, 2), grad_out[rows], out=grad_v[rows])
-        _scaled_bmm(grad_scores, k[rows], scale, grad_q[rows])
-        _scaled_bmm(grad_scores.transpose(1, 2), q[rows], scale, grad_k[rows])
+        _attention_chunk_grads(rows, probs[rows], grad_out, q, k, v, scale, grad_scores_buffer, (grad_q, grad_k, grad_v))
     return grad_q, grad_k, grad_v
 
 
