@@ -525,3 +525,17 @@ def test_a_checkpoint_pth_that_is_a_folder_stops_before_training(data, tmp_path)
         train(config(data, tmp_path))
     one_line(error.value, "checkpoint.pth is not a file (a folder?)")
     assert not (run_dir(tmp_path) / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["TRAIN.CHECKPOINT", "auto-resume"])
+def test_an_unusable_resume_checkpoint_names_the_fix_that_applies(data, tmp_path, named):
+    garbage = tmp_path / "elsewhere.pth" if named else run_dir(tmp_path / "out") / "checkpoint.pth"
+    garbage.parent.mkdir(parents=True, exist_ok=True)
+    garbage.write_bytes(os.urandom(4096))
+    extra = ("TRAIN.CHECKPOINT", garbage) if named else ()
+    with pytest.raises(UserError) as error:
+        train(config(data, tmp_path / "out", *extra))
+    # TRAIN.CHECKPOINT is resumed whatever TRAIN.AUTO_RESUME says: turning that off would not help.
+    fix, wrong = ("TRAIN.CHECKPOINT ''", "TRAIN.AUTO_RESUME False") if named else ("TRAIN.AUTO_RESUME False", "TRAIN.CHECKPOINT ''")
+    one_line(error.value, "cannot resume", "is not a PyTorch checkpoint", fix)
+    assert wrong not in str(error.value)

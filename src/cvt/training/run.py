@@ -77,6 +77,7 @@ from .state import (
     MODEL_BEST_PREDICT,
     TrainingRun,
     read_training,
+    resume_hint,
     results_record,
     restore_rng,
     restore_training,
@@ -282,7 +283,7 @@ def _resume_path(cfg: CfgNode, folder: Path) -> Path | None:
 def _resume(run: TrainingRun, resume_from: Path) -> None:
     """Weights, optimizer, scaler, EMA, best top-1 and this rank's generators from `resume_from`."""
     state = restore_training(
-        read_training(resume_from), run.cfg, run.classes,
+        read_training(resume_from, resume_hint(run.cfg)), run.cfg, run.classes,
         model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler, ema=run.ema,
     )
     run.start_epoch, run.start_step, run.best_top1 = state.epoch, state.step or 0, state.best_top1
