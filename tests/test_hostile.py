@@ -539,3 +539,11 @@ def test_an_unusable_resume_checkpoint_names_the_fix_that_applies(data, tmp_path
     fix, wrong = ("TRAIN.CHECKPOINT ''", "TRAIN.AUTO_RESUME False") if named else ("TRAIN.AUTO_RESUME False", "TRAIN.CHECKPOINT ''")
     one_line(error.value, "cannot resume", "is not a PyTorch checkpoint", fix)
     assert wrong not in str(error.value)
+
+
+def test_a_checkpoints_repr_is_short_not_every_tensor(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_safetensors(tiny_model(), path, class_names=list(CLASSES))
+    shown = repr(read_checkpoint(path))
+    assert shown.startswith(f"Checkpoint(source={str(path)!r}, format='cvt-safetensors'") and "circle" in shown
+    assert "tensor(" not in shown and len(shown) < 1000

@@ -55,14 +55,15 @@ __all__ = ["Checkpoint", "read_checkpoint", "tensor_digest"]
 class Checkpoint:
     """Weights read from a file, converted to the model's (official) keys, plus what the file says."""
 
-    state_dict: dict[str, torch.Tensor]
+    # Out of the repr: a REPL or a log line would print every tensor (megabytes for CvT-13).
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
     source: str
     format: str  # 'official', 'official-training', 'huggingface', 'cvt', 'cvt-safetensors', 'state-dict'
     spec: dict[str, Any] | None = None
     act: str | None = None  # the MLP activation the weights were trained with, where known
     act_reason: str | None = None  # how that is known, for the log
     class_names: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # the rest of a training checkpoint
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # the rest of a training checkpoint
     # The test transform the weights were evaluated with ({config key: value}), where the file says.
     eval_settings: dict[str, Any] | None = None
 
