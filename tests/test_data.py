@@ -564,6 +564,9 @@ def test_build_mixup() -> None:
 def test_missing_root_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"DATASET.ROOT: folder .*nowhere not found"):
         resolve_dataset_root(config(tmp_path / "nowhere"))
+    (tmp_path / "image.png").write_bytes(b"")  # an image given for the folder: it exists, so not 'not found'
+    with pytest.raises(UserError, match=r"DATASET.ROOT: folder .*image.png is a file, not a folder; set DATASET.ROOT"):
+        resolve_dataset_root(config(tmp_path / "image.png"))
 
 
 # --------------------------------------------------------------------------------------------------
