@@ -175,6 +175,10 @@ def test_cli_basics(capsys):
             main(["info", "cvt-13", "--img-size", size])
         assert exit_info.value.code == 2 and "--img-size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--weights", "w.pth", "--batch-size", "x", "x.png"])
+    err = capsys.readouterr().err  # said "invalid _positive_int value", the name of a private function
+    assert exit_info.value.code == 2 and err.endswith("argument --batch-size: 'x' is not a positive integer\n")
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--foo"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("usage: cvt train") and "unrecognized arguments: --foo" in err

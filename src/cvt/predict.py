@@ -53,7 +53,10 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             raise UserError(f"image {str(item)!r} does not exist; check the path")
     if not files:
-        raise UserError(f"no images found in {', '.join(map(str, inputs))}")
+        raise UserError(
+            f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "give image files, or folders holding them"
+        )
     return files
 
 
