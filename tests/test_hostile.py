@@ -547,3 +547,14 @@ def test_a_checkpoints_repr_is_short_not_every_tensor(tmp_path):
     shown = repr(read_checkpoint(path))
     assert shown.startswith(f"Checkpoint(source={str(path)!r}, format='cvt-safetensors'") and "circle" in shown
     assert "tensor(" not in shown and len(shown) < 1000
+
+
+def test_a_checkpoint_of_another_variant_names_both_architectures():
+    with pytest.raises(UserError) as error:
+        load_checkpoint(create_model("cvt-21"), create_model("cvt-13").state_dict())
+    one_line(error.value, "does not fit the model: ", "; the file's stages have widths [64, 192, 384] and depths [1, 2, 10] "
+             "(cvt-13), the model's widths [64, 192, 384] and depths [1, 4, 16] (cvt-21): use the experiment (MODEL.SPEC)")
+    with pytest.raises(UserError) as error:  # no named variant: the shapes alone
+        load_checkpoint(tiny_model(), create_model({**TINY, "DEPTH": [1, 1, 1]}, num_classes=3).state_dict())
+    one_line(error.value, "the file's stages have widths [16, 32, 48] and depths [1, 1, 1], the model's widths "
+             "[16, 32, 48] and depths [1, 2, 3]: use")
