@@ -119,6 +119,11 @@ def _torch_load(path: Path) -> Any:
         magic = f.read(2)
     # torch.save writes a zip archive ("PK"); older torch versions a pickle (protocol marker 0x80).
     if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        if path.suffix.lower() == ".onnx":  # the suffix by which `cvt predict` runs it
+            raise UserError(
+                f"{str(path)!r} is an ONNX deployment file (`cvt export`), not a checkpoint; give the checkpoint "
+                "it was exported from (`cvt predict` runs the .onnx file itself), or run it with onnxruntime"
+            )
         raise UserError(
             f"{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
             "give a .pth/.pt/.bin checkpoint, a .safetensors file or a Hugging Face model folder"
