@@ -28,7 +28,7 @@ from cvt.data.loader import FolderLoader, ShardSampler
 from cvt.errors import UserError
 from cvt.files import atomic_write_bytes, checksum_path
 from cvt.models.cvt import create_model
-from cvt.training.run import build_model, train
+from cvt.training.run import build_model, load_pretrained, train
 from cvt.training.session import LOCK_FILE, StopSignals, lock_run_folder, run_logging
 from cvt.training.state import read_training
 from cvt.weights.export import save_hf, save_official, save_safetensors
@@ -558,3 +558,13 @@ def test_a_checkpoint_of_another_variant_names_both_architectures():
         load_checkpoint(tiny_model(), create_model({**TINY, "DEPTH": [1, 1, 1]}, num_classes=3).state_dict())
     one_line(error.value, "the file's stages have widths [16, 32, 48] and depths [1, 1, 1], the model's widths "
              "[16, 32, 48] and depths [1, 2, 3]: use")
+
+
+def test_a_pretrained_layer_name_that_names_nothing_is_one_line(data, tmp_path):
+    weights = tmp_path / "pretrained.pth"
+    save_official(build_model(config(data, tmp_path)), weights)
+    cfg = config(data, tmp_path, "MODEL.PRETRAINED", weights, "MODEL.PRETRAINED_LAYERS", ["stage0", "stag1"])
+    with pytest.raises(UserError) as error:  # loaded nothing of stage1 and said "loaded (layers: stage0, stag1)"
+        load_pretrained(cfg, build_model(cfg))
+    one_line(error.value, "MODEL.PRETRAINED_LAYERS: 'stag1' names no part of the model; the parts are stage0, "
+             "stage1, stage2, norm, head, or '*' for all")

@@ -258,8 +258,13 @@ def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None
     """MODEL.PRETRAINED (a file, a folder, a published tag or hf-hub:org/repo) into `model`: the layers
     MODEL.PRETRAINED_LAYERS names ('*' = all), with the head left freshly initialised when the file's
     class count differs (fine-tuning), and the activation MODEL.ACTIVATION chooses."""
-    ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     layers = list(cfg.MODEL.PRETRAINED_LAYERS)
+    parts = [name for name, _ in model.named_children()]
+    unknown = [name for name in layers if name != "*" and name not in parts]
+    if unknown:  # the release loads nothing for such a name, silently: a typo would train from scratch
+        raise UserError(f"MODEL.PRETRAINED_LAYERS: {unknown[0]!r} names no part of the model; the parts are "
+                        f"{', '.join(parts)}, or '*' for all")
+    ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
     load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers, act=asked_activation(cfg))
     if not new_head or "*" not in layers:  # load_checkpoint announces the new head itself
