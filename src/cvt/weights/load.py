@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -169,7 +170,7 @@ def _mismatch_message(
 
 def _stage_shapes(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]]:
     """The widths and depths of the stages an official-layout state dict holds."""
-    stages = sorted({int(k[5:].split(".")[0]) for k in state_dict if k.startswith("stage")})
+    stages = sorted({int(m[1]) for m in map(re.compile(r"stage(\d+)\.").match, state_dict) if m})
     dims = [state_dict[f"stage{i}.patch_embed.proj.weight"].shape[0] for i in stages
             if f"stage{i}.patch_embed.proj.weight" in state_dict]
     depths = [len({k.split(".")[2] for k in state_dict if k.startswith(f"stage{i}.blocks.")}) for i in stages]
