@@ -21,8 +21,8 @@ from typing import Any
 from .errors import UserError
 
 
-def ensure_folder(path: str | os.PathLike) -> Path:
-    """Create `path` and its parents, or raise `UserError` naming what stands in the way."""
+def ensure_folder(path: str | os.PathLike, fix: str = "choose a writable location") -> Path:
+    """Create `path` and its parents, or raise `UserError` naming what stands in the way, and `fix`."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,7 @@ def ensure_folder(path: str | os.PathLike) -> Path:
         # mkdir says 'File exists' or 'Not a directory' when a file stands on the way: name it
         in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         reason = f"{str(in_the_way)!r} is a file" if in_the_way else e.strerror or e
-        raise UserError(f"cannot create folder {str(path)!r}: {reason}; choose a writable location") from None
+        raise UserError(f"cannot create folder {str(path)!r}: {reason}; {fix}") from None
     return path
 
 
