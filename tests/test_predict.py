@@ -80,6 +80,7 @@ def test_a_missing_image_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         image_files([tmp_path / "nope.jpg"])
     (tmp_path / "notes.txt").write_text("no image here")
+    (tmp_path / "album.png").mkdir()  # a folder is no image, whatever its name
     with pytest.raises(UserError, match=r"no images found in .* \(looked for \.jpg, .*\); give image files, or folders holding them"):
         image_files([tmp_path])
 
