@@ -73,8 +73,20 @@ if [[ "$INSTALL_DEPS" == true ]]; then
     "$PYTHON" -m pip install -e "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 fi
 
-# `python -m torch.distributed.run` is torchrun, found through the same interpreter as the package.
-exec "$PYTHON" -m torch.distributed.run \
+# torchrun (`torch.distributed.run`), found through the same interpreter as the package. A rank that
+# fails has said why on its stderr (a user's mistake: one `error:` line); torchrun would bury that under
+# a traceback of its own, so a failed rank ends the launch with one line and the rank's exit code.
+exec "$PYTHON" -c '
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as failed:
+    rank, failure = failed.get_first_failure()
+    print(f"run.sh: rank {rank} exited with code {failure.exitcode}", file=sys.stderr)
+    sys.exit(failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode)  # a signal: 128 + its number
+' \
     --nnodes "$NODES" \
     --node_rank "$NODE_RANK" \
     --nproc_per_node "$GPUS" \

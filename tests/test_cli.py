@@ -175,6 +175,10 @@ def test_cli_basics(capsys):
             main(["info", "cvt-13", "--img-size", size])
         assert exit_info.value.code == 2 and "--img-size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--weights", "w.pth", "--batch-size", "x", "x.png"])
+    err = capsys.readouterr().err  # said "invalid _positive_int value", the name of a private function
+    assert exit_info.value.code == 2 and err.endswith("argument --batch-size: 'x' is not a positive integer\n")
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--foo"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("usage: cvt train") and "unrecognized arguments: --foo" in err
@@ -189,7 +193,19 @@ def test_an_output_path_under_a_file_is_one_line(tmp_path, capsys, tiny_experime
     for fmt, out in (("official", blocker / "o.pth"), ("hf", blocker / "hf"), ("safetensors", blocker / "m.safetensors")):
         assert main(["export", "--weights", str(weights), "--format", fmt, str(out)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: cannot create folder") and str(blocker) in err and len(err.splitlines()) == 1
+        assert err.startswith("error: cannot create folder") and f"{str(blocker)!r} is a file" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["official", "safetensors", "torchscript"])
+def test_an_output_file_that_is_a_folder_is_one_line_before_any_export(tmp_path, capsys, tiny_experiment, fmt):
+    cfg, weights, _, _ = tiny_experiment
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    before = sorted(tmp_path.iterdir())
+    assert main(["export", "--weights", str(weights), "--cfg", str(cfg), "--format", fmt, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {str(folder)!r} is a folder, not a file to write; give a file name (one inside it, say)\n"
+    assert list(folder.iterdir()) == [] and sorted(tmp_path.iterdir()) == before  # no leftover beside it either
 
 
 def test_export_official_and_hf_round_trip(tmp_path, capsys, tiny_experiment):

@@ -169,6 +169,15 @@ def test_missing_file_lists_the_packaged_names():
         load_config("no-such-experiment")
 
 
+def test_a_folder_given_as_config_file_is_named_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match=r"config file 'runs' is a folder; give the path of a YAML file in it"):
+        load_config("runs")
+    (tmp_path / "cvt-digits").mkdir()  # a folder of a packaged experiment's name does not hide it
+    assert load_config("cvt-digits").NAME == "cvt-digits"
+
+
 # ---- overrides ---------------------------------------------------------------------------------------
 
 

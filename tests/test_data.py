@@ -564,6 +564,9 @@ def test_build_mixup() -> None:
 def test_missing_root_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"DATASET.ROOT: folder .*nowhere not found"):
         resolve_dataset_root(config(tmp_path / "nowhere"))
+    (tmp_path / "image.png").write_bytes(b"")  # an image given for the folder: it exists, so not 'not found'
+    with pytest.raises(UserError, match=r"DATASET.ROOT: folder .*image.png is a file, not a folder; set DATASET.ROOT"):
+        resolve_dataset_root(config(tmp_path / "image.png"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,6 +621,15 @@ def test_only_the_digits_cache_folder_is_ever_created(monkeypatch, tmp_path: Pat
     # The cache folder itself, named explicitly, is still built.
     named = config(tmp_path, **{"DATASET.ROOT": str(tmp_path / "cache" / "digits"), "DATASET.DATASET": "digits"})
     assert resolve_dataset_root(named) == tmp_path / "cache" / "digits"
+
+
+def test_a_digits_cache_that_cannot_be_written_names_the_variable_to_set(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("CVT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError) as error:  # was "File exists: ...cache", from the command's catch-all
+        resolve_dataset_root(config(tmp_path, **{"DATASET.ROOT": "", "DATASET.DATASET": "digits"}))
+    assert str(error.value) == (f"cannot create folder {str(tmp_path / 'cache')!r}: {str(tmp_path / 'cache')!r} is a file; "
+                                "set CVT_CACHE_DIR to a writable folder (the dataset is written to $CVT_CACHE_DIR/digits)")
 
 
 def test_digits_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from cvt.weights import deploy as deploy_module
 from cvt.weights.deploy import MAX_ABS_DIFF, deploy, read_deployed
 from cvt.weights.export import EXPORT_FORMATS
 
-from helpers import TINY_SPEC
+from helpers import TINY_SPEC, make_image_folder
 
 CLASS_NAMES = ["ant", "bee", "cat"]
 # A non-square test transform: [width, height] as in the release, so the files are traced at 48x64.
@@ -240,3 +240,15 @@ def test_a_deployment_file_given_as_weights_is_named_not_called_corrupt(exported
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and f"is a {kind} deployment file" in err and "corrupt" not in err
             assert "the checkpoint it was exported from" in err and ".onnx" in err
+
+
+def test_an_onnx_file_given_as_a_checkpoint_is_named(tmp_path, capsys):
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX protobuf starts: ir_version, producer
+    for argv in (["export", "--weights", str(onnx_file), "--format", "official", str(tmp_path / "o.pth")],
+                 ["test", "--cfg", "cvt-digits", "DATASET.ROOT", str(make_image_folder(tmp_path / "data")),
+                  "MODEL.NUM_CLASSES", "3", "TEST.MODEL_FILE", str(onnx_file)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"'{onnx_file}' is an ONNX deployment file (`cvt export`), not a checkpoint" in err
+        assert "`cvt predict` runs the .onnx file itself" in err and "is not a PyTorch checkpoint" not in err

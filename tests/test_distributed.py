@@ -127,3 +127,14 @@ def test_run_sh_usage_and_mistakes():
                           (["-p"], "needs a value")):
         proc = subprocess.run(["bash", str(REPO / "run.sh"), *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+@pytest.mark.slow  # torchrun's start, about 5 s
+def test_run_sh_passes_a_ranks_one_line_error_on_without_torchruns_traceback(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(REPO / "run.sh"), "-g", "1", "-t", "test", "-p", str(_free_port())],  # no --cfg: a user's mistake
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "error: cvt test needs --cfg" in proc.stderr and proc.stderr.endswith("run.sh: rank 0 exited with code 2\n")
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr

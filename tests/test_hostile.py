@@ -28,7 +28,7 @@ from cvt.data.loader import FolderLoader, ShardSampler
 from cvt.errors import UserError
 from cvt.files import atomic_write_bytes, checksum_path
 from cvt.models.cvt import create_model
-from cvt.training.run import build_model, train
+from cvt.training.run import build_model, load_pretrained, train
 from cvt.training.session import LOCK_FILE, StopSignals, lock_run_folder, run_logging
 from cvt.training.state import read_training
 from cvt.weights.export import save_hf, save_official, save_safetensors
@@ -525,3 +525,47 @@ def test_a_checkpoint_pth_that_is_a_folder_stops_before_training(data, tmp_path)
         train(config(data, tmp_path))
     one_line(error.value, "checkpoint.pth is not a file (a folder?)")
     assert not (run_dir(tmp_path) / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["TRAIN.CHECKPOINT", "auto-resume"])
+def test_an_unusable_resume_checkpoint_names_the_fix_that_applies(data, tmp_path, named):
+    garbage = tmp_path / "elsewhere.pth" if named else run_dir(tmp_path / "out") / "checkpoint.pth"
+    garbage.parent.mkdir(parents=True, exist_ok=True)
+    garbage.write_bytes(os.urandom(4096))
+    extra = ("TRAIN.CHECKPOINT", garbage) if named else ()
+    with pytest.raises(UserError) as error:
+        train(config(data, tmp_path / "out", *extra))
+    # TRAIN.CHECKPOINT is resumed whatever TRAIN.AUTO_RESUME says: turning that off would not help.
+    fix, wrong = ("TRAIN.CHECKPOINT ''", "TRAIN.AUTO_RESUME False") if named else ("TRAIN.AUTO_RESUME False", "TRAIN.CHECKPOINT ''")
+    one_line(error.value, "cannot resume", "is not a PyTorch checkpoint", fix)
+    assert wrong not in str(error.value)
+
+
+def test_a_checkpoints_repr_is_short_not_every_tensor(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_safetensors(tiny_model(), path, class_names=list(CLASSES))
+    shown = repr(read_checkpoint(path))
+    assert shown.startswith(f"Checkpoint(source={str(path)!r}, format='cvt-safetensors'") and "circle" in shown
+    assert "tensor(" not in shown and len(shown) < 1000
+
+
+def test_a_checkpoint_of_another_variant_names_both_architectures():
+    with pytest.raises(UserError) as error:
+        load_checkpoint(create_model("cvt-21"), create_model("cvt-13").state_dict())
+    one_line(error.value, "does not fit the model: ", "; the file's stages have widths [64, 192, 384] and depths [1, 2, 10] "
+             "(cvt-13), the model's widths [64, 192, 384] and depths [1, 4, 16] (cvt-21): use the experiment (MODEL.SPEC)")
+    other = {**create_model({**TINY, "DEPTH": [1, 1, 1]}, num_classes=3).state_dict(), "stage_x": torch.zeros(1)}
+    with pytest.raises(UserError) as error:  # no named variant: the shapes alone (a foreign key is no stage)
+        load_checkpoint(tiny_model(), other)
+    one_line(error.value, "the file's stages have widths [16, 32, 48] and depths [1, 1, 1], the model's widths "
+             "[16, 32, 48] and depths [1, 2, 3]: use")
+
+
+def test_a_pretrained_layer_name_that_names_nothing_is_one_line(data, tmp_path):
+    weights = tmp_path / "pretrained.pth"
+    save_official(build_model(config(data, tmp_path)), weights)
+    cfg = config(data, tmp_path, "MODEL.PRETRAINED", weights, "MODEL.PRETRAINED_LAYERS", ["stage0", "stag1"])
+    with pytest.raises(UserError) as error:  # loaded nothing of stage1 and said "loaded (layers: stage0, stag1)"
+        load_pretrained(cfg, build_model(cfg))
+    one_line(error.value, "MODEL.PRETRAINED_LAYERS: 'stag1' names no part of the model; the parts are stage0, "
+             "stage1, stage2, norm, head, or '*' for all")

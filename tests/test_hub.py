@@ -159,6 +159,16 @@ def test_timm_features_only_gives_the_three_stage_maps():
     assert model.feature_info.channels() == [64, 192, 384] and model.feature_info.reduction() == [4, 8, 16]
 
 
+def test_timm_s_standard_arguments_build_the_model_as_its_train_script_passes_them():
+    # timm's train.py passes drop_rate (0.0 by default) to every model; it was a TypeError here.
+    model = timm.create_model("cvt_13", num_classes=10, drop_rate=0.0, drop_path_rate=0.2, in_chans=3)
+    assert model.spec.drop_rate == (0.0, 0.0, 0.0) and model.spec.drop_path_rate == (0.0, 0.0, 0.2)
+    model = timm.create_model("cvt_21", drop_rate=0.1)
+    assert model.spec.drop_rate == (0.1, 0.1, 0.1)
+    assert model.stage1.blocks[0].mlp.drop.p == model.stage2.blocks[-1].attn.proj_drop.p == 0.1
+    assert model.stage0.pos_drop.p == 0.1 and model.spec.depth == (1, 4, 16)
+
+
 def test_a_users_repo_runs_gelu_as_transformers_trained_it(offline, caplog):
     x = torch.randn(2, 3, 64, 64)
     with caplog.at_level(logging.INFO):

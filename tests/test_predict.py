@@ -79,6 +79,10 @@ def test_an_imagenet_head_that_says_nothing_is_preprocessed_as_the_release_teste
 def test_a_missing_image_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         image_files([tmp_path / "nope.jpg"])
+    (tmp_path / "notes.txt").write_text("no image here")
+    (tmp_path / "album.png").mkdir()  # a folder is no image, whatever its name
+    with pytest.raises(UserError, match=r"no images found in .* \(looked for \.jpg, .*\); give image files, or folders holding them"):
+        image_files([tmp_path])
 
 
 def test_a_hub_repo_named_without_its_prefix_is_pointed_at_it():

@@ -404,6 +404,11 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
     if len(path.parts) == 1 and stem in experiments:
         return experiments[stem]
+    if path.is_dir():
+        raise UserError(
+            f"config file {str(name_or_path)!r} is a folder; give the path of a YAML file in it, or a packaged "
+            "experiment name (`cvt list`)"
+        )
     raise UserError(
         f"config file {str(name_or_path)!r} not found; give the path of a YAML file or a packaged "
         f"experiment name: {', '.join(experiments) or '(none packaged)'}"

@@ -21,13 +21,24 @@ from typing import Any
 from .errors import UserError
 
 
-def ensure_folder(path: str | os.PathLike) -> Path:
-    """Create `path` and its parents, or raise `UserError` naming what stands in the way."""
+def ensure_folder(path: str | os.PathLike, fix: str = "choose a writable location") -> Path:
+    """Create `path` and its parents, or raise `UserError` naming what stands in the way, and `fix`."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create folder {str(path)!r}: {e.strerror or e}; choose a writable location") from None
+        # mkdir says 'File exists' or 'Not a directory' when a file stands on the way: name it
+        in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{str(in_the_way)!r} is a file" if in_the_way else e.strerror or e
+        raise UserError(f"cannot create folder {str(path)!r}: {reason}; {fix}") from None
+    return path
+
+
+def require_file_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or a UserError when a folder stands there (a file cannot replace it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder, not a file to write; give a file name (one inside it, say)")
     return path
 
 
@@ -61,7 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     (SIGKILL, a lost node) leaves its temporary file behind, as big as the file itself; the next
     successful write of `path` removes such leftovers, so one writer per path is assumed.
     """
-    path = Path(path)
+    path = require_file_path(path)
     ensure_folder(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)

@@ -47,13 +47,16 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         elif path.is_file():
             files.append(path)
         else:
             raise UserError(f"image {str(item)!r} does not exist; check the path")
     if not files:
-        raise UserError(f"no images found in {', '.join(map(str, inputs))}")
+        raise UserError(
+            f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "give image files, or folders holding them"
+        )
     return files
 
 

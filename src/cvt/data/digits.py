@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, ensure_folder
 
 __all__ = ["DIGITS_IMAGE_SIZE", "default_digits_root", "ensure_digits_dataset"]
 
@@ -109,9 +109,14 @@ def ensure_digits_dataset(root: Path | None = None) -> Path:
 
     logger.info("Digits dataset: writing %d images (train %d, val %d) to %s", len(targets),
                 manifest["counts"]["train"], manifest["counts"]["val"], root)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    # The place comes from the environment, not from an argument: say which variable moves it.
+    fix = f"set CVT_CACHE_DIR to a writable folder (the dataset is written to $CVT_CACHE_DIR/{root.name})"
+    ensure_folder(root.parent, fix)
     # Built beside the target and renamed into place, so the folder is either complete or absent.
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    except OSError as e:
+        raise UserError(f"cannot write in {str(root.parent)!r}: {e.strerror or e}; {fix}") from None
     try:
         for split_name, indices in splits.items():
             for index in indices:

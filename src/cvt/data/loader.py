@@ -254,8 +254,9 @@ def resolve_dataset_root(cfg: CfgNode) -> Path:
         return Path(root)
     if not root:
         raise UserError("DATASET.ROOT: not set; set it to the folder holding the dataset's split folders")
+    problem = "is a file, not a folder" if Path(root).exists() else "not found"
     raise UserError(
-        f"DATASET.ROOT: folder {root} not found; set DATASET.ROOT to the folder holding "
+        f"DATASET.ROOT: folder {root} {problem}; set DATASET.ROOT to the folder holding "
         f"{cfg.DATASET.TRAIN_SET}/ and {cfg.DATASET.TEST_SET}/"
     )
 

@@ -545,14 +545,20 @@ def _timm_pretrained_cfg(weights: PublishedWeights) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({w.timm_name: _timm_pretrained_cfg(w) for w in PUBLISHED.values()})
 
 
-def _create_for_timm(variant: str, pretrained: bool, **kwargs: Any) -> ConvolutionalVisionTransformer:
+def _create_for_timm(variant: str, pretrained: bool, drop_rate: float | None = None,
+                     **kwargs: Any) -> ConvolutionalVisionTransformer:
+    """timm's scalar `drop_rate` (which its train.py always passes, 0.0 by default) is every stage's
+    DROP_RATE: the release's dropout after the patch embedding, the attention projection and the MLP."""
+    spec = model_spec(variant)
+    if drop_rate is not None:
+        spec = spec.replace(drop_rate=(float(drop_rate),) * spec.num_stages)
     return build_model_with_cfg(
         ConvolutionalVisionTransformer,
         variant.replace("-", "_"),
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg={"out_indices": (0, 1, 2), "feature_cls": "getter"},
-        spec=model_spec(variant),
+        spec=spec,
         **kwargs,
     )
 

@@ -77,6 +77,7 @@ from .state import (
     MODEL_BEST_PREDICT,
     TrainingRun,
     read_training,
+    resume_hint,
     results_record,
     restore_rng,
     restore_training,
@@ -257,8 +258,13 @@ def load_pretrained(cfg: CfgNode, model: ConvolutionalVisionTransformer) -> None
     """MODEL.PRETRAINED (a file, a folder, a published tag or hf-hub:org/repo) into `model`: the layers
     MODEL.PRETRAINED_LAYERS names ('*' = all), with the head left freshly initialised when the file's
     class count differs (fine-tuning), and the activation MODEL.ACTIVATION chooses."""
-    ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     layers = list(cfg.MODEL.PRETRAINED_LAYERS)
+    parts = [name for name, _ in model.named_children()]
+    unknown = [name for name in layers if name != "*" and name not in parts]
+    if unknown:  # the release loads nothing for such a name, silently: a typo would train from scratch
+        raise UserError(f"MODEL.PRETRAINED_LAYERS: {unknown[0]!r} names no part of the model; the parts are "
+                        f"{', '.join(parts)}, or '*' for all")
+    ckpt = read_checkpoint(cfg.MODEL.PRETRAINED)
     new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
     load_checkpoint(model, ckpt, backbone_only=new_head, layers=None if "*" in layers else layers, act=asked_activation(cfg))
     if not new_head or "*" not in layers:  # load_checkpoint announces the new head itself
@@ -282,7 +288,7 @@ def _resume_path(cfg: CfgNode, folder: Path) -> Path | None:
 def _resume(run: TrainingRun, resume_from: Path) -> None:
     """Weights, optimizer, scaler, EMA, best top-1 and this rank's generators from `resume_from`."""
     state = restore_training(
-        read_training(resume_from), run.cfg, run.classes,
+        read_training(resume_from, resume_hint(run.cfg)), run.cfg, run.classes,
         model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler, ema=run.ema,
     )
     run.start_epoch, run.start_step, run.best_top1 = state.epoch, state.step or 0, state.best_top1

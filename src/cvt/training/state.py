@@ -68,6 +68,16 @@ START_AFRESH = (
     "to start afresh instead, set TRAIN.AUTO_RESUME False TRAIN.EARLIER_RESULTS move (keeps the earlier "
     "results in a subfolder), or give the run another NAME / OUTPUT_DIR"
 )
+# TRAIN.CHECKPOINT is resumed whatever TRAIN.AUTO_RESUME says, so START_AFRESH would not help there.
+FIX_TRAIN_CHECKPOINT = (
+    "point TRAIN.CHECKPOINT at a run's checkpoint.pth that fits this run, or clear it (TRAIN.CHECKPOINT '') "
+    "to train without it"
+)
+
+
+def resume_hint(cfg: CfgNode) -> str:
+    """What to do when the checkpoint this run resumes from cannot serve it."""
+    return FIX_TRAIN_CHECKPOINT if cfg.TRAIN.CHECKPOINT else START_AFRESH
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +91,7 @@ _KERNEL_SETTINGS = ("fused", "foreach")  # how the step is computed, not what it
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: str = "the checkpoint",
-                         optimizer_key: str = "TRAIN.OPTIMIZER") -> list[str]:
+                         optimizer_key: str = "TRAIN.OPTIMIZER", hint: str = START_AFRESH) -> list[str]:
     """The saved optimizer state (moments, step counts) under this run's settings.
 
     Every setting of this run's groups (weight decay, betas, momentum, ...: what the config says)
@@ -94,7 +104,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     if len(saved_groups) != len(optimizer.param_groups):
         raise UserError(
             f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this run's "
-            f"{len(optimizer.param_groups)} (TRAIN.WITHOUT_WD_LIST or {optimizer_key} changed?); {START_AFRESH}"
+            f"{len(optimizer.param_groups)} (TRAIN.WITHOUT_WD_LIST or {optimizer_key} changed?); {hint}"
         )
     groups, changes = [], []
     for index, (saved_group, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
@@ -105,13 +115,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
             raise UserError(
                 f"cannot resume from {source}: its optimizer state does not suit {optimizer_key} "
                 f"{type(optimizer).__name__} (settings {short_list(differing)} differ: {optimizer_key} or "
-                f"TRAIN.OPTIMIZER_ARGS changed?); {START_AFRESH}"
+                f"TRAIN.OPTIMIZER_ARGS changed?); {hint}"
             )
         if len(saved_group["params"]) != len(group["params"]):
             raise UserError(
                 f"cannot resume from {source}: its optimizer's parameter group {index} holds "
                 f"{len(saved_group['params'])} parameters, this run's {len(group['params'])} "
-                f"(TRAIN.WITHOUT_WD_LIST changed?); {START_AFRESH}"
+                f"(TRAIN.WITHOUT_WD_LIST changed?); {hint}"
             )
         for key in sorted(settings - {"lr", *_KERNEL_SETTINGS}):
             change = f"{key} {saved_group[key]} -> {group[key]}"
@@ -325,9 +335,8 @@ class ResumeState:
     step: int | None = None  # a step-based run's optimizer steps completed; None for epoch runs
 
 
-def read_training(path: Path) -> Checkpoint:
-    """Read a checkpoint.pth to resume from; anything else is a UserError saying what to do."""
-    hint = START_AFRESH
+def read_training(path: Path, hint: str = START_AFRESH) -> Checkpoint:
+    """Read a checkpoint.pth to resume from; anything else is a UserError ending in `hint` (`resume_hint`)."""
     try:
         ckpt = read_checkpoint(path)
     except UserError as e:
@@ -392,7 +401,7 @@ def restore_training(
     """
     extra = ckpt.extra
     where = f"{ckpt.source!r}"
-    fix = START_AFRESH
+    fix = resume_hint(cfg)
     spec = spec_from_config(cfg).to_dict()
     if ckpt.spec is not None and dict(ckpt.spec) != spec:
         changed = sorted(k for k in spec if ckpt.spec.get(k) != spec[k])
@@ -412,7 +421,7 @@ def restore_training(
     load_checkpoint(model, ckpt)
     optimizer_key = "FINETUNE.OPTIMIZER" if step_based else "TRAIN.OPTIMIZER"
     changes = _config_changes(ckpt, cfg, _RESUME_APPLIED[step_based]) + load_optimizer_state(
-        optimizer, extra["optimizer"], where, optimizer_key)
+        optimizer, extra["optimizer"], where, optimizer_key, fix)
     if changes:
         log.warning("resuming with changed settings, applied from now on: %s", "; ".join(changes))
     if isinstance(scheduler, PlateauLRScheduler) and extra.get("scheduler"):

@@ -30,7 +30,7 @@ from yacs.config import CfgNode
 from ..config import PIL_INTERPOLATIONS, config_from_settings
 from ..data.transforms import CROP_PCT, eval_transform_settings, test_output_size, test_resize_size
 from ..errors import UserError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, require_file_path
 from ..models.kernels import portable_kernels
 from .hf_preprocessor import EVAL_TRANSFORM_KEY
 
@@ -218,6 +218,7 @@ def deploy(model: nn.Module, fmt: str, output: str | os.PathLike, cfg: CfgNode, 
     if fmt not in _WRITERS:
         raise UserError(f"deployment format {fmt!r} is not one of {', '.join(DEPLOY_FORMATS)}")
     require_dependencies(fmt)
+    output = require_file_path(output)  # before the export, not at the rename that ends it
     model = model.cpu().float().eval()
     metadata = deployment_metadata(cfg, model.num_classes, class_names)
     height, width = test_output_size(cfg)
@@ -226,7 +227,6 @@ def deploy(model: nn.Module, fmt: str, output: str | os.PathLike, cfg: CfgNode, 
     with portable_kernels(), torch.no_grad(), _quiet_exporters():
         data = _WRITERS[fmt](model, example, metadata)
     # Verified under a temporary name beside `output`: a file that fails never replaces one already there.
-    output = Path(output)
     candidate = output.with_name(f".{output.stem}.verifying{output.suffix}")
     atomic_write_bytes(candidate, data)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -150,6 +151,10 @@ def _mismatch_message(
         shapes = [f"{k}: file {tuple(incoming[k].shape)} vs model {tuple(own[k].shape)}" for k in mis_shaped]
         parts.append(f"{len(mis_shaped)} mis-shaped [{short_list(shapes, 5)}]")
     hint = "; is it a checkpoint of this architecture?"
+    in_file, in_model = _stage_shapes(ckpt.state_dict), _stage_shapes(own)
+    if in_file[0] and in_file != in_model:
+        hint = (f"; the file's stages have {_describe_stages(*in_file)}, the model's {_describe_stages(*in_model)}: "
+                "use the experiment (MODEL.SPEC) the file was trained with")
     if set(mis_shaped) <= set(HEAD_KEYS) and not missing and not unexpected:
         hint = (
             f"; the file has {ckpt.num_classes} classes and the model {model.num_classes}: "
@@ -163,18 +168,34 @@ def _mismatch_message(
 # --------------------------------------------------------------------------------------------------
 
 
+def _stage_shapes(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """The widths and depths of the stages an official-layout state dict holds."""
+    stages = sorted({int(m[1]) for m in map(re.compile(r"stage(\d+)\.").match, state_dict) if m})
+    dims = [state_dict[f"stage{i}.patch_embed.proj.weight"].shape[0] for i in stages
+            if f"stage{i}.patch_embed.proj.weight" in state_dict]
+    depths = [len({k.split(".")[2] for k in state_dict if k.startswith(f"stage{i}.blocks.")}) for i in stages]
+    return dims, depths
+
+
+def _variant_named(dims: list[int], depths: list[int]) -> str | None:
+    """The named variant (cvt-13, ...) of these widths and depths, if any."""
+    return next((name for name in list_models()
+                 if list(model_spec(name).dim_embed) == dims and list(model_spec(name).depth) == depths), None)
+
+
+def _describe_stages(dims: list[int], depths: list[int]) -> str:
+    name = _variant_named(dims, depths)
+    return f"widths {dims} and depths {depths}" + (f" ({name})" if name else "")
+
+
 def infer_spec(ckpt: Checkpoint) -> dict[str, Any]:
     """The MODEL.SPEC of a checkpoint: stored in it, or a named variant whose shapes it matches."""
     if ckpt.spec:
         return dict(ckpt.spec)
-    sd = ckpt.state_dict
-    stages = sorted({int(k[5:].split(".")[0]) for k in sd if k.startswith("stage")})
-    dims = [sd[f"stage{i}.patch_embed.proj.weight"].shape[0] for i in stages if f"stage{i}.patch_embed.proj.weight" in sd]
-    depths = [len({k.split(".")[2] for k in sd if k.startswith(f"stage{i}.blocks.")}) for i in stages]
-    for name in list_models():
-        spec = model_spec(name)
-        if list(spec.dim_embed) == dims and list(spec.depth) == depths:
-            return spec.to_dict()
+    dims, depths = _stage_shapes(ckpt.state_dict)
+    name = _variant_named(dims, depths)
+    if name:
+        return model_spec(name).to_dict()
     raise UserError(
         f"cannot tell the architecture of {ckpt.source!r} (widths {dims}, depths {depths}); "
         "give its experiment file (--cfg) so MODEL.SPEC is known"

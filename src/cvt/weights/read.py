@@ -55,14 +55,15 @@ __all__ = ["Checkpoint", "read_checkpoint", "tensor_digest"]
 class Checkpoint:
     """Weights read from a file, converted to the model's (official) keys, plus what the file says."""
 
-    state_dict: dict[str, torch.Tensor]
+    # Out of the repr: a REPL or a log line would print every tensor (megabytes for CvT-13).
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
     source: str
     format: str  # 'official', 'official-training', 'huggingface', 'cvt', 'cvt-safetensors', 'state-dict'
     spec: dict[str, Any] | None = None
     act: str | None = None  # the MLP activation the weights were trained with, where known
     act_reason: str | None = None  # how that is known, for the log
     class_names: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # the rest of a training checkpoint
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # the rest of a training checkpoint
     # The test transform the weights were evaluated with ({config key: value}), where the file says.
     eval_settings: dict[str, Any] | None = None
 
@@ -118,6 +119,11 @@ def _torch_load(path: Path) -> Any:
         magic = f.read(2)
     # torch.save writes a zip archive ("PK"); older torch versions a pickle (protocol marker 0x80).
     if magic not in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        if path.suffix.lower() == ".onnx":  # the suffix by which `cvt predict` runs it
+            raise UserError(
+                f"{str(path)!r} is an ONNX deployment file (`cvt export`), not a checkpoint; give the checkpoint "
+                "it was exported from (`cvt predict` runs the .onnx file itself), or run it with onnxruntime"
+            )
         raise UserError(
             f"{str(path)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
             "give a .pth/.pt/.bin checkpoint, a .safetensors file or a Hugging Face model folder"
