@@ -162,6 +162,16 @@ def test_earlier_results_are_moved_aside_on_request_and_the_run_trains(data, tmp
     assert f"to {aside}/ (TRAIN.EARLIER_RESULTS move)" in (folder / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("mistake", [("DATASET.ROOT", "/nonexistent/data"), ("DATASET.TRAIN_SET", "trian")])
+def test_a_mistyped_dataset_path_is_refused_before_earlier_results_are_moved(data, tmp_path, mistake):
+    folder = earlier_results(tmp_path)
+    with pytest.raises(UserError) as error:
+        train(config(data, tmp_path, "TRAIN.EARLIER_RESULTS", "move", *mistake))
+    one_line(error.value, mistake[1], "not found")
+    assert not list(folder.glob("earlier-*"))
+    assert (folder / "model_best.pth").read_bytes() == b"the best model"
+
+
 def test_a_second_run_on_a_folder_in_use_is_one_line_naming_the_holder(data, tmp_path):
     folder = run_dir(tmp_path)
     with lock_run_folder(folder) as took_over:

@@ -282,12 +282,7 @@ class ImageFolderDataset(ImageListDataset):
         index_targets: bool = False,
     ) -> None:
         self.root = Path(root)
-        split_dir = self.root / split
-        if not split_dir.is_dir():
-            raise UserError(
-                f"{split_dir}: dataset split folder not found; expected the layout "
-                f"{self.root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
-            )
+        split_dir = split_folder(self.root, split)
         classes = _find_classes(split_dir)
         if class_names is not None:
             classes = _mapped_classes(split_dir, classes, list(class_names))
@@ -326,6 +321,17 @@ def _mapped_classes(split_dir: Path, folders: list[str], class_names: list[str])
             f"folders not in the map: {short_list(unmapped)}); give the split exactly the map's class folders"
         )
     return class_names
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """ROOT/<split>, the folder of one split of a folder dataset; a UserError when it is not there."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(
+            f"{split_dir}: dataset split folder not found; expected the layout "
+            f"{root}/{split}/<class>/<image> (check DATASET.ROOT, DATASET.TRAIN_SET, DATASET.TEST_SET)"
+        )
+    return split_dir
 
 
 def stop_error(bad: BadFile) -> UserError:

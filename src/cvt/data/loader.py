@@ -39,7 +39,7 @@ from yacs.config import CfgNode
 
 from ..config import DOWNSTREAM_DATASETS, SAMPLERS
 from ..errors import UserError, short_list
-from .dataset import BadFile, ImageFolderDataset, ImageListDataset, Item, stop_error
+from .dataset import BadFile, ImageFolderDataset, ImageListDataset, Item, split_folder, stop_error
 from .digits import default_digits_root, ensure_digits_dataset
 from .downstream import build_downstream_dataset
 from .labels import read_class_map
@@ -259,6 +259,16 @@ def resolve_dataset_root(cfg: CfgNode) -> Path:
         f"DATASET.ROOT: folder {root} {problem}; set DATASET.ROOT to the folder holding "
         f"{cfg.DATASET.TRAIN_SET}/ and {cfg.DATASET.TEST_SET}/"
     )
+
+
+def check_dataset_folders(cfg: CfgNode) -> None:
+    """A UserError unless DATASET.ROOT and its two split folders are there (a folder dataset's; the
+    published downstream formats are checked as they are read): cheap, for a run to call before it
+    changes anything in its run folder."""
+    if cfg.DATASET.DATASET not in DOWNSTREAM_DATASETS:
+        root = resolve_dataset_root(cfg)
+        for split in (cfg.DATASET.TRAIN_SET, cfg.DATASET.TEST_SET):
+            split_folder(root, split)
 
 
 def build_dataset(cfg: CfgNode, split: str, *, index_targets: bool = False) -> ImageListDataset:

@@ -51,6 +51,7 @@ from ..data import (
     ImageFolderDataset,
     build_loader,
     build_mixup,
+    check_dataset_folders,
     check_same_classes,
     resolve_dataset_root,
     test_output_size,
@@ -120,6 +121,7 @@ def train(cfg: CfgNode) -> dict[str, Any]:
     env = init_distributed(float(cfg.DIST_TIMEOUT_S), cfg.DIST_BACKEND)
     with lock_run_folder(folder) if env.is_main else contextlib.nullcontext() as took_over:
         resume_from = _resume_path(cfg, folder)
+        check_dataset_folders(cfg)  # a mistyped DATASET.ROOT must not move the earlier results aside first
         moved = _keep_earlier_results(cfg, folder, resume_from, env.is_main)  # before log.txt opens: it may move
         with run_logging(folder if env.is_main else None, env.is_main), reproducibility(cfg, env.rank), \
                 StopSignals() as stop:
