@@ -258,3 +258,15 @@ def test_hf_export_of_the_demo_model_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "transformers' CvtForImageClassification cannot run" in err
     assert "DEPTH [1, 2, 2]" in err and not (tmp_path / "hf").exists()
+
+
+def test_predict_reads_an_image_over_the_configs_pixel_limit_when_told(capsys, tiny_experiment, tmp_path):
+    cfg, weights, images, _ = tiny_experiment
+    small = tmp_path / "tiny-limit.yaml"  # images are 90 x 70 = 6,300 pixels
+    small.write_text(cfg.read_text() + "DATASET:\n  MAX_IMAGE_PIXELS: 6000\n")
+    assert main(["predict", "--cfg", str(small), "--weights", str(weights), str(images / "0.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "6,300 pixels" in err and "--max-image-pixels" in err
+    assert main(["predict", "--cfg", str(small), "--weights", str(weights), str(images / "0.jpg"),
+                 "--max-image-pixels", "6300"]) == 0
+    assert "0.jpg: " in capsys.readouterr().out

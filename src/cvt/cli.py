@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when available)")
+    p.add_argument("--max-image-pixels", type=_positive_int, metavar="N",
+                   help="largest image read, in pixels (default: the config's DATASET.MAX_IMAGE_PIXELS)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
 
     p = sub.add_parser("info", help="parameters and multiply-adds of a model")
@@ -174,7 +176,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import Predictor, image_files
 
     files = image_files(args.images)  # a mistyped image path before any model is loaded or downloaded
-    predictor = Predictor(args.weights, args.cfg, device=args.device, batch_size=args.batch_size, use_ema=args.use_ema)
+    predictor = Predictor(args.weights, args.cfg, device=args.device, batch_size=args.batch_size, use_ema=args.use_ema,
+                          max_image_pixels=args.max_image_pixels)
     results, skipped = [], 0
     for prediction in predictor.predict(files, args.topk):
         if prediction.error:

@@ -89,11 +89,12 @@ class Predictor:
         batch_size: images per forward pass.
         use_ema: read from `weights` (a path) the EMA weights a training checkpoint (`checkpoint.pth`)
             holds, not its model's (a `Checkpoint` is used as read: `read_checkpoint(..., use_ema=True)`).
+        max_image_pixels: the largest image read, in pixels; default: the config's DATASET.MAX_IMAGE_PIXELS.
     """
 
     def __init__(
         self, weights: str | Path | Checkpoint, cfg_file: str | None = None, *, device: str = "auto",
-        batch_size: int = 32, use_ema: bool = False,
+        batch_size: int = 32, use_ema: bool = False, max_image_pixels: int | None = None,
     ) -> None:
         self.batch_size = batch_size
         if isinstance(weights, (str, Path)) and Path(weights).suffix.lower() == ".onnx":
@@ -113,6 +114,7 @@ class Predictor:
             ) if self.device.type == "cpu" else 0
         self.class_names = names or [str(i) for i in range(self.model.num_classes)]
         self.transform = build_transform(self.cfg, is_train=False)
+        self.max_image_pixels = max_image_pixels or int(self.cfg.DATASET.MAX_IMAGE_PIXELS)
 
     def _init_onnx(self, path: Path, cfg_file: str | None, device: str) -> list[str] | None:
         if device not in ("auto", "cpu"):
@@ -138,7 +140,7 @@ class Predictor:
         with threads:
             for path in map(Path, files):
                 try:
-                    batch.append((path, self.transform(load_rgb(path, self.cfg.DATASET.MAX_IMAGE_PIXELS))))
+                    batch.append((path, self.transform(load_rgb(path, self.max_image_pixels))))
                     images += 1
                 except BadImageError as e:
                     batch.append((path, str(e)))

@@ -92,7 +92,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                 raise BadImageError(
                     path,
                     f"{width}x{height} is {width * height:,} pixels, more than the {max_pixels:,} "
-                    "allowed (a decompression bomb?); raise DATASET.MAX_IMAGE_PIXELS if it is genuine",
+                    "allowed (a decompression bomb?); if it is genuine, raise DATASET.MAX_IMAGE_PIXELS "
+                    "(`cvt predict`: --max-image-pixels)",
                 )
             image.load()  # decode now, while the file is open, so errors surface here
             image = ImageOps.exif_transpose(image)  # upright, as viewers show it
