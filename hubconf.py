@@ -4,13 +4,14 @@ One entry point per published checkpoint (the tag with '_' for '-': cvt_13, cvt_
 cvt_21, cvt_21_384, cvt_21_384_22k, cvt_w24_384_22k). The weights come from the Hugging Face hub
 through `cvt.create_model`; keyword arguments go to it (num_classes, act, drop_path_rate, ...).
 """
+import pathlib
 import sys
-from pathlib import Path
 
 dependencies = ["torch", "torchvision", "timm", "huggingface_hub", "safetensors", "yacs", "yaml"]
 
-# torch.hub imports this file from the repository root; the package lives under src/.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+# torch.hub imports this file from the repository root; the package lives under src/. Every public
+# callable here is an entry point to torch.hub.list, so nothing but the entry points is imported bare.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "src"))
 
 import cvt  # noqa: E402
 from cvt.models.zoo import PUBLISHED  # noqa: E402

@@ -17,7 +17,7 @@ import cvt.training.state as training_state
 import cvt.training.run as run_module
 import cvt.training.session as session_module
 from cvt import UserError
-from cvt.config import finetune_decay_steps, finetune_warmup_steps, list_experiments, load_config
+from cvt.config import config_value, finetune_decay_steps, finetune_warmup_steps, list_experiments, load_config
 from cvt.data import build_loader
 from cvt.training.optim import build_optimizer, build_step_scheduler, layer_depths
 from cvt.training.run import TrainingInterrupted, build_model, train
@@ -85,6 +85,16 @@ def weights(path):
 def test_finetune_keys_refuse_values_no_run_can_use(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [str(v) for v in override])
+
+
+@pytest.mark.parametrize("key, value", [
+    ("FINETUNE.FROZEN_LAYERS", ["stage0"]), ("FINETUNE.LINEAR_PROBE", True), ("FINETUNE.LAYER_DECAY", 0.75),
+])
+def test_keys_only_the_step_run_reads_are_refused_in_an_epoch_run(key, value):
+    # An epoch run would train every layer at one rate: silently not what was asked.
+    with pytest.raises(UserError, match=re.escape(f"{key}={value!r} is invalid: it must be") + ".* unless FINETUNE.FINETUNE is true"):
+        load_config(None, [key, str(value)])
+    assert config_value(load_config(None, [key, str(value), "FINETUNE.FINETUNE", "true"]), key) == value
 
 
 def test_unset_decay_steps_follow_the_steps_at_bits_proportions():

@@ -91,6 +91,31 @@ def test_stage_feature_maps_for_dense_prediction():
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16]
 
 
+def test_stopping_early_returns_the_last_stage_run_as_timm_s_hierarchical_models():
+    """stop_early with the final features asked for: the final LayerNorm has the last stage's width, so
+    the last stage run's map comes back un-normed (it was a shape error)."""
+    model = create_model(TINY_SPEC, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        last, taken = model.forward_intermediates(x, indices=[0, 1], stop_early=True)
+        assert [torch.equal(a, b) for a, b in zip(taken, maps[:2])] == [True, True] and len(taken) == 2
+        assert torch.equal(last, maps[1])
+        final, _ = model.forward_intermediates(x, indices=[0, 2], stop_early=True)
+        assert torch.equal(final, model.forward_features(x))
+
+
+def test_pruning_the_last_stage_drops_the_final_norm_and_head_that_only_fit_it():
+    """As timm's hierarchical models: the features become the last kept stage's (it was a shape error)."""
+    model = create_model(TINY_SPEC).eval()
+    assert model.prune_intermediate_layers([0, 1], prune_norm=False, prune_head=False) == [0, 1]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, norm=True, intermediates_only=True)
+        assert [m.shape[1] for m in maps] == [16, 32]
+        assert model(x).shape == (1, 32) and model.num_features == 32
+
+
 def test_forward_is_features_then_head():
     model = create_model(TINY_SPEC, num_classes=4).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -48,6 +48,15 @@ def test_predictions_are_the_models_softmax_in_order(exported):
         assert prediction.classes[0]["prob"] == pytest.approx(expected.max().item(), abs=1e-6)
 
 
+def test_one_path_alone_is_one_image_not_one_per_character(exported):
+    path, data, _ = exported
+    image = data / "val" / "circle" / "0.png"
+    predictor = Predictor(path, device="cpu")
+    for given in (image, str(image)):
+        (prediction,) = predictor.predict(given, topk=1)
+        assert prediction.image == str(image) and prediction.error is None and len(prediction.classes) == 1
+
+
 def test_an_unreadable_image_is_reported_not_raised(exported, tmp_path):
     path, data, _ = exported
     broken = tmp_path / "broken.png"

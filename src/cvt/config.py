@@ -892,6 +892,13 @@ def _validate_finetune(ft: CfgNode) -> None:
     )
     _require(all(isinstance(p, str) and p for p in ft.FROZEN_LAYERS), "FINETUNE.FROZEN_LAYERS",
              list(ft.FROZEN_LAYERS), "a list of module name prefixes such as ['stage0', 'stage1']")
+    # Only the step-based run reads these: an epoch run would silently train every layer at one rate.
+    defaults = get_defaults().FINETUNE
+    for key in ("FROZEN_LAYERS", "LINEAR_PROBE", "LAYER_DECAY"):
+        value, default = config_value(ft, key), config_value(defaults, key)
+        _require(bool(ft.FINETUNE) or value == default, f"FINETUNE.{key}", value,
+                 f"{default!r} (the default) unless FINETUNE.FINETUNE is true: only the step-based fine-tuning "
+                 "reads it, an epoch run trains every layer; set FINETUNE.FINETUNE true")
 
 
 def _validate_train_schedule(args: CfgNode) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,11 @@ class Predictor:
         self.cfg = cfg
         return self.model.class_names
 
-    def predict(self, files: Iterable[str | Path], topk: int = 5) -> Iterator[Prediction]:
-        """One `Prediction` per file, in the order given; unreadable files give one with `error` set."""
+    def predict(self, files: Iterable[str | Path] | str | os.PathLike, topk: int = 5) -> Iterator[Prediction]:
+        """One `Prediction` per file, in the order given (one path alone is one file); unreadable files
+        give one with `error` set."""
+        if isinstance(files, (str, os.PathLike)):  # a string is iterable too: one "file" per character
+            files = [files]
         topk = min(topk, self.model.num_classes)
         # In input order: an unreadable file waits in the batch as its error, so it is not reported
         # before the readable files named ahead of it.

@@ -420,7 +420,9 @@ class ConvolutionalVisionTransformer(nn.Module):
         those, negative from the end) at strides 4, 8, 16 for the published spec, as (B, C, H, W)
         channels-last views ('NCHW') or (B, H, W, C) ('NHWC'); with `norm`, the last stage's map goes
         through the final LayerNorm. Returns the intermediates alone with `intermediates_only`, else
-        ``(forward_features(x), intermediates)``; `stop_early` skips the stages after the last one taken.
+        ``(forward_features(x), intermediates)``; `stop_early` skips the stages after the last one taken,
+        and then, as timm's hierarchical models, returns the last stage run's map in place of the final
+        features (the final LayerNorm has the last stage's width).
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', not {output_fmt!r}")
@@ -437,21 +439,27 @@ class ConvolutionalVisionTransformer(nn.Module):
                 intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
         if intermediates_only:
             return intermediates
+        if len(stages) < self.num_stages:
+            return x, intermediates
         return self._final_norm(x, cls), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last one `indices` takes (and the norm, head), as timm's feature
-        wrappers ask; returns the absolute indices."""
+        wrappers ask. As in timm's hierarchical models, dropping the last stage drops the final norm and
+        the head too, whatever `prune_norm` and `prune_head` say (both have its width), and the features
+        become the last kept stage's. Returns the absolute indices."""
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        last_stage_pruned = max_index + 1 < self.num_stages
         for i in range(max_index + 1, self.num_stages):
             delattr(self, f"stage{i}")
         self.num_stages = max_index + 1
         self.feature_info = self.feature_info[: max_index + 1]
-        if prune_norm:
+        self.num_features = self.feature_info[-1]["num_chs"]
+        if prune_norm or last_stage_pruned:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_head or last_stage_pruned:
             self.reset_classifier(0)
         return take_indices
 
