@@ -130,6 +130,20 @@ def test_every_path_to_a_tag_loads_strictly_runs_quick_gelu_and_equals_the_folde
     assert not torch.allclose(_logits(cvt.create_model("cvt-13", pretrained=True, act="gelu"), x), expected, atol=1e-4)
 
 
+def test_a_tag_brings_timms_data_config_through_every_entry_point(offline):
+    # A 384 tag (the same architecture: CvT-13's files serve), whose test transform is not timm's default.
+    snapshot = _snapshot(offline["cache"], "microsoft/cvt-13-384")
+    snapshot.mkdir(parents=True)
+    for file in _snapshot_folder(offline["cache"], "microsoft/cvt-13").iterdir():
+        (snapshot / file.name).symlink_to(file)
+    expected = timm.data.resolve_model_data_config(timm.create_model("cvt_13.ms_in1k_384", pretrained=True))
+    assert expected["input_size"] == (3, 384, 384) and expected["crop_pct"] == 1.0
+    for model in (cvt.create_model("cvt-13-384", pretrained=True), cvt.create_model("cvt-13", pretrained="cvt-13-384"),
+                  torch.hub.load(str(REPO), "cvt_13_384", source="local", pretrained=True)):
+        assert timm.data.resolve_model_data_config(model) == expected
+    assert not hasattr(cvt.create_model("cvt-13"), "pretrained_cfg")  # no weights, nothing to say
+
+
 def test_a_tag_brings_its_test_transform_and_class_names(offline):
     predictor = Predictor("cvt-13", device="cpu")
     assert eval_transform_settings(predictor.cfg) == PUBLISHED["cvt-13"].eval_settings()

@@ -532,7 +532,8 @@ def create_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def _timm_pretrained_cfg(weights: PublishedWeights) -> dict[str, Any]:
+def timm_pretrained_cfg(weights: PublishedWeights) -> dict[str, Any]:
+    """timm's pretrained config of a published checkpoint: its hub repo, input size and test transform."""
     return {
         "hf_hub_id": weights.repo,
         "num_classes": 1000,
@@ -550,7 +551,7 @@ def _timm_pretrained_cfg(weights: PublishedWeights) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({w.timm_name: _timm_pretrained_cfg(w) for w in PUBLISHED.values()})
+default_cfgs = generate_default_cfgs({w.timm_name: timm_pretrained_cfg(w) for w in PUBLISHED.values()})
 
 
 def _create_for_timm(variant: str, pretrained: bool, drop_rate: float | None = None,

@@ -21,9 +21,9 @@ from yacs.config import CfgNode
 
 from ..config import asked_activation, config_from_settings, config_from_yaml_text, load_config, spec_from_config
 from ..errors import UserError, short_list
-from ..models.cvt import ConvolutionalVisionTransformer, create_model as create_network
+from ..models.cvt import ConvolutionalVisionTransformer, create_model as create_network, timm_pretrained_cfg
 from ..models.spec import CvtSpec, check_activation, list_models, model_spec
-from ..models.zoo import PUBLISHED
+from ..models.zoo import PUBLISHED, find_published
 from .read import Checkpoint, read_checkpoint
 
 __all__ = [
@@ -251,6 +251,9 @@ def create_model(
     model = create_network(name_or_spec, 1000 if classes is None else classes, **kwargs)
     new_head = ckpt.num_classes is not None and ckpt.num_classes != model.num_classes
     load_checkpoint(model, ckpt, backbone_only=new_head, act=act)
+    published = find_published(source) if isinstance(source, str) else None
+    if published is not None:  # as timm.create_model sets it: timm.data.resolve_model_data_config reads it
+        model.pretrained_cfg = model.default_cfg = timm_pretrained_cfg(published)
     return model
 
 
