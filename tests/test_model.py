@@ -1,5 +1,6 @@
 """The network itself: published layout and sizes, shapes, backbone API, overrides."""
 import pytest
+import timm
 import torch
 
 import cvt
@@ -167,6 +168,27 @@ def test_published_init():
     bound = (6 / (48 + 192)) ** 0.5
     w = xavier.stage2.blocks[0].mlp.fc1.weight
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+
+
+def test_reset_classifier_takes_timms_global_pool():
+    model = create_model(TINY_SPEC, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model.global_pool == "token"
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+        model.reset_classifier(0, "")  # timm's idiom for features without pooling or head
+        assert torch.equal(model(x), features) and model(x).shape == (2, 1, 48)
+        model.reset_classifier(5, "token")
+        assert model(x).shape == (2, 5) and torch.equal(model.forward_head(features, pre_logits=True), pooled)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(5, "max")
+    unpooled = timm.create_model("cvt_13", num_classes=0, global_pool="")  # as timm's train.py passes --gp
+    assert unpooled.global_pool == "" and unpooled(torch.randn(1, 3, 64, 64)).shape == (1, 1, 384)
+    without_cls = create_model(dict(TINY_SPEC, CLS_TOKEN=[False, False, False]), num_classes=3)
+    assert without_cls.global_pool == "avg"
+    with pytest.raises(ValueError, match="global_pool"):
+        without_cls.reset_classifier(3, "token")
 
 
 def test_head_bias_keeps_pytorch_default_init_as_the_release():

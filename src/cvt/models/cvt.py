@@ -314,6 +314,8 @@ class ConvolutionalVisionTransformer(nn.Module):
             ``'gelu'`` for weights trained in transformers.
         drop_path_rate: if given, replaces the last stage's DROP_PATH_RATE (the knob the recipes tune).
         grad_checkpointing: recompute block activations in backward to save memory.
+        global_pool: timm's pooling before the head: 'token' (the cls token, the default where the
+            last stage has one), 'avg' (the mean token, the default elsewhere) or '' (none).
     """
 
     def __init__(
@@ -324,6 +326,7 @@ class ConvolutionalVisionTransformer(nn.Module):
         act: str = "quick_gelu",
         drop_path_rate: float | None = None,
         grad_checkpointing: bool = False,
+        global_pool: str | None = None,
     ) -> None:
         super().__init__()
         spec = (spec or CvtSpec()).validated()
@@ -343,6 +346,9 @@ class ConvolutionalVisionTransformer(nn.Module):
             self.add_module(f"stage{i}", Stage(spec, i, chans, act))
             chans = spec.dim_embed[i]
         self.norm = LayerNormFp32(self.num_features)
+        # timm's pooling names: the last stage's cls token where it has one (the release's), else the mean token.
+        self.global_pool = "token" if spec.cls_token[-1] else "avg"
+        self._set_global_pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(spec.init)
         self.set_grad_checkpointing(grad_checkpointing)
@@ -396,9 +402,12 @@ class ConvolutionalVisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one, as the release builds it (trunc-normal .02
-        weight, PyTorch's default uniform bias)."""
+        weight, PyTorch's default uniform bias); with `global_pool`, also the pooling, as timm's:
+        'token' (the cls token; only where the last stage has one), 'avg' (the mean token) or ''
+        (none: `forward_head` keeps every token, as ``reset_classifier(0, '')`` asks)."""
+        self._set_global_pool(global_pool)
         self.num_classes = num_classes
         if num_classes > 0:
             device, dtype = self.norm.weight.device, self.norm.weight.dtype
@@ -406,6 +415,13 @@ class ConvolutionalVisionTransformer(nn.Module):
             _init_head(self.head)
         else:
             self.head = nn.Identity()
+
+    def _set_global_pool(self, global_pool: str | None) -> None:
+        if global_pool is not None:
+            allowed = ("token", "avg", "") if self.stages[-1].cls_token is not None else ("avg", "")
+            if global_pool not in allowed:
+                raise ValueError(f"global_pool must be one of {allowed} for this model, not {global_pool!r}")
+            self.global_pool = global_pool
 
     def forward_intermediates(
         self,
@@ -457,6 +473,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         self.num_stages = max_index + 1
         self.feature_info = self.feature_info[: max_index + 1]
         self.num_features = self.feature_info[-1]["num_chs"]
+        if self.global_pool == "token" and self.stages[-1].cls_token is None:
+            self.global_pool = "avg"
         if prune_norm or last_stage_pruned:
             self.norm = nn.Identity()
         if prune_head or last_stage_pruned:
@@ -474,8 +492,10 @@ class ConvolutionalVisionTransformer(nn.Module):
         return self._final_norm(x, cls)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, N, C) normalised features -> (B, num_classes) logits (or pooled (B, C))."""
-        x = x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)
+        """(B, N, C) normalised features -> (B, num_classes) logits (or pooled (B, C)); with
+        ``global_pool`` '' every token's, (B, N, num_classes) (or the features themselves)."""
+        if self.global_pool:  # the cls token is the only token forward_features keeps where there is one
+            x = x[:, 0] if x.shape[1] == 1 else x.mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
