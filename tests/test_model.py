@@ -185,6 +185,7 @@ def test_reset_classifier_takes_timms_global_pool():
         model.reset_classifier(5, "max")
     unpooled = timm.create_model("cvt_13", num_classes=0, global_pool="")  # as timm's train.py passes --gp
     assert unpooled.global_pool == "" and unpooled(torch.randn(1, 3, 64, 64)).shape == (1, 1, 384)
+    assert cvt.create_model("cvt-13", num_classes=0, global_pool="").global_pool == ""
     without_cls = create_model(dict(TINY_SPEC, CLS_TOKEN=[False, False, False]), num_classes=3)
     assert without_cls.global_pool == "avg"
     with pytest.raises(ValueError, match="global_pool"):

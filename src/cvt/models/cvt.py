@@ -518,6 +518,7 @@ def create_model(
     drop_path_rate: float | None = None,
     grad_checkpointing: bool = False,
     in_chans: int = 3,
+    global_pool: str | None = None,
     **spec_overrides: Any,
 ) -> ConvolutionalVisionTransformer:
     """Build a CvT.
@@ -529,6 +530,7 @@ def create_model(
         act: ``'quick_gelu'`` (the release's, every published checkpoint) or ``'gelu'`` (trained in transformers).
         drop_path_rate: stochastic depth of the last stage (the release's DROP_PATH_RATE[-1]).
         grad_checkpointing: trade compute for activation memory in training.
+        global_pool: timm's pooling before the head, 'token', 'avg' or '' (see the network's docstring).
         spec_overrides: any other spec field, lower-case (e.g. ``drop_rate=(0.1,) * 3``).
     """
     if isinstance(name_or_spec, CvtSpec):
@@ -542,7 +544,8 @@ def create_model(
     if spec_overrides:
         spec = spec.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_overrides.items()})
     return ConvolutionalVisionTransformer(
-        spec, num_classes, in_chans=in_chans, act=act, drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing
+        spec, num_classes, in_chans=in_chans, act=act, drop_path_rate=drop_path_rate, grad_checkpointing=grad_checkpointing,
+        global_pool=global_pool,
     )
 
 

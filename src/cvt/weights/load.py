@@ -236,7 +236,7 @@ def create_model(
         num_classes: head size; default the weights' (1000 without weights). Another count than the
             weights' keeps their backbone and starts a fresh head (fine-tuning).
         act: 'quick_gelu' or 'gelu'; default the weights' own (see `choose_activation`), else QuickGELU.
-        kwargs: passed to `cvt.models.create_model` (drop_path_rate, grad_checkpointing, in_chans, spec fields).
+        kwargs: passed to `cvt.models.create_model` (drop_path_rate, grad_checkpointing, in_chans, global_pool, spec fields).
     """
     if pretrained is False or pretrained is None:
         return create_network(name_or_spec, 1000 if num_classes is None else num_classes, act=act or "quick_gelu", **kwargs)
