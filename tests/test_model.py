@@ -115,6 +115,7 @@ def test_pruning_the_last_stage_drops_the_final_norm_and_head_that_only_fit_it()
         maps = model.forward_intermediates(x, norm=True, intermediates_only=True)
         assert [m.shape[1] for m in maps] == [16, 32]
         assert model(x).shape == (1, 32) and model.num_features == 32
+    assert model.global_pool == "avg"  # the cls token left with the last stage: the mean token now
 
 
 def test_forward_is_features_then_head():

@@ -346,8 +346,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             self.add_module(f"stage{i}", Stage(spec, i, chans, act))
             chans = spec.dim_embed[i]
         self.norm = LayerNormFp32(self.num_features)
-        # timm's pooling names: the last stage's cls token where it has one (the release's), else the mean token.
-        self.global_pool = "token" if spec.cls_token[-1] else "avg"
+        self.global_pool = self._pool_names[0]
         self._set_global_pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(spec.init)
@@ -356,6 +355,12 @@ class ConvolutionalVisionTransformer(nn.Module):
     @property
     def stages(self) -> list[Stage]:
         return [getattr(self, f"stage{i}") for i in range(self.num_stages)]
+
+    @property
+    def _pool_names(self) -> tuple[str, ...]:
+        # timm's pooling names this model takes, its default first: the last stage's cls token where it
+        # has one (the release's), else the mean token.
+        return ("token", "avg", "") if self.stages[-1].cls_token is not None else ("avg", "")
 
     # --- init ------------------------------------------------------------------------------------
 
@@ -418,9 +423,8 @@ class ConvolutionalVisionTransformer(nn.Module):
 
     def _set_global_pool(self, global_pool: str | None) -> None:
         if global_pool is not None:
-            allowed = ("token", "avg", "") if self.stages[-1].cls_token is not None else ("avg", "")
-            if global_pool not in allowed:
-                raise ValueError(f"global_pool must be one of {allowed} for this model, not {global_pool!r}")
+            if global_pool not in self._pool_names:
+                raise ValueError(f"global_pool must be one of {self._pool_names} for this model, not {global_pool!r}")
             self.global_pool = global_pool
 
     def forward_intermediates(
@@ -473,8 +477,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         self.num_stages = max_index + 1
         self.feature_info = self.feature_info[: max_index + 1]
         self.num_features = self.feature_info[-1]["num_chs"]
-        if self.global_pool == "token" and self.stages[-1].cls_token is None:
-            self.global_pool = "avg"
+        if self.global_pool not in self._pool_names:  # the cls token went with the last stage
+            self.global_pool = self._pool_names[0]
         if prune_norm or last_stage_pruned:
             self.norm = nn.Identity()
         if prune_head or last_stage_pruned:
