@@ -179,8 +179,11 @@ def _stage_shapes(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[int], li
 
 def _variant_named(dims: list[int], depths: list[int]) -> str | None:
     """The named variant (cvt-13, ...) of these widths and depths, if any."""
-    return next((name for name in list_models()
-                 if list(model_spec(name).dim_embed) == dims and list(model_spec(name).depth) == depths), None)
+    for name in list_models():
+        spec = model_spec(name)
+        if list(spec.dim_embed) == dims and list(spec.depth) == depths:
+            return name
+    return None
 
 
 def _describe_stages(dims: list[int], depths: list[int]) -> str:
