@@ -529,6 +529,38 @@ def test_sighup_asks_for_a_stop_like_sigterm():
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
+def test_a_stop_signal_landing_mid_log_write_does_not_write_to_the_log_again(caplog):
+    """Python runs a signal handler between any two bytecodes, so also inside a log handler's write;
+    a handler that logged there wrote to the same stream reentrantly ("reentrant call", a traceback)."""
+    class SignalsMidWrite(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.depth = self.deepest = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.depth += 1
+            try:
+                if "step 1" in record.getMessage():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    sum(range(1000))  # bytecodes for the handler to run between
+                self.deepest = max(self.deepest, self.depth)
+            finally:
+                self.depth -= 1
+
+    writer = SignalsMidWrite()
+    logger = logging.getLogger("cvt")
+    logger.addHandler(writer)
+    try:
+        with caplog.at_level(logging.INFO, logger="cvt"), StopSignals() as stop:
+            logger.info("step 1")
+            assert stop.signum == signal.SIGINT and writer.deepest == 1
+            assert stop.requested() and stop.requested()
+    finally:
+        logger.removeHandler(writer)
+    assert [r.getMessage() for r in caplog.records].count(
+        "SIGINT received: stopping after the current step (send it again to abort now)") == 1
+
+
 def test_a_checkpoint_pth_that_is_a_folder_stops_before_training(data, tmp_path):
     (run_dir(tmp_path) / "checkpoint.pth").mkdir(parents=True)
     with pytest.raises(UserError) as error:

@@ -80,22 +80,27 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._announced = False
         self._previous: dict[int, Any] = {}
         self._repeat_aborts = "TORCHELASTIC_RUN_ID" not in os.environ
 
     def requested(self) -> bool:
+        if self.signum is not None and not self._announced:
+            self._announced = True
+            log.warning(
+                "%s received: stopping after the current step%s", signal.Signals(self.signum).name,
+                " (send it again to abort now)" if self._repeat_aborts else "",
+            )
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # No logging here: the signal may land while a log handler is mid-write, and writing to the
+        # same stream again from the handler fails ("reentrant call"). requested() announces it.
         if self.signum is not None:
             if self._repeat_aborts:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        log.warning(
-            "%s received: stopping after the current step%s", signal.Signals(signum).name,
-            " (send it again to abort now)" if self._repeat_aborts else "",
-        )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
