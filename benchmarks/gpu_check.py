@@ -62,7 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import append_to_section, git_revision, interleaved, markdown_table, median, synchronizer  # noqa: E402
+from common import append_to_section, cpu_model, git_revision, interleaved, markdown_table, median, synchronizer  # noqa: E402
 
 from cvt.files import atomic_write_text  # noqa: E402
 
@@ -626,7 +626,9 @@ def versions(device: torch.device) -> dict[str, str]:
             info[package] = __import__(package).__version__
         except ImportError:
             info[package] = "not installed"
-    info.update(python=platform.python_version(), repo=git_revision())
+    # The host CPU too: a GPU host with AMX is where issue 16's AMX measurement can run (amx_check.sh).
+    info.update({"host CPU": f"{cpu_model()}, {os.cpu_count()} logical"},
+                python=platform.python_version(), repo=git_revision())
     return info
 
 
