@@ -602,12 +602,14 @@ def test_compiled_training_ops_keep_the_custom_op_contract():
 
 
 @pytest.mark.slow
-def test_inductor_training_step_equals_the_reference_through_the_opaque_ops():
+def test_inductor_training_step_equals_the_reference_through_the_opaque_ops(monkeypatch):
     """With the real compiler: a train-mode step gives the reference's logits, gradients and
     BatchNorm statistics, and the compiled code (forward and backward) calls the opaque token
-    linear, attention and depthwise ops instead of letting inductor lay out their tensors."""
+    linear, attention and depthwise ops instead of letting inductor lay out their tensors. As a CPU
+    without AMX runs it: with AMX the token linears are F.linear, whichever CPU runs the test."""
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
     fast, ref = model_pair(small_spec())
     fast.train()
     ref.train()
@@ -675,14 +677,16 @@ def test_inductor_bf16_training_step_runs_the_eager_bf16_ops(monkeypatch):
 
 
 @pytest.mark.slow
-def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops():
+def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops(monkeypatch):
     """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model), in
     fp32 and under bf16 autocast, gives the reference's logits, and its code calls the opaque ops, the
     MLP's activation fused into the first linear, instead of letting inductor lay out the token maps;
-    the q, k and v projections of a block read one map (`kernels.stored_once`), not a copy each."""
+    the q, k and v projections of a block read one map (`kernels.stored_once`), not a copy each. As a
+    CPU without AMX runs it (with AMX the token linears are F.linear)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
     fast, ref = model_pair(small_spec())
     fast.eval()
     ref.eval()
