@@ -348,13 +348,17 @@ class _HostSyncs(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("amp, accum", [("float16", 1), ("none", 2)])
-def test_one_host_sync_per_optimizer_step(amp, accum):
+def test_one_host_sync_per_optimizer_step(amp, accum, monkeypatch):
     # The CUDA design: a step queues its work and reads back one thing, the shared non-finite/stop
     # flags (`.tolist()`); nothing else waits for the device, not the fp16 GradScaler (fused AdamW
     # takes its scale and inf flag on the device), clipping or the EMA. The progress line's loss
-    # (`.item()`) is read only when a line is due: here at the epoch's last batch only.
+    # (`.item()`) is read only when a line is due: here at the epoch's last batch only, however slow
+    # the machine (a line is also due after QUIET_LIMIT_S quiet seconds: a loaded machine got one mid-epoch).
     from timm.utils import ModelEmaV3
 
+    from cvt.training import loop
+
+    monkeypatch.setattr(loop._Progress, "QUIET_LIMIT_S", math.inf)
     model = _tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     fp16 = amp == "float16"

@@ -9,6 +9,7 @@ import pickle
 import resource
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -189,6 +190,35 @@ def test_a_dead_holders_lock_is_taken_over_and_logged(data, tmp_path):
     train(config(data, tmp_path, "TRAIN.END_EPOCH", 1, "TENSORBOARD", False))
     assert "took over the lock of an earlier run that is no longer running (pid 999999 on host gone" in (folder / "log.txt").read_text()
     assert not (folder / LOCK_FILE).exists()
+
+
+# A run that holds the lock, forks a child that lives on (a data-loader worker, which notices its
+# parent's death only seconds later) and is SIGKILLed, as the OOM killer does; prints the child's pid.
+_DIES_LEAVING_A_CHILD = """
+import os, signal, sys, time
+from cvt.training.session import lock_run_folder
+with lock_run_folder(sys.argv[1]):
+    child = os.fork()
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_runs_lock_is_free_though_a_child_it_forked_lives_on(tmp_path):
+    folder = run_dir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _DIES_LEAVING_A_CHILD, str(folder)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert (folder / LOCK_FILE).exists()  # not cleaned up: only a free flock says it is stale
+        with lock_run_folder(folder) as took_over:  # was "in use by another run" while the child lived
+            assert took_over and f"pid {proc.pid} on host" in took_over
+    finally:
+        os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,6 +178,41 @@ def test_without_the_private_onednn_op_eval_logits_are_unchanged(monkeypatch, ac
         expected = ref(x)
     torch.testing.assert_close(public, expected, rtol=0, atol=EVAL_ATOL)
     torch.testing.assert_close(fused, expected, rtol=0, atol=EVAL_ATOL)
+
+
+# bf16 inference in a process whose oneDNN has no bf16 kernels (ONEDNN_MAX_CPU_ISA=AVX2: an AVX2 CPU,
+# say AMD's Zen 3), on the oneDNN token linears a CPU without AMX takes: the model eagerly, and the
+# compiled path's fused op. Prints whether oneDNN had bf16 after all, then the model's largest logit
+# difference to fp32 over the fp32 logit range.
+_BF16_WITHOUT_ONEDNN_BF16 = """
+import torch, torch.nn.functional as F
+import cvt.models.kernels as kernels
+from cvt.models.cvt import create_model
+kernels._CPU_HAS_AMX = False
+torch.manual_seed(0)
+model = create_model({"DIM_EMBED": [16, 32, 48], "NUM_HEADS": [1, 2, 3], "DEPTH": [1, 1, 2]}, num_classes=7).eval()
+x = torch.randn(2, 3, 64, 64)
+tokens, weight = torch.randn(2, 5, 8).bfloat16(), torch.randn(6, 8).bfloat16()
+with torch.no_grad():
+    fp32 = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(x).float()
+    fused = torch.ops.cvt.token_conv_pointwise(tokens, weight, None, "gelu")
+    torch.testing.assert_close(fused, F.gelu(F.linear(tokens, weight)))
+print(kernels._ONEDNN_BF16, ((bf16 - fp32).abs().max() / (fp32.max() - fp32.min())).item())
+"""
+
+
+def test_bf16_inference_runs_where_onednn_has_no_bf16_kernels():
+    """The fused oneDNN kernel raised in bf16 there ("bf16 path needs the cpu support avx_ne_convert or
+    avx512bw, avx512vl and avx512dq"); the public convolution, which falls back by itself, runs instead."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", _BF16_WITHOUT_ONEDNN_BF16], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    had_bf16, off_by = out.stdout.split()
+    if had_bf16 == "True":
+        pytest.skip("this torch's oneDNN ignores ONEDNN_MAX_CPU_ISA")
+    assert float(off_by) <= BF16_RTOL_OF_RANGE
 
 
 def test_hugging_face_activation_equals_the_reference():
@@ -602,12 +640,14 @@ def test_compiled_training_ops_keep_the_custom_op_contract():
 
 
 @pytest.mark.slow
-def test_inductor_training_step_equals_the_reference_through_the_opaque_ops():
+def test_inductor_training_step_equals_the_reference_through_the_opaque_ops(monkeypatch):
     """With the real compiler: a train-mode step gives the reference's logits, gradients and
     BatchNorm statistics, and the compiled code (forward and backward) calls the opaque token
-    linear, attention and depthwise ops instead of letting inductor lay out their tensors."""
+    linear, attention and depthwise ops instead of letting inductor lay out their tensors. As a CPU
+    without AMX runs it: with AMX the token linears are F.linear, whichever CPU runs the test."""
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
     fast, ref = model_pair(small_spec())
     fast.train()
     ref.train()
@@ -675,14 +715,16 @@ def test_inductor_bf16_training_step_runs_the_eager_bf16_ops(monkeypatch):
 
 
 @pytest.mark.slow
-def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops():
+def test_inductor_inference_without_freezing_equals_the_reference_through_the_opaque_ops(monkeypatch):
     """Compiled no-grad inference without inductor's freezing (TRAIN.COMPILE's evaluation model), in
     fp32 and under bf16 autocast, gives the reference's logits, and its code calls the opaque ops, the
     MLP's activation fused into the first linear, instead of letting inductor lay out the token maps;
-    the q, k and v projections of a block read one map (`kernels.stored_once`), not a copy each."""
+    the q, k and v projections of a block read one map (`kernels.stored_once`), not a copy each. As a
+    CPU without AMX runs it (with AMX the token linears are F.linear)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
+    monkeypatch.setattr(kernels_module, "cpu_has_amx", lambda: False)
     fast, ref = model_pair(small_spec())
     fast.eval()
     ref.eval()

@@ -80,6 +80,11 @@ _ONEDNN_POST_OPS = {"silu": ("swish", ""), "gelu": ("gelu", "none")}
 # The fused kernels are a private torch op: a torch build or release without it takes the public
 # path (a 1x1 convolution, then the activation), which computes the same function a little slower.
 _HAS_ONEDNN_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+# oneDNN computes in bf16 only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT. Where it cannot (an
+# AVX2 CPU) the public convolution falls back to another kernel by itself; the private op raises.
+_ONEDNN_BF16 = _HAS_ONEDNN_POINTWISE and bool(
+    getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -99,7 +104,10 @@ def _conv_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def _conv_tokens_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """``activation(F.linear(x, weight, bias))`` of (B, N, C) tokens, the activation inside oneDNN's 1x1
-    convolution (an inference-only kernel: no backward)."""
+    convolution (an inference-only kernel: no backward); in bf16 on a CPU whose oneDNN has no bf16
+    kernels, the public convolution, then the activation."""
+    if x.dtype == torch.bfloat16 and not _ONEDNN_BF16:
+        return _ACTIVATIONS[activation](_conv_tokens(x, weight, bias))
     attr, algorithm = _ONEDNN_POST_OPS[activation]
     out = torch.ops.mkldnn._convolution_pointwise(
         _conv_map(x), weight[:, :, None, None], bias, [0, 0], [1, 1], [1, 1], 1, attr, [], algorithm

@@ -115,6 +115,22 @@ class StopSignals:
 
 LOCK_FILE = ".lock"
 
+# The descriptors of the run-folder locks this process holds. A forked child (a data-loader worker)
+# would share each one's flock and hold it after this process died, a few seconds until the worker
+# noticed: a rerun or torchrun restart in that window was refused as "in use". Children close them.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's copy only: the parent's flock stays
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
 
 @contextlib.contextmanager
 def lock_run_folder(folder: Path) -> Iterator[str | None]:
@@ -122,7 +138,7 @@ def lock_run_folder(folder: Path) -> Iterator[str | None]:
     log when a crashed run's lock was taken over, else None.
 
     An flock on the file is the lock: the system releases it when its holder dies, however it dies,
-    so a lock file whose flock is free is stale. The file names its holder (pid, host) for the error
+    so a lock file whose flock is free is stale (children it forks, data-loader workers, close their copy). The file names its holder (pid, host) for the error
     the second run gets, and is removed on exit while still locked.
     """
     if fcntl is None:
@@ -130,12 +146,14 @@ def lock_run_folder(folder: Path) -> Iterator[str | None]:
         return
     path = ensure_folder(folder) / LOCK_FILE
     fd, previous = _acquire(path, folder)
+    _HELD_LOCKS.add(fd)
     try:
         yield None if not previous else (
             f"took over the lock of an earlier run that is no longer running ({_holder(previous)})"
         )
     finally:
         path.unlink(missing_ok=True)
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the flock
 
 
