@@ -394,7 +394,8 @@ def run_child(command: list[str], report: Report, cap_s: float) -> subprocess.Co
     try:
         out, _ = proc.communicate(timeout=timeout)
     except BaseException as e:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the group may have gone already: keep the first error
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         if isinstance(e, subprocess.TimeoutExpired) and budget_first:
             raise BudgetSpent from None

@@ -2,7 +2,9 @@
 overrides for a tiny, fast CPU run on it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,13 @@ def make_flowers(root: Path, per_class: int = 4) -> Path:
     savemat(folder / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
     savemat(folder / "setid.mat", {k: np.array([v], dtype=np.uint16) for k, v in ids.items()})
     return root
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct TCP ports free on 127.0.0.1 now (all sockets held until every port is chosen,
+    so two calls' worth can never be the same port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]

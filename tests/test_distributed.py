@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from cvt.config import save_config
 from cvt.training.run import test as run_test  # not named test_*: pytest would collect it
 from cvt.training.run import train
 
-from helpers import VAL_PER_CLASS, config, make_image_folder
+from helpers import VAL_PER_CLASS, config, free_ports, make_image_folder
 
 # What makes the two runs comparable: SGD (Adam's first steps amplify float noise to +-lr); no
 # BatchNorm (per-process batch statistics over B/2 images differ from those over B): 'linear'
@@ -43,16 +42,10 @@ BATCH = 8
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_sh(job: str, cfg_file: Path) -> None:
     """`bash run.sh -g 2 -t JOB --cfg FILE`: torchrun, two CPU processes, the real `cvt` command."""
     proc = subprocess.run(
-        ["bash", str(REPO / "run.sh"), "-g", "2", "-t", job, "-p", str(_free_port()), "--cfg", str(cfg_file)],
+        ["bash", str(REPO / "run.sh"), "-g", "2", "-t", job, "-p", str(free_ports()[0]), "--cfg", str(cfg_file)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -112,7 +105,7 @@ def _broadcast_buffers_worker(rank: int, port: int, out: Path) -> None:
 
 
 def test_ranks_evaluate_with_rank_0_batchnorm_statistics(tmp_path):
-    torch.multiprocessing.spawn(_broadcast_buffers_worker, args=(_free_port(), tmp_path), nprocs=2)
+    torch.multiprocessing.spawn(_broadcast_buffers_worker, args=(free_ports()[0], tmp_path), nprocs=2)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(got["mean"], torch.ones(3)) and int(got["count"]) == 10
@@ -132,7 +125,7 @@ def test_run_sh_usage_and_mistakes():
 @pytest.mark.slow  # torchrun's start, about 5 s
 def test_run_sh_passes_a_ranks_one_line_error_on_without_torchruns_traceback(tmp_path):
     proc = subprocess.run(
-        ["bash", str(REPO / "run.sh"), "-g", "1", "-t", "test", "-p", str(_free_port())],  # no --cfg: a user's mistake
+        ["bash", str(REPO / "run.sh"), "-g", "1", "-t", "test", "-p", str(free_ports()[0])],  # no --cfg: a user's mistake
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable},
     )
     assert proc.returncode == 2, proc.stderr

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from cvt.errors import UserError
 from cvt.weights.read import read_checkpoint
 from cvt.files import atomic_torch_save
 
-from helpers import CLASSES, epochs_in, make_image_folder, run_opts
+from helpers import CLASSES, epochs_in, free_ports, make_image_folder, run_opts
 
 FAULTY_CVT = Path(__file__).resolve().parent / "faulty_cvt.py"
 TIMING_KEYS = ("images_per_sec", "epoch_time_s")
@@ -120,12 +119,6 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the moment to interrupt it"
         assert time.monotonic() < deadline, "the run never got there"
         time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -526,9 +519,10 @@ def test_a_rank_that_never_starts_is_a_clear_error_not_a_hang(experiment, data, 
     # World size 2 with one process: rank 0 waits for a peer that never comes, rank 1 for a master
     # that is not there. Both must give up after DIST_TIMEOUT_S with one line.
     procs = {}
+    ports = free_ports(2)  # distinct: the two ranks must not find each other
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[rank])}
         argv = train_argv(experiment, data, tmp_path / f"rank{rank}", "DIST_TIMEOUT_S", 2)
         procs[rank] = subprocess.Popen(command(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                        text=True)
