@@ -164,6 +164,13 @@ def test_amx_is_read_from_the_cpu():
     assert kernels_module.cpu_has_amx() == ("amx_tile" in flags[0].split())
 
 
+@pytest.mark.parametrize("cpuid, granted", [(True, True), (True, False), (False, True)])
+def test_amx_counts_only_when_the_cpu_has_it_and_the_kernel_grants_it(monkeypatch, cpuid, granted):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: cpuid)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: granted)
+    assert kernels_module._amx_tiles() == (cpuid and granted)
+
+
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_without_the_private_onednn_op_eval_logits_are_unchanged(monkeypatch, act):
     """The fused oneDNN kernels are a private torch op; a torch without it takes the public path."""

@@ -57,9 +57,12 @@ def uses_cpu_kernels(x: torch.Tensor) -> bool:
 
 
 def _amx_tiles() -> bool:
-    # A private torch probe (CPUID); a torch without it is treated as a CPU without AMX.
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
+    # Private torch probes; a torch without them is treated as a CPU without AMX. CPUID alone is not
+    # enough: on Linux the kernel must also grant the process AMX's tile state (5.16 and later do;
+    # an older kernel leaves oneDNN on AVX-512), which `_init_amx` asks for and reports.
+    has_tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    usable = getattr(torch.cpu, "_init_amx", lambda: True)
+    return bool(has_tiles is not None and has_tiles() and usable())
 
 
 _CPU_HAS_AMX = _amx_tiles()
