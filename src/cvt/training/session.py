@@ -80,30 +80,36 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._announced = False
         self._previous: dict[int, Any] = {}
         self._repeat_aborts = "TORCHELASTIC_RUN_ID" not in os.environ
+        self._received = threading.Event()
+        self._announcer: threading.Thread | None = None
 
     def requested(self) -> bool:
-        if self.signum is not None and not self._announced:
-            self._announced = True
-            log.warning(
-                "%s received: stopping after the current step%s", signal.Signals(self.signum).name,
-                " (send it again to abort now)" if self._repeat_aborts else "",
-            )
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # No logging here: the signal may land while a log handler is mid-write, and writing to the
-        # same stream again from the handler fails ("reentrant call"). requested() announces it.
         if self.signum is not None:
             if self._repeat_aborts:
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        # Not logged here: the signal may land while a log handler is mid-write, and writing to that
+        # stream again from this thread fails ("reentrant call"). Another thread waits its turn.
+        self._received.set()
+
+    def _announce(self) -> None:
+        self._received.wait()
+        if self.signum is not None:
+            log.warning(
+                "%s received: stopping after the current step%s", signal.Signals(self.signum).name,
+                " (send it again to abort now)" if self._repeat_aborts else "",
+            )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            self._announcer = threading.Thread(target=self._announce, name="cvt-stop-announcer", daemon=True)
+            self._announcer.start()
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -111,6 +117,9 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._announcer is not None:
+            self._received.set()
+            self._announcer.join()
 
 
 LOCK_FILE = ".lock"
