@@ -11,20 +11,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
+# Whatever happens below, bring back what was appended.
+trap '[[ -n "${OUT:-}" ]] && cp benchmarks/RESULTS.md "$OUT/"' EXIT
+
 grep -m1 "model name" /proc/cpuinfo || true
-python -c "import torch; print('torch', torch.__version__, '| AMX tiles (torch probe):', torch.cpu._is_amx_tile_supported())"
-if ! grep -qw amx_tile /proc/cpuinfo; then
-    echo "no amx_tile flag in /proc/cpuinfo: nothing to measure here"
+# Two allowed logical CPUs, one core's two hyperthreads where it has them (a 2-vCPU VM is usually
+# that); empty when AMX is absent or the kernel does not grant it to this process.
+cpus=$(python - <<'PY'
+import os, torch
+print("torch", torch.__version__, "| AMX tiles:", torch.cpu._is_amx_tile_supported(), "| granted:", torch.cpu._init_amx(),
+      file=__import__("sys").stderr)
+if torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx():
+    allowed = sorted(os.sched_getaffinity(0))
+    def siblings(cpu):
+        try:
+            text = open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read().strip()
+        except OSError:
+            return []
+        ids = []
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            ids += range(int(low), int(high or low) + 1)
+        return [c for c in ids if c in allowed]
+    pair = next((s[:2] for s in map(siblings, allowed) if len(s) >= 2), allowed[:2])
+    print(",".join(map(str, pair)))
+PY
+)
+if [[ -z "$cpus" ]]; then
+    echo "no usable AMX here: nothing to measure"
     exit 0
 fi
-
-# cpu0 and its hyperthread sibling when it has one (a 2-vCPU VM is usually one core's two threads).
-cpus=$(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list 2>/dev/null || echo 0,1)
-[[ "$cpus" == *[,-]* ]] || cpus=0,1
 echo "pinned to CPUs $cpus"
 
 for branch in off on; do
     taskset -c "$cpus" python benchmarks/bench_model.py --sizes 224 --no-compile --no-memory --rounds 5 \
         --threads 2 --amx-branch "$branch" --note "issue 16 AMX A/B, token linears: amx branch $branch, CPUs $cpus"
 done
-if [[ -n "${OUT:-}" ]]; then cp benchmarks/RESULTS.md "$OUT/"; fi

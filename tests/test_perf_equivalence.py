@@ -161,7 +161,8 @@ def test_amx_is_read_from_the_cpu():
     flags = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")] if cpuinfo.exists() else []
     if not flags:
         pytest.skip("no /proc/cpuinfo flags on this system")
-    assert kernels_module.cpu_has_amx() == ("amx_tile" in flags[0].split())
+    # The kernel lists amx_tile only where it supports AMX; a sandbox may still refuse it to the process.
+    assert kernels_module.cpu_has_amx() == ("amx_tile" in flags[0].split() and torch.cpu._init_amx())
 
 
 @pytest.mark.parametrize("cpuid, granted", [(True, True), (True, False), (False, True)])
@@ -214,7 +215,8 @@ def test_bf16_inference_runs_where_onednn_has_no_bf16_kernels():
     """The fused oneDNN kernel raised in bf16 there ("bf16 path needs the cpu support avx_ne_convert or
     avx512bw, avx512vl and avx512dq"); the public convolution, which falls back by itself, runs instead."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run([sys.executable, "-c", _BF16_WITHOUT_ONEDNN_BF16], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", _BF16_WITHOUT_ONEDNN_BF16], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     had_bf16, off_by = out.stdout.split()
     if had_bf16 == "True":

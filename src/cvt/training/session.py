@@ -108,16 +108,22 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            # A thread rather than one started by the handler: starting a thread takes threading's own
+            # locks, which the interrupted code may hold.
             self._announcer = threading.Thread(target=self._announce, name="cvt-stop-announcer", daemon=True)
-            self._announcer.start()
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+            try:
+                self._announcer.start()
+                for signum in STOP_SIGNALS:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+            except BaseException:  # a signal before every handler was in place
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        if self._announcer is not None:
+        if self._announcer is not None and self._announcer.is_alive():
             self._received.set()
             self._announcer.join()
 
@@ -156,14 +162,16 @@ def lock_run_folder(folder: Path) -> Iterator[str | None]:
     path = ensure_folder(folder) / LOCK_FILE
     fd, previous = _acquire(path, folder)
     _HELD_LOCKS.add(fd)
+    holder = os.getpid()
     try:
         yield None if not previous else (
             f"took over the lock of an earlier run that is no longer running ({_holder(previous)})"
         )
     finally:
-        path.unlink(missing_ok=True)
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)  # releases the flock
+        if os.getpid() == holder:  # a forked child leaving the block must not remove its parent's lock
+            path.unlink(missing_ok=True)
+            _HELD_LOCKS.discard(fd)
+            os.close(fd)  # releases the flock
 
 
 def _acquire(path: Path, folder: Path) -> tuple[int, str]:
