@@ -16,12 +16,12 @@ trap '[[ -n "${OUT:-}" ]] && cp benchmarks/RESULTS.md "$OUT/"' EXIT
 
 grep -m1 "model name" /proc/cpuinfo || true
 # Two allowed logical CPUs, one core's two hyperthreads where it has them (a 2-vCPU VM is usually
-# that); empty when AMX is absent or the kernel does not grant it to this process.
+# that); empty where cvt would not take the AMX branch (no AMX, or the kernel does not grant it).
 cpus=$(python - <<'PY'
-import os, torch
-print("torch", torch.__version__, "| AMX tiles:", torch.cpu._is_amx_tile_supported(), "| granted:", torch.cpu._init_amx(),
-      file=__import__("sys").stderr)
-if torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx():
+import os, sys, torch
+from cvt.models.kernels import cpu_has_amx
+print("torch", torch.__version__, "| cpu_has_amx:", cpu_has_amx(), file=sys.stderr)
+if cpu_has_amx():
     allowed = sorted(os.sched_getaffinity(0))
     def siblings(cpu):
         try:

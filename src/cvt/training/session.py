@@ -153,8 +153,9 @@ def lock_run_folder(folder: Path) -> Iterator[str | None]:
     log when a crashed run's lock was taken over, else None.
 
     An flock on the file is the lock: the system releases it when its holder dies, however it dies,
-    so a lock file whose flock is free is stale (children it forks, data-loader workers, close their copy). The file names its holder (pid, host) for the error
-    the second run gets, and is removed on exit while still locked.
+    so a lock file whose flock is free is stale (children it forks, data-loader workers, close their
+    copy). The file names its holder (pid, host) for the error the second run gets, and is removed on
+    exit while still locked.
     """
     if fcntl is None:
         yield None
